@@ -1,0 +1,130 @@
+"""The `vlpet-fx` command line: public JSON contract, pictures, model specs and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vlpet_fx.cli.main import app
+
+runner = CliRunner()
+SITE_KEYS = {"stack", "layer", "block", "role", "path", "in_features", "out_features"}
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_models_lists_builtins():
+    res = run("models")
+    assert res.exit_code == 0
+    for name in ["t5", "bart", "mbart", "pegasus", "marian", "bert2bert", "clip-vit-b-32", "clip-rn50"]:
+        assert name in res.output
+
+
+def test_inspect_tree_has_total_line():
+    res = run("inspect", "t5", "--size", "tiny")
+    assert res.exit_code == 0, res.output
+    assert "encoder" in res.output and "decoder" in res.output
+    assert "total:" in res.output
+
+
+@pytest.mark.parametrize("name", ["t5", "bart", "clip-vit-b-32"])
+def test_inspect_json_contract(name):
+    res = run("inspect", name, "--size", "tiny", "--format", "json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc) == {"model", "total_params", "sites"}
+    assert isinstance(doc["total_params"], int) and doc["total_params"] > 0
+    assert doc["sites"] and all(set(s) == SITE_KEYS for s in doc["sites"])
+    assert all(s["stack"] in {"encoder", "decoder", "visual"} for s in doc["sites"])
+
+
+@pytest.mark.parametrize("fmt", ["svg", "html"])
+def test_inspect_picture(tmp_path, fmt):
+    target = tmp_path / f"m.{fmt}"
+    res = run("inspect", "bart", "--format", fmt, "--out", str(target))
+    assert res.exit_code == 0, res.output
+    text = target.read_text()
+    assert "<svg" in text and "cross_attn" in text
+
+
+def test_inspect_local_hf_directory(tmp_path):
+    from vlpet_fx.zoo import build_model
+
+    build_model("bart", "tiny").save_pretrained(tmp_path / "bart")
+    res = run("inspect", str(tmp_path / "bart"), "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert {s["stack"] for s in json.loads(res.stdout)["sites"]} == {"encoder", "decoder"}
+
+
+def test_inspect_factory_spec():
+    # tests/ is on sys.path through conftest.py, so `toy:build_toy` is importable
+    res = run("inspect", "toy:build_toy", "--format", "json")
+    # the toy says how to call it through its own `example_inputs()` method
+    assert res.exit_code == 0, res.output
+    sites = json.loads(res.stdout)["sites"]
+    assert {s["path"] for s in sites if s["block"] == "cross_attn" and s["role"] == "v"} == {"writer.0.look.wv", "writer.1.look.wv"}
+
+
+def test_inspect_factory_of_open_clip_tower(tmp_path, monkeypatch):
+    (tmp_path / "mytowers.py").write_text(
+        "from open_clip.transformer import VisionTransformer\n"
+        "def make():\n"
+        "    return VisionTransformer(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=16)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = run("inspect", "mytowers:make", "--format", "json")
+    assert res.exit_code == 0, res.output
+    sites = json.loads(res.stdout)["sites"]
+    assert {s["layer"] for s in sites if s["stack"] == "visual"} == {0, 1, 2}
+
+
+def _cli(*args):
+    """Run the installed console script, to see exactly what a user sees (stderr, exit code)."""
+    return subprocess.run([sys.executable, "-m", "vlpet_fx.cli.main", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["inspect", "no-such-model"], "unknown model"),
+        (["inspect", "tests_bad_capture:noinputs"], "example_inputs"),
+        (["inspect", "{tmp}"], "config.json"),
+        (["inspect", "{tmp}/broken"], "config.json"),
+        (["inspect", "no_such_pkg.mod:factory"], "no_such_pkg"),
+        (["inspect", "tests_bad_capture:make"], "capture"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{ not json")
+    (tmp_path / "tests_bad_capture.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Bad(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.lin = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x) if x.sum() > 0 else x\n"
+        "    def example_inputs(self):\n"
+        "        return (torch.randn(2, 4),)\n"
+        "def make():\n"
+        "    return Bad()\n"
+        "def noinputs():\n"
+        "    return nn.Sequential(nn.Linear(2, 2))\n"
+    )
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "vlpet_fx.cli.main", *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert needle in lines[0].lower() or needle in lines[0]

@@ -1,0 +1,132 @@
+"""Stage 2 — analysis: captured graph → :class:`SiteTable`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from ..capture import Captured, capture
+from ..capture.reduce import Reduction, reduced
+from ..errors import DiscoveryError
+from .dataflow import Block, Dataflow
+from .sites import Site, SiteTable
+from .streams import assign_streams
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
+
+
+def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
+    leaves = {name for name, m in model.named_modules() if next(m.children(), None) is None}
+    flow = Dataflow(cap, leaves)
+    blocks = flow.blocks()
+    assign_streams(flow, blocks, model)
+    return blocks
+
+
+def sites_of(blocks: list[Block]) -> list[Site]:
+    sites: list[Site] = []
+    for b in blocks:
+        share: dict = {}
+        for p in b.all_projections():
+            share[p.node] = share.get(p.node, 0) + 1
+        for role, projs in b.projections.items():
+            for p in projs:
+                out = p.out_features if p.whole and share[p.node] == 1 else p.out_features // share[p.node]
+                sites.append(
+                    Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out,
+                         node=p.node.name, param=p.param, block_path=b.block_path, layer_path=b.layer_path)
+                )
+        first, last = b.first(), b.last()
+        sites.append(
+            Site(b.stack, b.layer, b.block, "output", b.output_path, first.in_features, last.out_features,
+                 node=b.output.name if b.output is not None else last.node.name, param=None,
+                 block_path=b.block_path, layer_path=b.layer_path)
+        )
+    return sites
+
+
+def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> Site:
+    def sub(text: str | None) -> str | None:
+        return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
+
+    return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
+                   layer_path=layer_path, node=None)
+
+
+def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:
+    """Re-create the sites of the layers that :func:`reduced` dropped; ``None`` if the reduction does not
+    line up with the discovered layers (then the caller captures the full model)."""
+    for path in red.representative:
+        inside = [s for s in sites if any(x and x.startswith(path + ".") for x in (s.path, s.param, s.block_path))]
+        if any(not s.layer_path or s.layer_path.rpartition(".")[0] != path for s in inside):
+            return None
+    out: list[Site] = []
+    for stack in dict.fromkeys(s.stack for s in sites):
+        mine = [s for s in sites if s.stack == stack]
+        by_layer: dict[int, list[Site]] = {}
+        for s in mine:
+            by_layer.setdefault(s.layer, []).append(s)
+        by_path = {ls[0].layer_path: ls for ls in by_layer.values()}
+        layers: list[list[Site]] = []
+        for number in sorted(by_layer):
+            group = by_layer[number]
+            layers.append(group)
+            list_path, _, index = (group[0].layer_path or "").rpartition(".")
+            if list_path in red.representative and index.isdigit() and int(index) == red.kept[list_path] - 1:
+                for j in range(red.kept[list_path], red.lists[list_path]):
+                    rep = red.representative[list_path][j]
+                    src = by_path.get(f"{list_path}.{rep}")
+                    if src is None:
+                        return None
+                    layers.append([_renamed(s, f"{list_path}.{rep}.", f"{list_path}.{j}.", f"{list_path}.{j}") for s in src])
+        for number, group in enumerate(layers):
+            out.extend(replace(s, layer=number) for s in group)
+    return out
+
+
+def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured | None = None,
+             name: str | None = None, fast: bool = True) -> SiteTable:
+    """Find every candidate PET insertion site of ``model`` from its dataflow graph.
+
+    With ``fast=True`` (and no ``captured`` graph given) repeated, structurally identical layers are
+    captured once and their sites replicated (see :mod:`vlpet_fx.capture.reduce`); the result is the same
+    table as a full capture, which a test checks, but ``Site.node`` is then ``None``.
+    """
+    t0 = time.perf_counter()
+    sites = None
+    graph_nodes = 0
+    method = "export"
+    if captured is None and fast:
+        with reduced(model) as red:
+            if red:
+                cap = capture(model, example_inputs)
+                sites = expand_reduced(sites_of(_checked_blocks(model, cap)), red)
+                graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
+    t1 = time.perf_counter()
+    if sites is None:
+        cap = captured if captured is not None else capture(model, example_inputs)
+        t1 = time.perf_counter()
+        sites = sites_of(_checked_blocks(model, cap))
+        graph_nodes, method = len(cap.graph.nodes), cap.method
+    t2 = time.perf_counter()
+    return SiteTable(
+        sites,
+        model=name or type(model).__name__,
+        total_params=count_params(model),
+        meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method},
+    )
+
+
+def _checked_blocks(model: nn.Module, cap: Captured) -> list[Block]:
+    blocks = blocks_of(model, cap)
+    if not blocks:
+        raise DiscoveryError(
+            f"no attention or feed-forward blocks found in {type(model).__name__}: its graph has no "
+            "scaled-dot-product attention, matmul-softmax-matmul or linear-activation-linear pattern"
+        )
+    return blocks

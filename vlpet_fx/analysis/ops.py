@@ -1,0 +1,106 @@
+"""Op classification for ATen-level torch.fx graphs.
+
+Every ``call_function`` node falls into one kind. Analysis passes walk the graph through *light* ops
+(shape changes, casts, element-wise arithmetic, normalisation) and stop at *heavy* ones (projections,
+matmuls, attention, convolutions, embeddings, concatenation), which is what lets them follow a value from
+an attention core back to the projection that made it without knowing any module names.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+def _overloads(*packets) -> frozenset:
+    out = set()
+    for packet in packets:
+        if packet is None:
+            continue
+        for name in packet.overloads():
+            out.add(getattr(packet, name))
+        out.add(packet)
+    return frozenset(out)
+
+
+def _maybe(name: str):
+    return getattr(aten, name, None)
+
+
+LINEAR = _overloads(aten.linear)
+MATMUL = _overloads(aten.matmul, aten.mm, aten.bmm, aten.addmm, aten.einsum, _maybe("baddbmm"))
+SDPA = _overloads(
+    aten.scaled_dot_product_attention,
+    _maybe("_scaled_dot_product_attention_math"),
+    _maybe("_scaled_dot_product_flash_attention"),
+    _maybe("_scaled_dot_product_flash_attention_for_cpu"),
+    _maybe("_scaled_dot_product_efficient_attention"),
+    _maybe("_scaled_dot_product_cudnn_attention"),
+)
+SOFTMAX = _overloads(aten.softmax, aten._softmax, _maybe("_safe_softmax"))
+CONV = _overloads(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution)
+EMBEDDING = _overloads(aten.embedding)
+CONCAT = _overloads(aten.cat, aten.stack, aten.concat if hasattr(aten, "concat") else None)
+ACTIVATION = _overloads(
+    aten.relu, aten.relu_, aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.tanh, aten.tanh_,
+    aten.sigmoid, aten.sigmoid_, aten.erf, aten.hardtanh, aten.leaky_relu, aten.elu, aten.mish,
+    aten.glu, aten.hardswish, aten.softplus, aten.selu, aten.celu,
+)
+ADD = _overloads(aten.add, aten.add_)
+SHAPE = _overloads(
+    aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.t, aten.permute, aten.contiguous,
+    aten.unsqueeze, aten.squeeze, aten.expand, aten.unflatten, aten.flatten, aten.select, aten.slice,
+    aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.clone, aten.to, aten._to_copy,
+    aten.detach, aten.alias, aten.dropout, aten.native_dropout, aten.type_as, aten.narrow,
+) | frozenset({operator.getitem})
+
+HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT
+
+
+def target(node: torch.fx.Node):
+    return node.target if node.op == "call_function" else None
+
+
+def is_kind(node: torch.fx.Node, kind: frozenset) -> bool:
+    return node.op == "call_function" and node.target in kind
+
+
+def is_heavy(node: torch.fx.Node) -> bool:
+    return node.op != "call_function" or node.target in HEAVY
+
+
+def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Input nodes that carry tensors (skips ints, shapes and other non-tensor values)."""
+    out = []
+    for n in node.all_input_nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) or (val is None and n.op != "call_function") or isinstance(val, (tuple, list)):
+            out.append(n)
+    return out
+
+
+def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except TypeError:  # symbolic sizes
+            return None
+    return None
+
+
+def is_float_image(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dim() == 4
+
+
+def is_tensor_add(node: torch.fx.Node) -> bool:
+    """``a + b`` with two tensor operands (a residual add candidate)."""
+    if not is_kind(node, ADD):
+        return False
+    tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+    return len(tensors) == 2

@@ -1,0 +1,152 @@
+"""Residual streams: which blocks form a stack, which stack is encoder/decoder/visual, layer order.
+
+* Two blocks are consecutive in a stack when the residual operand of the later one reaches the residual
+  add of the earlier one through light ops only (no projection, matmul, attention or concatenation).
+* An attention block is *cross* attention when its keys come from a different stream than its queries.
+* A stack with cross attention is a decoder; a stack fed only by image inputs is visual; others encode.
+* Blocks are grouped into layers by the module that holds them as an element of a homogeneous
+  ``ModuleList`` / ``Sequential`` (all elements of one class: a structural fact, not a name); layers are
+  ordered along the residual stream. Without such a container a new layer starts when a block kind repeats.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import ops
+from .dataflow import Block, Dataflow, Node, backward, walk
+
+
+def _frontier(flow: Dataflow, start: Node, barriers: set[Node]) -> frozenset[Node]:
+    if start in barriers:
+        return frozenset([start])
+    return frozenset(walk([start], backward, lambda n: not ops.is_heavy(n) and n not in barriers))
+
+
+def _user_inputs_reaching(flow: Dataflow, node: Node) -> list[Node]:
+    names = set(flow.cap.user_inputs)
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n.name in names:
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def _stream_input(b: Block) -> Node:
+    """The residual-stream value a block reads (its residual operand, or its first input)."""
+    return b.residual if b.residual is not None else b.first().x
+
+
+def _common_prefix(stacks: list[list[str]]) -> list[str]:
+    out = []
+    for items in zip(*stacks):
+        if all(i == items[0] for i in items):
+            out.append(items[0])
+        else:
+            break
+    return out
+
+
+def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> None:
+    """Fill ``stack``, ``block``, ``layer``, ``layer_path``, ``block_path`` and ``output_path``."""
+    cap = flow.cap
+    barriers = {b.residual_add: b for b in blocks if b.residual_add is not None}
+    bar_set = set(barriers)
+
+    # 1. predecessor along the residual stream -> union-find into stacks
+    parent = list(range(len(blocks)))
+    index = {id(b): i for i, b in enumerate(blocks)}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, b in enumerate(blocks):
+        hits = [h for h in _frontier(flow, _stream_input(b), bar_set) if h in barriers]
+        if hits:
+            pred = barriers[max(hits, key=flow.order.__getitem__)]
+            parent[find(i)] = find(index[id(pred)])
+
+    # 2. self vs cross attention
+    for b in blocks:
+        if b.kind != "attn":
+            b.block = "ffn"
+            continue
+        q = b.projections.get("q", [None])[0]
+        k = b.projections.get("k", [None])[0]
+        q_in = q.x if q is not None else b.core.q
+        k_in = k.x if k is not None else b.core.k
+        same = q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+        b.block = "self_attn" if same else "cross_attn"
+
+    # 3. stack kinds
+    groups: dict[int, list[Block]] = {}
+    for i, b in enumerate(blocks):
+        groups.setdefault(find(i), []).append(b)
+    for members in groups.values():
+        members.sort(key=lambda b: flow.order[b.first().node])
+        if any(b.block == "cross_attn" for b in members):
+            kind = "decoder"
+        else:
+            inputs = _user_inputs_reaching(flow, _stream_input(members[0]))
+            kind = "visual" if inputs and all(ops.is_float_image(n) for n in inputs) else "encoder"
+        for b in members:
+            b.stack = kind
+
+    # 4. module structure: block path, layer container, output path
+    modules = dict(model.named_modules())
+    for b in blocks:
+        stacks = [cap.module_stack(p.node) for p in b.all_projections()]
+        common = _common_prefix(stacks)
+        b.block_path = common[-1] if common else ""
+        b.layer_path = _layer_container(b.block_path, modules)
+        b.output_path = _output_path(cap, b, common)
+
+    # 5. layers, numbered per stack kind along the stream
+    by_kind: dict[str, list[list[Block]]] = {}
+    for members in sorted(groups.values(), key=lambda ms: flow.order[ms[0].first().node]):
+        by_kind.setdefault(members[0].stack, []).append(members)
+    for kind, stacks in by_kind.items():
+        layer = -1
+        for members in stacks:
+            current_key, current_kinds = object(), set()
+            for b in members:
+                key = b.layer_path
+                new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
+                if new:
+                    layer += 1
+                    current_key, current_kinds = key, set()
+                current_kinds.add(b.block)
+                b.layer = layer
+
+
+def _layer_container(block_path: str, modules: dict[str, nn.Module]) -> str | None:
+    parts = block_path.split(".") if block_path else []
+    for i in range(len(parts), 0, -1):
+        parent = ".".join(parts[: i - 1])
+        container = modules.get(parent)
+        if parts[i - 1].isdigit() and isinstance(container, (nn.ModuleList, nn.Sequential)):
+            # a homogeneous list of repeated layers, not a list of heterogeneous sub-layers
+            if len({type(m) for m in container}) == 1:
+                return ".".join(parts[:i])
+    return None
+
+
+def _output_path(cap, b: Block, common: list[str]) -> str | None:
+    last = b.last()
+    if b.residual_add is None:
+        return common[-1] if common and common[-1] else last.path
+    add_scope = set(cap.module_stack(b.residual_add))
+    for path in cap.module_stack(last.node):
+        if path in add_scope:
+            continue
+        if path in common:
+            return path
+    return last.path

@@ -1,0 +1,85 @@
+"""Depth reduction for fast capture.
+
+Export cost grows with depth, but transformer stacks repeat one layer. ``reduced(model)`` temporarily
+shortens every homogeneous ``ModuleList``/``Sequential`` (all elements of one class) to the elements needed
+to see each distinct *structural signature* once (class, parameter and buffer names, shapes and dtypes,
+and the classes of all sub-modules). Every dropped element is structurally identical to a kept one, so
+its sites are the kept element's sites with the index changed. The model is restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+MIN_LENGTH = 3  # shorter lists are captured as they are
+
+
+def signature(module: nn.Module) -> tuple:
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+    buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers())
+    kinds = tuple((n, type(m).__qualname__) for n, m in module.named_modules())
+    return (type(module).__qualname__, params, buffers, kinds)
+
+
+@dataclass
+class Reduction:
+    """What was dropped: for each list path, its full length and ``dropped index -> kept index``."""
+
+    lists: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    representative: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.representative)
+
+
+def _plan(model: nn.Module) -> dict[str, tuple[int, dict[int, int]]]:
+    plans: dict[str, tuple[int, dict[int, int]]] = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < MIN_LENGTH:
+            continue
+        if any(path.startswith(p + ".") for p in plans):  # nested inside a list we already shorten
+            continue
+        items = list(mod)
+        if len({type(m) for m in items}) != 1:
+            continue
+        sigs = [signature(m) for m in items]
+        last_seen: dict[tuple, int] = {}
+        keep = 0
+        for i, s in enumerate(sigs):
+            if s not in last_seen:
+                keep = i + 1
+            last_seen.setdefault(s, i)
+        # each distinct signature's representative is its last occurrence inside the kept prefix
+        rep_of_sig = {s: max(j for j in range(keep) if sigs[j] == s) for s in set(sigs[:keep])}
+        reps = {j: rep_of_sig[sigs[j]] for j in range(keep, len(items))}
+        if reps:
+            plans[path] = (keep, reps)
+    return plans
+
+
+@contextlib.contextmanager
+def reduced(model: nn.Module) -> Iterator[Reduction]:
+    """Shorten repeated layer lists in place for the duration of the block."""
+    plans = _plan(model)
+    red = Reduction()
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for path, (keep, reps) in plans.items():
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            original = parent._modules[attr]
+            short = type(original)(*list(original)[:keep]) if isinstance(original, nn.Sequential) else nn.ModuleList(list(original)[:keep])
+            parent._modules[attr] = short
+            swapped.append((parent, attr, original))
+            red.lists[path] = len(original)
+            red.kept[path] = keep
+            red.representative[path] = reps
+        yield red
+    finally:
+        for parent, attr, original in reversed(swapped):
+            parent._modules[attr] = original

@@ -1,0 +1,20 @@
+"""Error types. Every error a user can cause is a :class:`VlpetError` with a one-line message
+that names the problem and the fix; the CLI prints it and exits with status 2."""
+
+from __future__ import annotations
+
+
+class VlpetError(Exception):
+    """Base class of all user-facing errors of vlpet-fx."""
+
+
+class CaptureError(VlpetError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class ModelSpecError(VlpetError):
+    """A model specification (built-in name, directory, ``module:factory``) could not be resolved."""
+
+
+class DiscoveryError(VlpetError):
+    """The captured graph holds no recognisable transformer structure."""
