@@ -58,3 +58,35 @@ def site_tree(model: nn.Module, table: SiteTable, title: str, hits: set[tuple] |
                     bnode.add(line)
             i = j
     return root
+
+
+def plan_table(plan) -> "Table":
+    """Per rule: the sites it resolved to and the parameters it adds; then unmatched rules and the budget."""
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan.rules.name} on {plan.model}", show_lines=False)
+    for col in ("rule", "method", "placement", "sites", "where", "params"):
+        t.add_column(col, justify="right" if col in ("sites", "params") else "left")
+    for rule, ps in plan.by_rule().items():
+        stacks = sorted({(p.site.stack, p.site.block, p.site.role) for p in ps})
+        layers = sorted({p.site.layer for p in ps})
+        where = "; ".join(f"{s}.{b}.{r}" for s, b, r in stacks) + f" (layers {_ranges(layers)})"
+        t.add_row(rule, ps[0].method, ps[0].placement, str(len(ps)), where, f"{sum(p.params for p in ps):,}")
+    for name in plan.unmatched:
+        t.add_row(name, "-", "-", "0", "[yellow]matched no site (optional)[/]", "0")
+    existing = sum(plan.trainable.values())
+    t.caption = (f"PET parameters {plan.pet_params:,} + existing trainable {existing:,} = trainable "
+                 f"{plan.trainable_params:,} of {plan.patched_total:,} "
+                 f"({100 * plan.trainable_params / max(plan.patched_total, 1):.2f}%)")
+    return t
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -18,3 +18,15 @@ class ModelSpecError(VlpetError):
 
 class DiscoveryError(VlpetError):
     """The captured graph holds no recognisable transformer structure."""
+
+
+class RulesError(VlpetError):
+    """A rule set is invalid (message starts with 'file:line: key:') or does not fit the model."""
+
+
+class PlanError(VlpetError):
+    """A plan cannot be applied (e.g. a site that is not a module output, with the eager back end)."""
+
+
+class ExportError(VlpetError):
+    """A patched model cannot be written or read back in the requested format."""

@@ -28,9 +28,47 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     return blocks
 
 
-def sites_of(blocks: list[Block]) -> list[Site]:
+def input_path_of(cap: Captured | None, b: Block) -> str | None:
+    """The module whose call receives the block's input X (the residual-stream operand of its residual add).
+
+    It is the outermost module that consumes X but did not produce it, inside the block's layer. PET methods
+    that read X (VL-PET's gates) take it from that module's first input.
+    """
+    if cap is None or b.residual is None or b.layer_path is None:
+        return None
+    # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
+    # to the op that really made X, and consider the users of every alias
+    chain = [b.residual]
+    while _is_noop_alias(chain[-1]):
+        chain.append(chain[-1].args[0])
+    made_in = set(cap.module_stack(chain[-1]))
+    best: str | None = None
+    for user in [u for n in chain for u in n.users if u not in chain]:
+        for path in cap.module_stack(user):
+            if path in made_in or not (path == b.layer_path or path.startswith(b.layer_path + ".")):
+                continue
+            if best is None or len(path) < len(best):
+                best = path
+            break
+    return best
+
+
+def _is_noop_alias(node) -> bool:
+    import torch
+
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if getattr(node.target, "overloadpacket", None) not in (torch.ops.aten.to, torch.ops.aten.alias,
+                                                            torch.ops.aten._to_copy):
+        return False
+    a, b = node.args[0].meta.get("val"), node.meta.get("val")
+    return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype
+
+
+def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
+        xpath = input_path_of(cap, b)
         share: dict = {}
         for p in b.all_projections():
             share[p.node] = share.get(p.node, 0) + 1
@@ -39,23 +77,25 @@ def sites_of(blocks: list[Block]) -> list[Site]:
                 out = p.out_features if p.whole and share[p.node] == 1 else p.out_features // share[p.node]
                 sites.append(
                     Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out,
-                         node=p.node.name, param=p.param, block_path=b.block_path, layer_path=b.layer_path)
+                         node=p.node.name, param=p.param, block_path=b.block_path, layer_path=b.layer_path, input_path=xpath)
                 )
         first, last = b.first(), b.last()
         sites.append(
             Site(b.stack, b.layer, b.block, "output", b.output_path, first.in_features, last.out_features,
                  node=b.output.name if b.output is not None else last.node.name, param=None,
-                 block_path=b.block_path, layer_path=b.layer_path)
+                 block_path=b.block_path, layer_path=b.layer_path, input_path=xpath)
         )
     return sites
 
 
 def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> Site:
     def sub(text: str | None) -> str | None:
+        if text is not None and text == prefix_from[:-1]:
+            return prefix_to[:-1]
         return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
 
     return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
-                   layer_path=layer_path, node=None)
+                   layer_path=layer_path, input_path=sub(site.input_path), node=None)
 
 
 def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:
@@ -105,13 +145,13 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
         with reduced(model) as red:
             if red:
                 cap = capture(model, example_inputs)
-                sites = expand_reduced(sites_of(_checked_blocks(model, cap)), red)
+                sites = expand_reduced(sites_of(_checked_blocks(model, cap), cap), red)
                 graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
     t1 = time.perf_counter()
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
         t1 = time.perf_counter()
-        sites = sites_of(_checked_blocks(model, cap))
+        sites = sites_of(_checked_blocks(model, cap), cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()
     return SiteTable(

@@ -28,6 +28,7 @@ class Site:
     param: str | None = field(default=None, compare=False)
     block_path: str | None = field(default=None, compare=False)
     layer_path: str | None = field(default=None, compare=False)
+    input_path: str | None = field(default=None, compare=False)  # module whose first input is the block input X
 
     @property
     def key(self) -> tuple:

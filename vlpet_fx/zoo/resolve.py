@@ -59,7 +59,8 @@ def _load_factory(spec: str) -> nn.Module:
     return model
 
 
-def load_model(spec: str, size: str = "tiny", *, weights: bool = True, device: str | None = None) -> tuple[nn.Module, str]:
+def load_model(spec: str, size: str = "tiny", *, weights: bool = True, device: str | None = None,
+               seed: int = 0) -> tuple[nn.Module, str]:
     """Resolve ``spec`` and return ``(model, display name)``.
 
     With ``weights=False`` built-in and directory models are built on the ``meta`` device (structure and
@@ -67,7 +68,7 @@ def load_model(spec: str, size: str = "tiny", *, weights: bool = True, device: s
     """
     if spec in _MODELS:
         dev = device if weights else "meta"
-        return build_model(spec, size, device=dev), f"{spec} ({size})"
+        return build_model(spec, size, device=dev, seed=seed), f"{spec} ({size})"
     path = Path(spec)
     if path.exists():
         if path.is_dir():
@@ -81,3 +82,13 @@ def load_model(spec: str, size: str = "tiny", *, weights: bool = True, device: s
         f"unknown model '{spec}': not a built-in ({', '.join(sorted(_MODELS))}), "
         "not an existing directory, and not package.module:factory"
     )
+
+
+def base_reference(spec: str, size: str = "tiny", seed: int = 0) -> dict:
+    """How a patched-model directory refers to its base model (re-buildable with :func:`load_model`)."""
+    if spec in _MODELS:
+        return {"kind": "builtin", "spec": spec, "size": size, "seed": seed}
+    path = Path(spec)
+    if path.exists():
+        return {"kind": "directory", "spec": str(path.resolve())}
+    return {"kind": "factory", "spec": spec}

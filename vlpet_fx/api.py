@@ -1,0 +1,108 @@
+"""The public API: plan → patch (eager or graph back end) → summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis import SiteTable, discover
+from .capture import capture
+from .errors import PlanError
+from .passes import EagerPatch, Freeze, GraphPatch
+from .planner import Plan, plan
+from .rules import RuleSet, load_rules
+
+
+def patch(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 0, table: SiteTable | None = None,
+          example_inputs: Any = None, backend: str = "eager") -> nn.Module:
+    """Insert the PET modules the rules call for and freeze everything not declared trainable.
+
+    ``backend="eager"`` (default) changes ``model`` in place and returns it; ``backend="graph"`` returns a
+    new ``torch.fx.GraphModule`` (see :func:`patch_graph`).
+    """
+    if backend == "graph":
+        return patch_graph(model, rules, seed=seed, example_inputs=example_inputs)
+    if backend != "eager":
+        raise PlanError(f"unknown back end '{backend}': use 'eager' or 'graph'")
+    the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table,
+                                                          example_inputs=example_inputs)
+    result = EagerPatch(the_plan, seed=seed)(model)
+    Freeze(the_plan, list(result.graph_module.vlpet_patch.attached))(result.graph_module)
+    return result.graph_module
+
+
+def patch_graph(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 0,
+                example_inputs: Any = None) -> torch.fx.GraphModule:
+    """The graph back end: capture ``model`` in full, insert PET ``call_module`` nodes, lint and recompile.
+
+    Returns a GraphModule taking the model's inputs; its PET modules equal the eager back end's (same seed).
+    """
+    cap = capture(model, example_inputs)
+    table = discover(model, captured=cap)
+    the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table)
+    gm = cap.exported.module()
+    result = GraphPatch(the_plan, model, cap, seed=seed)(gm)
+    gm = result.graph_module
+    pet_prefixes = [n for n, _ in gm.named_children() if n.startswith("vlpet_")]
+    train = {id(p) for n, p in gm.named_parameters(remove_duplicate=False)
+             if n.split(".")[0] in pet_prefixes or n in the_plan.trainable}
+    for p in gm.parameters():
+        p.requires_grad_(id(p) in train)
+    gm.vlpet_plan = the_plan
+    return gm
+
+
+@dataclass
+class Summary:
+    rows: list[dict] = field(default_factory=list)  # {"group": "method"|"stack", "name", "trainable", "total"}
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"trainable_params": self.trainable, "total_params": self.total,
+                "trainable_percent": round(self.percent, 4), "rows": self.rows}
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable / total parameters per PET method, per stack and overall (tied weights counted once)."""
+    state = getattr(model, "vlpet_patch", None)
+    the_plan = state.plan if state is not None else getattr(model, "vlpet_plan", None)
+    roots = {}
+    if the_plan is not None:
+        from .planner.select import stack_roots
+
+        roots = stack_roots(the_plan.table)
+    by_method: dict[str, list[int]] = {}
+    by_stack: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    out = Summary()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        placement = state.placement_of_param(name) if state is not None else None
+        method = placement.method if placement is not None else "base"
+        if placement is not None:
+            stack = placement.site.stack
+        else:
+            stack = next((k for k, r in sorted(roots.items(), key=lambda kv: -len(kv[1]))
+                          if r == "" or name.startswith(r + ".")), "other")
+        for d, key in ((by_method, method), (by_stack, stack)):
+            t = d.setdefault(key, [0, 0])
+            t[1] += p.numel()
+            if p.requires_grad:
+                t[0] += p.numel()
+        out.total += p.numel()
+        if p.requires_grad:
+            out.trainable += p.numel()
+    for group, d in (("method", by_method), ("stack", by_stack)):
+        for key, (tr, tot) in d.items():
+            out.rows.append({"group": group, "name": key, "trainable": tr, "total": tot})
+    return out

@@ -1,0 +1,48 @@
+"""Bottleneck adapter (Houlsby et al. 2019; the VL-Adapter baseline): y + up(act(down(h))).
+
+Placed ``after`` a sub-layer it reads the sub-layer's output (sequential adapter with its own residual);
+placed ``parallel`` it reads the site's input (He et al.'s parallel adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .base import MethodConfig, MethodConfigError, PetModule, activation, bottleneck, register_pet
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    dim: int | None = None  # bottleneck width; if unset, features // reduction
+    reduction: float = 8.0
+    activation: str = "gelu_new"
+    bias: bool = True
+    zero_init_up: bool = True  # identity at init; False keeps nn.Linear's default init (as VL-PET's BART runs do)
+    scale: float = 1.0
+
+
+@register_pet("adapter")
+class Adapter(PetModule):
+    config_class = AdapterConfig
+    identity_at_init = True
+
+    def __init__(self, in_features, out_features, config: AdapterConfig, placement="after"):
+        super().__init__(in_features, out_features, config, placement)
+        r = bottleneck(self.read_features, config.dim, config.reduction, "adapter")
+        self.down = nn.Linear(self.read_features, r, bias=config.bias)
+        self.act = activation(config.activation)
+        self.up = nn.Linear(r, out_features, bias=config.bias)
+        self.scale = config.scale
+        if config.zero_init_up:
+            nn.init.zeros_(self.up.weight)
+            if self.up.bias is not None:
+                nn.init.zeros_(self.up.bias)
+
+    def delta(self, x):
+        return self.up(self.act(self.down(x))) * self.scale
+
+    @classmethod
+    def check_shape(cls, read_features, out_features, config):
+        bottleneck(read_features, config.dim, config.reduction, "adapter")

@@ -1,0 +1,55 @@
+"""LoRA (Hu et al. 2021): y + (alpha / rank) * B A dropout(x), placed in parallel to a linear site.
+
+B starts at zero, so the patched model equals the base model at init. ``merge_into(weight)`` folds B A into
+the base weight (used by the merged export).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import MethodConfig, MethodConfigError, PetModule, register_pet
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@register_pet("lora")
+class Lora(PetModule):
+    config_class = LoraConfig
+    placements = ("parallel",)
+    mergeable = True
+    identity_at_init = True
+
+    def __init__(self, in_features, out_features, config: LoraConfig, placement="parallel"):
+        super().__init__(in_features, out_features, config, placement)
+        self.lora_A = nn.Linear(in_features, config.rank, bias=False)
+        self.lora_B = nn.Linear(config.rank, out_features, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.scaling = config.alpha / config.rank
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta(self, x):
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) matrix this module adds to the base linear weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @classmethod
+    def check_shape(cls, read_features, out_features, config):
+        if config.rank < 1:
+            raise MethodConfigError(f"lora: rank must be >= 1, got {config.rank}")
+        if config.rank > min(read_features, out_features):
+            raise MethodConfigError(
+                f"lora: rank {config.rank} exceeds the site's shape {read_features}->{out_features}; lower `rank`"
+            )

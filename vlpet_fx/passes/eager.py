@@ -1,0 +1,131 @@
+"""Eager back end: apply a plan to the live model by module surgery.
+
+Each PET module becomes a child of its site's module (``<site module>.pet_<role>_<placement>``), so the base
+model's own parameter names and ``state_dict`` keys do not change, and is called from a forward hook on that
+module: ``after`` replaces the module's output ``y`` by ``pet.after(y)``; ``parallel`` by ``pet.parallel(x, y)``.
+A method that reads the block input X (VL-PET's gates) gets it from a forward pre-hook on the module that
+receives X (``Site.input_path``, found from the dataflow). Hooks survive ``generate()`` with the KV cache,
+``.to()``, autocast and gradient checkpointing, and ``torch.compile`` traces them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ..errors import PlanError
+from ..modules.base import get_method
+from ..planner.plan import Placement, Plan
+from .base import ModulePass, build_pet, site_device_dtype
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_first(output, value):
+    if isinstance(output, tuple):
+        return (value,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [value] + list(output[1:])
+    return value
+
+
+def _input_of(args, kwargs):
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+class AfterHook:
+    """forward hook: y -> pet.after(y)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module, args, output):
+        pet = module._modules[self.name]
+        return _replace_first(output, pet.after(_first(output)))
+
+
+class ParallelHook:
+    """forward hook (with kwargs): y -> pet.parallel(x, y)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module, args, kwargs, output):
+        pet = module._modules[self.name]
+        return _replace_first(output, pet.parallel(_input_of(args, kwargs), _first(output)))
+
+
+class StashInput:
+    """forward pre-hook on the module that receives the block input X: hands X to the PET module."""
+
+    def __init__(self, pet: nn.Module):
+        self.pet = pet
+
+    def __call__(self, module, args, kwargs):
+        self.pet.block_input = _input_of(args, kwargs)
+        return None
+
+
+class EagerPatch(ModulePass):
+    def __init__(self, plan: Plan, *, seed: int = 0):
+        self.plan = plan
+        self.seed = seed
+
+    def requires(self, module: nn.Module) -> None:
+        if getattr(module, "vlpet_patch", None) is not None:
+            raise PlanError("this model is already patched: patch the unpatched base model (vlpet_fx.load re-applies a plan)")
+        for p in self.plan.placements:
+            if get_method(p.method).module.inserts_module and p.site.path is None:
+                raise PlanError(
+                    f"rule '{p.rule}' places {p.method} on {p.site}, which is not the output of a module (e.g. a slice "
+                    "of a packed in_proj_weight): use the graph back end (backend='graph') or select another site"
+                )
+
+    def call(self, module: nn.Module) -> PassResult:
+        attached: dict[str, Placement] = {}
+        handles = []
+        for p in self.plan.placements:
+            if not get_method(p.method).module.inserts_module:
+                continue
+            target = module.get_submodule(p.site.path)
+            device, dtype = site_device_dtype(target)
+            pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
+            name = p.attach_name
+            if name in target._modules:
+                raise PlanError(f"two placements share {p.site.path}.{name}; make the rules select one of them")
+            target.add_module(name, pet)
+            attached[f"{p.site.path}.{name}"] = p
+            if p.placement == "after":
+                handles.append(target.register_forward_hook(AfterHook(name)))
+            else:
+                handles.append(target.register_forward_hook(ParallelHook(name), with_kwargs=True))
+            if getattr(pet, "needs_block_input", False):
+                if p.site.input_path is None:
+                    raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to a "
+                                    "module; use a gate that does not read it (gate: middleY or none)")
+                src = module.get_submodule(p.site.input_path) if p.site.input_path else module
+                handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
+        module.vlpet_patch = PatchState(self.plan, attached, handles)
+        return PassResult(module, bool(attached))
+
+
+class PatchState:
+    """What `patch` did to a model (kept on the model as ``model.vlpet_patch``)."""
+
+    def __init__(self, plan: Plan, attached: dict[str, Placement], handles: list):
+        self.plan = plan
+        self.attached = attached  # module path of each PET module -> its placement
+        self.handles = handles
+
+    def placement_of_param(self, name: str) -> Placement | None:
+        for prefix, p in self.attached.items():
+            if name.startswith(prefix + "."):
+                return p
+        return None
