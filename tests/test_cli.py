@@ -128,3 +128,64 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
     assert needle in lines[0].lower() or needle in lines[0]
+
+
+# ---- patch ----------------------------------------------------------------------------------------------------
+
+PLACEMENT_KEYS = {"rule", "method", "stack", "layer", "block", "role", "path", "params"}
+
+
+@pytest.mark.parametrize("rules", ["vlpet_large", "vl_adapter"])
+def test_patch_dry_run_json_contract(rules):
+    res = run("patch", "bart", "--rules", rules, "--dry-run", "--format", "json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc) == {"placements", "trainable_params", "total_params"}
+    assert doc["placements"] and all(set(p) == PLACEMENT_KEYS for p in doc["placements"])
+    assert sum(p["params"] for p in doc["placements"]) <= doc["trainable_params"] < doc["total_params"]
+
+
+def test_patch_dry_run_table():
+    res = run("patch", "t5", "--rules", "vlpet_small", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "encoder-self-attn" in res.output and "trainable" in res.output
+
+
+def test_patch_out_writes_directory_and_load(tmp_path):
+    res = run("patch", "t5", "--rules", "vlpet_large", "--out", str(tmp_path / "p"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["pet.safetensors", "vlpet.json"]
+    import vlpet_fx
+
+    m = vlpet_fx.load(tmp_path / "p")
+    assert vlpet_fx.summary(m).trainable > 0
+
+
+def test_inspect_marks_rule_hits(tmp_path):
+    res = run("inspect", "bart", "--rules", "vlpet_large")
+    assert res.exit_code == 0, res.output
+    assert "●" in res.output
+    res = run("inspect", "bart", "--rules", "vlpet_large", "--format", "svg", "--out", str(tmp_path / "x.svg"))
+    assert res.exit_code == 0 and "selected by the rules" in (tmp_path / "x.svg").read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["patch", "t5", "--rules", "missing/file.yaml", "--dry-run"], "does not exist"),
+    (["patch", "t5", "--rules", "nope", "--dry-run"], "unknown rule set"),
+    (["patch", "t5", "--rules", "lora", "--dry-run"], "does not fit"),  # rank 128 > d_model 64
+    (["patch", "t5", "--rules", "{tmp}/bad.yaml", "--dry-run"], "unknown key"),
+    (["patch", "t5", "--rules", "vlpet_large", "--out", "{tmp}/full"], "not empty"),
+    (["patch", "t5", "--rules", "vlpet_large"], "--out"),
+])
+def test_patch_bad_input_one_line_exit_2(tmp_path, args, needle):
+    (tmp_path / "bad.yaml").write_text("name: x\nrulez: []\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = subprocess.run([sys.executable, "-m", "vlpet_fx.cli.main", *args], capture_output=True, text=True)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert needle in lines[0]
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

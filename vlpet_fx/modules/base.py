@@ -52,6 +52,10 @@ class PetModule(nn.Module):
         # what the module reads: the site's output (after) or its input (parallel)
         self.read_features = out_features if placement == "after" else in_features
 
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Calling the module applies it as an ``after`` placement."""
+        return self.after(y)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

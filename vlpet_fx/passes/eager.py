@@ -43,23 +43,36 @@ def _input_of(args, kwargs):
 class AfterHook:
     """forward hook: y -> pet.after(y)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, pet: nn.Module):
+        self.pet = pet
 
     def __call__(self, module, args, output):
-        pet = module._modules[self.name]
-        return _replace_first(output, pet.after(_first(output)))
+        return _replace_first(output, self.pet.after(_first(output)))
 
 
 class ParallelHook:
     """forward hook (with kwargs): y -> pet.parallel(x, y)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, pet: nn.Module):
+        self.pet = pet
 
     def __call__(self, module, args, kwargs, output):
-        pet = module._modules[self.name]
-        return _replace_first(output, pet.parallel(_input_of(args, kwargs), _first(output)))
+        return _replace_first(output, self.pet.parallel(_input_of(args, kwargs), _first(output)))
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _owner(model: nn.Module, path: str, name: str) -> tuple[nn.Module, str, str]:
+    """Where a PET module lives: on the site's module, or beside it when that module is a container (a child
+    of an nn.Sequential would be run by it). Returns (owner, attribute name, full path)."""
+    target = model.get_submodule(path)
+    if not isinstance(target, _CONTAINERS):
+        return target, name, f"{path}.{name}" if path else name
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    attr = f"{child}_{name}"
+    return parent, attr, f"{parent_path}.{attr}" if parent_path else attr
 
 
 class StashInput:
@@ -97,15 +110,15 @@ class EagerPatch(ModulePass):
             target = module.get_submodule(p.site.path)
             device, dtype = site_device_dtype(target)
             pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
-            name = p.attach_name
-            if name in target._modules:
-                raise PlanError(f"two placements share {p.site.path}.{name}; make the rules select one of them")
-            target.add_module(name, pet)
-            attached[f"{p.site.path}.{name}"] = p
+            owner, name, full = _owner(module, p.site.path, p.attach_name)
+            if name in owner._modules:
+                raise PlanError(f"two placements share {full}; make the rules select one of them")
+            owner.add_module(name, pet)
+            attached[full] = p
             if p.placement == "after":
-                handles.append(target.register_forward_hook(AfterHook(name)))
+                handles.append(target.register_forward_hook(AfterHook(pet)))
             else:
-                handles.append(target.register_forward_hook(ParallelHook(name), with_kwargs=True))
+                handles.append(target.register_forward_hook(ParallelHook(pet), with_kwargs=True))
             if getattr(pet, "needs_block_input", False):
                 if p.site.input_path is None:
                     raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to a "

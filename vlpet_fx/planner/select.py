@@ -87,9 +87,10 @@ def match_modules(sel: Selector, table: SiteTable, model: nn.Module) -> list[str
         scopes = [s.path for s in match_sites(sel.model_copy(update={"path_regex": None, "module_type": None}),
                                               table, modules) if s.path is not None]
     elif sel.block is not None:
-        scopes = sorted({s.block_path for s in match_sites(sel.model_copy(update={"path_regex": None,
-                                                                                  "module_type": None}),
-                                                           table, modules) if s.block_path})
+        # a block's own module when it has one (not the whole layer, as for BART's FFN), else its projections
+        found = match_sites(sel.model_copy(update={"path_regex": None, "module_type": None}), table, modules)
+        scopes = sorted({s.block_path for s in found if s.block_path and s.block_path != s.layer_path}
+                        | {s.path for s in found if s.path and s.role != "output"})
     elif sel.layers is not None:
         scopes = sorted({s.layer_path for s in match_sites(sel.model_copy(update={"path_regex": None,
                                                                                   "module_type": None}),

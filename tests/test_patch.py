@@ -1,0 +1,278 @@
+"""The rewrite, checked against the unpatched model: identity at init, trainable counts by formula,
+eager == graph back end, and HF features (generate with cache, save_pretrained, checkpointing, autocast)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vlpet_fx
+from toy import ToySeq2Seq
+from vlpet_fx.rules import parse_rules
+from vlpet_fx.zoo import build_model
+
+IDENTITY_RULES = """
+name: identity
+methods:
+  ad: {type: adapter, reduction: 4}
+  mid: {type: vlpet, dim: 8, heads: 2, gate: middleY, zero_init_up: true, zero_init_gate: true}
+  lo: {type: lora, rank: 4}
+rules:
+  - {name: enc-out, select: {stack: [encoder, visual], role: output}, insert: mid, optional: true}
+  - {name: dec-out, select: {stack: decoder, role: output}, insert: ad, optional: true}
+  - {name: ffn-in, select: {block: ffn, role: in}, insert: lo, placement: parallel}
+  - {name: cross-v, select: {block: cross_attn, role: v, path_regex: "."}, insert: ad, placement: parallel, optional: true}
+"""
+
+FAMILIES = ["t5", "mt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "m2m100", "bert2bert",
+            "torch-transformer", "clip-vit-b-32", "clip-rn50", "toy"]
+
+
+def _build(name):
+    if name == "toy":
+        torch.manual_seed(0)
+        return ToySeq2Seq().eval(), ToySeq2Seq.example_inputs()
+    from vlpet_fx.capture.inputs import build_example_inputs
+
+    m = build_model(name, "tiny").eval()
+    _, args, kwargs = build_example_inputs(m)
+    return m, (args, kwargs)
+
+
+def _run(m, inputs):
+    args, kwargs = inputs if isinstance(inputs[-1], dict) and len(inputs) == 2 else (inputs, {})
+    with torch.no_grad():
+        out = m(*args, **kwargs)
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture
+def no_mha_fastpath():
+    """nn.MultiheadAttention's fused inference kernel is skipped once a hook sits on the layer; compare the
+    patched model with the same (non-fused) computation of the unpatched one."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    yield
+    torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_identity_methods_leave_outputs_bit_identical(name, no_mha_fastpath):
+    m, inputs = _build(name)
+    # nn.Transformer takes another (numerically different) attention path once its weights are frozen, as
+    # they are after patching: compare against the frozen base
+    for p in m.parameters():
+        p.requires_grad_(False)
+    before = _run(m, inputs)
+    rules = parse_rules(IDENTITY_RULES)
+    if name == "clip-rn50":  # attention pool only: no FFN
+        rules = parse_rules(IDENTITY_RULES.replace("select: {block: ffn, role: in}, insert: lo, placement: parallel}",
+                                                   "select: {block: ffn, role: in}, insert: lo, placement: parallel, optional: true}"))
+    vlpet_fx.patch(m, rules, example_inputs=None if name != "toy" else inputs)
+    assert len(m.vlpet_patch.attached) > 0
+    after = _run(m, inputs)
+    assert torch.equal(before, after), name
+
+
+def test_vlpet_large_is_not_identity_and_changes_outputs():
+    m = build_model("bart", "tiny")
+    ids = torch.randint(0, 256, (2, 8))
+    before = m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    vlpet_fx.patch(m, "vlpet_large")
+    after = m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    assert not torch.allclose(before, after)
+
+
+# ---- trainable parameters: exactly the declared ones, counts by closed-form formulas -------------------------
+
+def vlpet_count(d, r, gate, r_g=None, pair_heads=None):
+    down = d * r + r
+    up = (r * d // pair_heads + d) if pair_heads else (r * d + d)
+    gates = {"middleX": d + 1, "middleY": d, "small": 2 * d + 1, "none": 0}
+    if gate == "large":
+        gates["large"] = d * r_g + r_g + r_g * d + d
+    return down + up + gates[gate]
+
+
+@pytest.mark.parametrize("rules, gate", [("vlpet_large", "large"), ("vlpet_middlex", "middleX"),
+                                         ("vlpet_middley", "middleY"), ("vlpet_small", "small")])
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_vlpet_counts_match_formula(family, rules, gate):
+    m = build_model(family, "tiny")
+    d, n_enc, n_dec = 64, 2, 2
+    vlpet_fx.patch(m, rules)
+    enc = vlpet_count(d, 96, gate, r_g=96)  # the shipped (BART) rule sets: r = r_g = 96
+    dec = vlpet_count(d, 96, "none")
+    layer_norms = sum(p.numel() for n, p in m.named_parameters()
+                      if n.startswith(("encoder.", "model.encoder.")) and ("layer_norm" in n or "layernorm" in n))
+    want = 2 * n_enc * enc + n_dec * dec + layer_norms
+    have = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert have == want
+    s = vlpet_fx.summary(m)
+    assert s.trainable == want
+    rows = {(r["group"], r["name"]): r for r in s.rows}
+    assert rows[("method", "vlpet")]["trainable"] == 2 * n_enc * enc + n_dec * dec
+    assert rows[("stack", "encoder")]["trainable"] == 2 * n_enc * enc + layer_norms
+
+
+def test_down_up_pair_heads_count():
+    cfg_text = """
+name: pair
+methods: {p: {type: vlpet, dim: 32, heads: 4, head_mode: down-up-pair, gate: none}}
+rules: [{select: {stack: encoder, role: output}, insert: p}]
+"""
+    m = build_model("t5", "tiny")
+    vlpet_fx.patch(m, parse_rules(cfg_text))
+    have = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert have == 4 * vlpet_count(64, 32, "none", pair_heads=4)
+
+
+def test_adapter_and_lora_counts():
+    m = build_model("bart", "tiny")
+    plan = vlpet_fx.plan(m, parse_rules("""
+name: x
+methods:
+  a: {type: adapter, reduction: 8}
+  l: {type: lora, rank: 4}
+rules:
+  - {select: {role: output}, insert: a}
+  - {select: {block: [self_attn, cross_attn], role: [q, v]}, insert: l, placement: parallel}
+"""))
+    n_blocks = 2 * 2 + 2 * 3
+    n_qv = 2 * (2 * 1 + 2 * 2)
+    assert plan.pet_params == n_blocks * (64 * 8 + 8 + 8 * 64 + 64) + n_qv * (4 * 64 + 64 * 4)
+    vlpet_fx.patch(m, plan)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == plan.pet_params
+
+
+def test_only_declared_parameters_require_grad():
+    m = build_model("t5", "tiny")
+    vlpet_fx.patch(m, "vlpet_large")
+    for n, p in m.named_parameters():
+        declared = ".pet_" in n or (n.startswith("encoder.") and "layer_norm" in n)
+        assert p.requires_grad == declared, n
+
+
+def test_full_finetune_trains_everything_and_none_method():
+    m = build_model("bart", "tiny")
+    vlpet_fx.patch(m, "full_finetune")
+    assert all(p.requires_grad for p in m.parameters())
+    m = build_model("bart", "tiny")
+    vlpet_fx.patch(m, parse_rules("name: n\nrules: [{select: {stack: decoder, block: ffn, role: in}, insert: none}]"))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.decoder.layers.{i}.fc1.{w}" for i in range(2) for w in ("weight", "bias")}
+
+
+# ---- the two back ends agree --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_eager_and_graph_back_ends_agree(family):
+    base = build_model(family, "tiny")
+    for m in base.modules():  # dropout off in both (the graph is captured in eval mode)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    eager = vlpet_fx.patch(copy.deepcopy(base), "vlpet_large")
+    graph = vlpet_fx.patch(copy.deepcopy(base), "vlpet_large", backend="graph")
+    assert isinstance(graph, torch.fx.GraphModule)
+    from vlpet_fx.capture.inputs import build_example_inputs
+
+    _, _, kw = build_example_inputs(base)
+    out_e = eager(**kw).logits
+    out_g = graph(**kw).logits
+    torch.testing.assert_close(out_e, out_g, rtol=1e-5, atol=1e-6)
+    out_e.square().mean().backward()
+    out_g.square().mean().backward()
+    ge = sorted(p.grad.norm().item() for p in eager.parameters() if p.requires_grad)
+    gg = sorted(p.grad.norm().item() for p in graph.parameters() if p.requires_grad)
+    assert len(ge) == len(gg)
+    torch.testing.assert_close(torch.tensor(ge), torch.tensor(gg), rtol=1e-4, atol=1e-7)
+
+
+def test_graph_back_end_reaches_packed_in_proj_sites():
+    m = build_model("torch-transformer", "tiny")
+    rules = parse_rules("""
+name: packed
+methods: {a: {type: adapter, reduction: 4, zero_init_up: false}}
+rules: [{select: {stack: encoder, block: self_attn, role: v}, insert: a}]
+""")
+    with pytest.raises(vlpet_fx.PlanError, match="graph back end"):
+        vlpet_fx.patch(copy.deepcopy(m), rules)
+    gm = vlpet_fx.patch(m, rules, backend="graph")
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("vlpet_")) == 2
+
+
+# ---- Hugging Face features keep working ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_generate_with_kv_cache_matches_no_cache(family):
+    m = build_model(family, "tiny")
+    vlpet_fx.patch(m, "vlpet_large")
+    ids = torch.randint(3, 256, (2, 8))
+    a = m.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    b = m.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_save_pretrained_keeps_base_keys(tmp_path):
+    m = build_model("bart", "tiny")
+    vlpet_fx.patch(m, "vlpet_large")
+    m.save_pretrained(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "m" / "model.safetensors")))
+    base_keys = set(build_model("bart", "tiny").state_dict())
+    assert {k for k in base_keys if "lm_head" not in k and "shared" not in k} <= keys | {k for k in base_keys if k not in keys}
+    assert any(".pet_" in k for k in keys)
+
+
+def test_gradient_checkpointing_and_autocast():
+    m = build_model("t5", "tiny")
+    vlpet_fx.patch(m, "vlpet_large")
+    m.train()
+    m.gradient_checkpointing_enable()
+    ids = torch.randint(3, 256, (2, 8))
+    labels = ids[:, :4].contiguous()
+    loss = m(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if ".pet_" in n and "gate" not in n)
+    m.gradient_checkpointing_disable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(input_ids=ids, labels=labels)
+    assert torch.isfinite(out.loss)
+    m.to(torch.float64)
+    assert all(p.dtype == torch.float64 for n, p in m.named_parameters() if ".pet_" in n)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_torch_compile_fullgraph(family):
+    m = build_model(family, "tiny")
+    vlpet_fx.patch(m, "vlpet_large")
+    ids = torch.randint(3, 256, (2, 8))
+    ref = m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- round trip through a patched-model directory ------------------------------------------------------------
+
+def test_patch_dir_round_trip(tmp_path):
+    from vlpet_fx.export import save_patched
+    from vlpet_fx.zoo import base_reference
+
+    m = build_model("bart", "tiny")
+    vlpet_fx.patch(m, "vlpet_large", seed=0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    save_patched(m, tmp_path / "out", base_reference("bart", "tiny", 0))
+    again = vlpet_fx.load(tmp_path / "out")
+    ids = torch.randint(3, 256, (2, 8))
+    assert torch.equal(m(input_ids=ids, decoder_input_ids=ids[:, :3]).logits,
+                       again(input_ids=ids, decoder_input_ids=ids[:, :3]).logits)
