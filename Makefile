@@ -21,12 +21,15 @@ demo: $(STAMP)
 	$(CLI) models
 	$(CLI) inspect t5 --size small
 	$(CLI) inspect t5 --size small --format svg --out demo/t5-small.svg
+	$(CLI) patch t5 --size small --rules vlpet_large_t5 --dry-run
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(PY) bench/capture.py
+	$(PY) bench/budget.py
+	$(PY) bench/step.py --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo
