@@ -72,6 +72,7 @@ def hand_reference(base: nn.Module) -> nn.Module:
     model = copy.deepcopy(base)
     plan = vlpet_fx.plan(model, "vlpet_large")
     model.requires_grad_(False)
+    keep = [prm for n, prm in model.named_parameters() if n in plan.trainable]  # before wrapping renames them
     stashes = []
     for p in plan.placements:
         pet = build_pet(p)
@@ -85,9 +86,8 @@ def hand_reference(base: nn.Module) -> nn.Module:
         xp, _, xc = path.rpartition(".")
         xparent = model.get_submodule(xp) if xp else model
         setattr(xparent, xc, _Stash(getattr(xparent, xc), pet))
-    for n, prm in model.named_parameters():
-        if n in plan.trainable:
-            prm.requires_grad_(True)
+    for prm in keep:
+        prm.requires_grad_(True)
     return model
 
 
