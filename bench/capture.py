@@ -60,7 +60,6 @@ def main() -> None:
                 assert [s.public() for s in full] == [s.public() for s in table], f"{name}-{size}: fast != full"
             rows.append(dict(model=name, size=size, params=params, sites=len(table), layers=table.num_layers(),
                              fast_s=fast_s, full_s=full_s))
-            del model
 
     t = Table(title=f"capture + discovery, median of {args.repeats} ({platform.machine()}, "
                     f"{os.cpu_count()} cores, torch {torch.__version__})")

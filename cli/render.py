@@ -60,7 +60,7 @@ def site_tree(model: nn.Module, table: SiteTable, title: str, hits: set[tuple] |
     return root
 
 
-def plan_table(plan) -> "Table":
+def plan_table(plan):
     """Per rule: the sites it resolved to and the parameters it adds; then unmatched rules and the budget."""
     from rich.table import Table
 

@@ -41,16 +41,10 @@ def patch_graph(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 
     Returns a GraphModule taking the model's inputs; its PET modules equal the eager back end's (same seed).
     """
     cap = capture(model, example_inputs)
-    table = discover(model, captured=cap)
+    table = discover(model, captured=cap)  # the full capture's table: it names the graph nodes
     the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table)
-    gm = cap.exported.module()
-    result = GraphPatch(the_plan, model, cap, seed=seed)(gm)
-    gm = result.graph_module
-    pet_prefixes = [n for n, _ in gm.named_children() if n.startswith("vlpet_")]
-    train = {id(p) for n, p in gm.named_parameters(remove_duplicate=False)
-             if n.split(".")[0] in pet_prefixes or n in the_plan.trainable}
-    for p in gm.parameters():
-        p.requires_grad_(id(p) in train)
+    gm = GraphPatch(the_plan, table, seed=seed)(cap.exported.module()).graph_module
+    Freeze(the_plan, [n for n, _ in gm.named_children() if n.startswith("vlpet_")])(gm)
     gm.vlpet_plan = the_plan
     return gm
 
@@ -83,6 +77,7 @@ def summary(model: nn.Module) -> Summary:
     by_stack: dict[str, list[int]] = {}
     seen: set[int] = set()
     out = Summary()
+    deepest_first = sorted(roots.items(), key=lambda kv: -len(kv[1]))
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
@@ -92,8 +87,7 @@ def summary(model: nn.Module) -> Summary:
         if placement is not None:
             stack = placement.site.stack
         else:
-            stack = next((k for k, r in sorted(roots.items(), key=lambda kv: -len(kv[1]))
-                          if r == "" or name.startswith(r + ".")), "other")
+            stack = next((k for k, r in deepest_first if r == "" or name.startswith(r + ".")), "other")
         for d, key in ((by_method, method), (by_stack, stack)):
             t = d.setdefault(key, [0, 0])
             t[1] += p.numel()

@@ -20,6 +20,10 @@ class DiscoveryError(VlpetError):
     """The captured graph holds no recognisable transformer structure."""
 
 
+class MethodConfigError(VlpetError):
+    """A PET method's parameters are wrong (unknown key, wrong type, or a shape that does not fit the site)."""
+
+
 class RulesError(VlpetError):
     """A rule set is invalid (message starts with 'file:line: key:') or does not fit the model."""
 

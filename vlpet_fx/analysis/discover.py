@@ -68,7 +68,8 @@ def _is_noop_alias(node) -> bool:
 def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
-        xpath = input_path_of(cap, b)
+        where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
+                     input_node=b.residual.name if b.residual is not None else None)
         share: dict = {}
         for p in b.all_projections():
             share[p.node] = share.get(p.node, 0) + 1
@@ -77,13 +78,12 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
                 out = p.out_features if p.whole and share[p.node] == 1 else p.out_features // share[p.node]
                 sites.append(
                     Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out,
-                         node=p.node.name, param=p.param, block_path=b.block_path, layer_path=b.layer_path, input_path=xpath)
+                         node=p.node.name, param=p.param, **where)
                 )
         first, last = b.first(), b.last()
         sites.append(
             Site(b.stack, b.layer, b.block, "output", b.output_path, first.in_features, last.out_features,
-                 node=b.output.name if b.output is not None else last.node.name, param=None,
-                 block_path=b.block_path, layer_path=b.layer_path, input_path=xpath)
+                 node=b.output.name if b.output is not None else last.node.name, param=None, **where)
         )
     return sites
 
@@ -95,7 +95,7 @@ def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> S
         return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
 
     return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
-                   layer_path=layer_path, input_path=sub(site.input_path), node=None)
+                   layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None)
 
 
 def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:
@@ -147,10 +147,8 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
                 cap = capture(model, example_inputs)
                 sites = expand_reduced(sites_of(_checked_blocks(model, cap), cap), red)
                 graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
-    t1 = time.perf_counter()
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
-        t1 = time.perf_counter()
         sites = sites_of(_checked_blocks(model, cap), cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()

@@ -29,6 +29,7 @@ class Site:
     block_path: str | None = field(default=None, compare=False)
     layer_path: str | None = field(default=None, compare=False)
     input_path: str | None = field(default=None, compare=False)  # module whose first input is the block input X
+    input_node: str | None = field(default=None, compare=False)  # graph node of the block input X
 
     @property
     def key(self) -> tuple:

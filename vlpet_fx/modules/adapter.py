@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import MethodConfig, MethodConfigError, PetModule, activation, bottleneck, register_pet
+from .base import MethodConfig, PetModule, activation, bottleneck, register_pet
 
 
 @dataclass
@@ -26,7 +26,6 @@ class AdapterConfig(MethodConfig):
 @register_pet("adapter")
 class Adapter(PetModule):
     config_class = AdapterConfig
-    identity_at_init = True
 
     def __init__(self, in_features, out_features, config: AdapterConfig, placement="after"):
         super().__init__(in_features, out_features, config, placement)

@@ -19,13 +19,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..errors import VlpetError
+from ..errors import MethodConfigError
 
 PLACEMENTS = ("after", "parallel")
-
-
-class MethodConfigError(VlpetError):
-    """A method's parameters are wrong (unknown key, wrong type, or a shape that does not fit the site)."""
 
 
 @dataclass
@@ -41,7 +37,6 @@ class PetModule(nn.Module):
     placements: ClassVar[tuple[str, ...]] = PLACEMENTS
     inserts_module: ClassVar[bool] = True  # False for `none` (full fine-tuning of the site's own module)
     mergeable: ClassVar[bool] = False  # a linear re-parameterisation that can be folded into the base weight
-    identity_at_init: ClassVar[bool] = False
 
     def __init__(self, in_features: int, out_features: int, config: MethodConfig, placement: str = "after"):
         super().__init__()

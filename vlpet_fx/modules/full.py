@@ -16,10 +16,3 @@ class NoneConfig(MethodConfig):
 class FullFinetune(PetModule):
     config_class = NoneConfig
     inserts_module = False
-    identity_at_init = True
-
-    def after(self, y):  # never attached; kept for the contract
-        return y
-
-    def parallel(self, x, y):
-        return y

@@ -27,7 +27,6 @@ class Lora(PetModule):
     config_class = LoraConfig
     placements = ("parallel",)
     mergeable = True
-    identity_at_init = True
 
     def __init__(self, in_features, out_features, config: LoraConfig, placement="parallel"):
         super().__init__(in_features, out_features, config, placement)

@@ -33,8 +33,6 @@ from torch import nn
 
 from .base import MethodConfig, MethodConfigError, PetModule, activation, bottleneck, register_pet
 
-GATES = ("large", "middleX", "middleY", "small", "none")
-HEAD_MODES = ("down", "up", "down-up", "down-up-pair")
 
 
 @dataclass
@@ -141,6 +139,16 @@ class GateSmall(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
 
+# granularity level -> gate builder (d, r_g, activation name); `none` is the ungated value adapter
+GATE_BUILDERS = {
+    "large": lambda d, r_g, act: GateLarge(d, r_g, activation(act)),
+    "middleX": lambda d, r_g, act: GateMiddleX(d),
+    "middleY": lambda d, r_g, act: GateMiddleY(d),
+    "small": lambda d, r_g, act: GateSmall(d),
+    "none": lambda d, r_g, act: None,
+}
+
+
 def _mul(g, h):
     return g * h
 
@@ -162,16 +170,7 @@ class VlPet(PetModule):
         self.down = nn.Linear(d_in, r)  # heads on the down projection: concatenated, one matrix
         self.up = _PairUp(config.heads, r, d) if config.head_mode == "down-up-pair" else nn.Linear(r, d)
         self.scale = float(config.scale)
-        if config.gate == "large":
-            self.gate = GateLarge(d, config.gate_dim or r, activation(config.activation))
-        elif config.gate == "middleX":
-            self.gate = GateMiddleX(d)
-        elif config.gate == "middleY":
-            self.gate = GateMiddleY(d)
-        elif config.gate == "small":
-            self.gate = GateSmall(d)
-        else:
-            self.gate = None
+        self.gate = GATE_BUILDERS[config.gate](d, config.gate_dim or r, config.activation)
         self.needs_block_input = bool(self.gate is not None and self.gate.needs_x and placement == "after")
         self._combine = _mul if config.gate_op == "mul" else _add
         if config.init == "normal":
@@ -189,12 +188,6 @@ class VlPet(PetModule):
         else:
             self.after = self._after_gated
         self.block_input: torch.Tensor | None = None  # set by the patcher's pre-hook when the gate reads X
-
-    @property
-    def identity_at_init(self) -> bool:  # type: ignore[override]
-        c = self.config
-        gate_is_one = self.gate is None or (c.gate == "middleY" and c.zero_init_gate and c.gate_op == "mul")
-        return bool(c.zero_init_up and gate_is_one and self.scale == 1.0)
 
     def delta(self, h):
         return self.up(self.act(self.down(h)))

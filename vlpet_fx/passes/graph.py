@@ -14,53 +14,36 @@ import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..analysis import discover
-from ..capture import Captured
+from ..analysis import SiteTable
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Plan
 from .base import build_pet, site_device_dtype
 
 
-class _After(nn.Module):
-    def __init__(self, pet):
+class _Apply(nn.Module):
+    """A ``call_module`` target: one of the PET module's placement methods (``after``, ``gated``, ``parallel``)."""
+
+    def __init__(self, pet: nn.Module, method: str):
         super().__init__()
         self.pet = pet
+        self.method = method
 
-    def forward(self, y):
-        return self.pet.after(y)
-
-
-class _AfterWithInput(nn.Module):
-    def __init__(self, pet):
-        super().__init__()
-        self.pet = pet
-
-    def forward(self, x, y):
-        return self.pet.gated(x, y)
-
-
-class _Parallel(nn.Module):
-    def __init__(self, pet):
-        super().__init__()
-        self.pet = pet
-
-    def forward(self, x, y):
-        return self.pet.parallel(x, y)
+    def forward(self, *tensors):
+        return getattr(self.pet, self.method)(*tensors)
 
 
 class GraphPatch(PassBase):
-    def __init__(self, plan: Plan, model: nn.Module, captured: Captured, *, seed: int = 0):
+    def __init__(self, plan: Plan, table: SiteTable, *, seed: int = 0):
+        """``table`` is the site table of the full capture whose graph is rewritten (it names the nodes)."""
         super().__init__()
         self.plan = plan
-        self.model = model
-        self.cap = captured
+        self.table = table
         self.seed = seed
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        table = discover(self.model, captured=self.cap)  # the full table, with node names
+        table = self.table
         nodes = {n.name: n for n in graph_module.graph.nodes}
-        residual = _residual_nodes(self.model, self.cap)
         modified = False
         for i, p in enumerate(self.plan.placements):
             if not get_method(p.method).module.inserts_module:
@@ -80,14 +63,13 @@ class GraphPatch(PassBase):
                 x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
                 if x is None or s.role == "output":
                     raise PlanError(f"a parallel placement needs the input of a linear site; {s} has none in the graph")
-                wrapper, args = _Parallel(pet), (x, node)
+                wrapper, args = _Apply(pet, "parallel"), (x, node)
             elif getattr(pet, "needs_block_input", False):
-                xnode = residual.get((s.stack, s.layer, s.block))
-                if xnode is None:
+                if full.input_node not in nodes:
                     raise PlanError(f"no block input found in the graph for {s}")
-                wrapper, args = _AfterWithInput(pet), (nodes[xnode], node)
+                wrapper, args = _Apply(pet, "gated"), (nodes[full.input_node], node)
             else:
-                wrapper, args = _After(pet), (node,)
+                wrapper, args = _Apply(pet, "after"), (node,)
             graph_module.add_submodule(name, wrapper)
             with graph_module.graph.inserting_after(node):
                 new = graph_module.graph.call_module(name, args)
@@ -98,12 +80,3 @@ class GraphPatch(PassBase):
         graph_module.recompile()
         return PassResult(graph_module, modified)
 
-
-def _residual_nodes(model: nn.Module, cap: Captured) -> dict[tuple, str]:
-    from ..analysis.discover import blocks_of
-
-    out = {}
-    for b in blocks_of(model, cap):
-        if b.residual is not None:
-            out[(b.stack, b.layer, b.block)] = b.residual.name
-    return out

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..analysis import SiteTable, discover
@@ -49,12 +48,8 @@ class Placement:
 
     def to_dict(self) -> dict:
         return {**self.public(), "alias": self.alias, "placement": self.placement, "rule_index": self.rule_index,
-                "in_features": s_in(self.site), "out_features": self.site.out_features,
+                "in_features": self.site.in_features, "out_features": self.site.out_features,
                 "config": dataclasses.asdict(self.config)}
-
-
-def s_in(site: Site) -> int:
-    return site.in_features
 
 
 @dataclass
@@ -139,7 +134,7 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             sources[n_] = "train_all"
     for j, tr in enumerate(rs.trainable):
         paths = match_modules(tr.select, table, model)
-        params = _params_of(model, paths, tr.params)
+        params = _params_of(model, named, paths, tr.params)
         if not params and not tr.optional:
             raise RulesError(f"{rs.where('trainable', j)}: trainable rule '{tr.name or f'trainable-{j}'}' selects no "
                              f"parameters of {table.model}: fix its selector or add `optional: true`")
@@ -149,23 +144,17 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
     # `none` (full fine-tuning of a site's module): its own parameters train
     for p in chosen.values():
         if not get_method(p.method).module.inserts_module and p.site.path is not None:
-            for n_ in _params_of(model, [p.site.path], "all"):
+            for n_ in _params_of(model, named, [p.site.path], "all"):
                 trainable.setdefault(n_, named[n_].numel())
                 sources.setdefault(n_, p.rule)
-    placements = sorted(chosen.values(), key=lambda p: (p.rule_index, _site_order(table, p.site), p.placement))
+    order = {id(s): i for i, s in enumerate(table)}
+    placements = sorted(chosen.values(), key=lambda p: (p.rule_index, order[id(p.site)], p.placement))
     total = sum(p.numel() for p in model.parameters())
     return Plan(table.model, rs, table, placements, trainable, sources, total, unmatched)
 
 
-def _site_order(table: SiteTable, site: Site) -> int:
-    for i, s in enumerate(table):
-        if s is site:
-            return i
-    return 0
-
-
-def _params_of(model: nn.Module, paths: list[str], which: str) -> list[str]:
-    named = dict(model.named_parameters())
+def _params_of(model: nn.Module, named: dict, paths: list[str], which: str) -> list[str]:
+    """Parameter names (as ``named``, the model's de-duplicated parameters, spells them) under ``paths``."""
     out: dict[str, None] = {}
     for path in paths:
         mod = model.get_submodule(path) if path else model

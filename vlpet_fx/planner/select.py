@@ -83,18 +83,17 @@ def match_modules(sel: Selector, table: SiteTable, model: nn.Module) -> list[str
     """Module paths selected by a `trainable` selector (stack/layers/block/role scope, then type/path filters)."""
     modules = dict(model.named_modules())
     scopes: list[str] | None = None
-    if sel.role is not None:
-        scopes = [s.path for s in match_sites(sel.model_copy(update={"path_regex": None, "module_type": None}),
-                                              table, modules) if s.path is not None]
-    elif sel.block is not None:
-        # a block's own module when it has one (not the whole layer, as for BART's FFN), else its projections
+    if sel.role is not None or sel.block is not None or sel.layers is not None:
+        # the site-level part of the selector scopes the search; type/path filters apply to modules below
         found = match_sites(sel.model_copy(update={"path_regex": None, "module_type": None}), table, modules)
-        scopes = sorted({s.block_path for s in found if s.block_path and s.block_path != s.layer_path}
-                        | {s.path for s in found if s.path and s.role != "output"})
-    elif sel.layers is not None:
-        scopes = sorted({s.layer_path for s in match_sites(sel.model_copy(update={"path_regex": None,
-                                                                                  "module_type": None}),
-                                                           table, modules) if s.layer_path})
+        if sel.role is not None:
+            scopes = [s.path for s in found if s.path is not None]
+        elif sel.block is not None:
+            # a block's own module when it has one (not the whole layer, as for BART's FFN), else its projections
+            scopes = sorted({s.block_path for s in found if s.block_path and s.block_path != s.layer_path}
+                            | {s.path for s in found if s.path and s.role != "output"})
+        else:
+            scopes = sorted({s.layer_path for s in found if s.layer_path})
     elif sel.stack is not None:
         roots = stack_roots(table)
         scopes = [roots[k] for k in sel.stack if k in roots]

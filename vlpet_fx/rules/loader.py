@@ -45,6 +45,14 @@ def _compose_lines(text: str) -> tuple[Any, dict[tuple, int]]:
     return yaml.safe_load(text), lines
 
 
+def _where(source: str, lines: dict[tuple, int], path: tuple) -> str:
+    """'file:line' of the deepest known prefix of a key path."""
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return f"{source}:{lines[path[:cut]]}"
+    return source
+
+
 @dataclass
 class ResolvedMethod:
     alias: str
@@ -67,10 +75,7 @@ class RuleSet:
     lines: dict[tuple, int] = field(default_factory=dict)
 
     def where(self, *path) -> str:
-        for cut in range(len(path), -1, -1):
-            if path[:cut] in self.lines:
-                return f"{self.source}:{self.lines[path[:cut]]}"
-        return self.source
+        return _where(self.source, self.lines, path)
 
     def method_for(self, rule_index: int) -> tuple[str, str, MethodConfig]:
         """(alias, method type, config) for a rule, with the rule's overrides applied."""
@@ -144,11 +149,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         raise RulesError(f"{source}:1: a rule set is a YAML mapping with keys name, methods, rules, trainable")
 
     def at(loc) -> str:
-        path = tuple(loc)
-        for cut in range(len(path), -1, -1):
-            if path[:cut] in lines:
-                return f"{source}:{lines[path[:cut]]}"
-        return source
+        return _where(source, lines, tuple(loc))
 
     try:
         schema = RuleSetSchema.model_validate(data)

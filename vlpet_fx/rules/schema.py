@@ -7,7 +7,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..analysis.sites import BLOCKS, ROLES, STACKS
+from ..analysis.sites import STACKS
 
 LayerItem = Union[int, str]
 
