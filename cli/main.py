@@ -148,7 +148,7 @@ def patch(
     import vlpet_fx
     from vlpet_fx.errors import VlpetError
     from vlpet_fx.export import save_patched
-    from vlpet_fx.export.patched_dir import check_out_dir
+    from vlpet_fx.export.atomic import check_out_dir
     from vlpet_fx.zoo import base_reference, load_model
 
     if not dry_run and out_dir is None:
@@ -178,6 +178,36 @@ def patch(
     s = vlpet_fx.summary(net)
     out.print(f"wrote {out_dir}: {len(the_plan.placements)} PET modules; trainable {s.trainable:,} of "
               f"{s.total:,} parameters ({s.percent:.2f}%)")
+
+
+class ExportFormat(str, Enum):
+    adapters = "adapters"
+    merged = "merged"
+    pt2 = "pt2"
+    peft = "peft"
+
+
+@app.command("export")
+def export_cmd(
+    src: Path = typer.Argument(..., help="A directory written by `vlpet-fx patch --out` (or `train`)."),
+    fmt: ExportFormat = typer.Option(..., "--format", "-f", help="adapters, merged, pt2 or peft."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write (must be new or empty)."),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Write a patched model as adapters (safetensors + manifest), a merged HF model, .pt2 programs or a PEFT adapter."""
+    from vlpet_fx.errors import VlpetError
+    from vlpet_fx.export import export
+
+    try:
+        export(src, fmt.value, out_dir, force=force)
+    except VlpetError as exc:
+        fail(str(exc))
+        return
+    except OSError as exc:
+        fail(f"cannot write '{out_dir}': {exc.strerror or exc}")
+        return
+    files = ", ".join(sorted(p.name for p in out_dir.iterdir()))
+    out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
 
 def _slug(text: str) -> str:

@@ -1,19 +1,18 @@
-"""The directory `vlpet-fx patch --out` writes, and `load` reads back.
+"""The patched-model / adapters directory, and ``load`` that re-applies it to a base model.
 
-    vlpet.json         manifest: base model reference, rule set (its YAML text), the resolved plan, versions
+    vlpet.json         manifest: base model reference and fingerprint, rule set (its YAML text), method
+                       configs, the resolved plan, library versions, the weights file's sha256
     pet.safetensors    the trainable weights (PET modules + existing parameters the rules made trainable)
 
-The base model is referenced (a built-in name + size + seed, a local directory, or module:factory), never
-copied. Everything is written into a temporary sibling directory and renamed into place at the end, so an
-interrupted write leaves nothing half-written. Nothing is unpickled: JSON and safetensors only.
+``vlpet-fx patch --out`` and ``vlpet-fx export --format adapters`` both write it. The base model is referenced
+(built-in name + size + seed, a local directory, or module:factory) and fingerprinted, never copied. Nothing is
+unpickled: JSON and safetensors only; a damaged or edited file is refused with a one-line error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,10 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ExportError
+from .atomic import atomic_dir
+from .fingerprint import describe_mismatch, fingerprint
 
 MANIFEST = "vlpet.json"
 WEIGHTS = "pet.safetensors"
-FORMAT = "vlpet-fx/patched@1"
+FORMAT = "vlpet-fx/adapters@1"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,83 +38,111 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"output directory '{out}' exists and is not empty: choose a new directory or empty it")
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def save_patched(model: nn.Module, out: str | Path, base: dict) -> Path:
-    """Write a patched model's trainable weights + manifest to ``out`` (atomically)."""
+def patch_state(model: nn.Module):
+    state = getattr(model, "vlpet_patch", None)
+    if state is None:
+        raise ExportError("this model is not patched: run vlpet_fx.patch(model, rules) first")
+    return state
+
+
+def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_of: dict | None = None) -> Path:
+    """Write a patched model's trainable weights + manifest to ``out`` (atomically).
+
+    ``fingerprint_of`` carries an existing fingerprint forward (re-export without recomputing it)."""
     import transformers
 
     import vlpet_fx
 
-    out = Path(out)
-    check_out_dir(out)
-    state = getattr(model, "vlpet_patch", None)
-    if state is None:
-        raise ExportError("this model is not patched: run vlpet_fx.patch(model, rules) first")
+    state = patch_state(model)
     plan = state.plan
+    weights = trainable_state(model)
     manifest = {
         "format": FORMAT,
         "base": base,
+        "fingerprint": fingerprint_of or fingerprint(model, set(weights)),
         "rules": {"name": plan.rules.name, "source": plan.rules.source, "text": plan.rules.text},
+        "methods": plan.rules.to_dict()["methods"],
         "plan": plan.to_full_dict(),
         "versions": {"vlpet_fx": vlpet_fx.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    with atomic_dir(out) as tmp:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        manifest["weights_sha256"] = _sha256(tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_manifest(src: str | Path) -> dict:
     src = Path(src)
     f = src / MANIFEST
     if not f.is_file():
-        raise ExportError(f"'{src}' is not a patched-model directory (no {MANIFEST}): give a directory written by "
-                          "`vlpet-fx patch --out` or `vlpet-fx train`")
+        raise ExportError(f"'{src}' is not a vlpet-fx directory (no {MANIFEST}): give a directory written by "
+                          "`vlpet-fx patch --out` or `vlpet-fx export --format adapters`")
     try:
         manifest = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"cannot read '{f}': {exc}; the file is damaged, write it again") from None
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"'{f}' has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ExportError(f"'{f}' has format {got!r}, expected {FORMAT!r}")
     return manifest
 
 
-def load(src: str | Path, base_model: nn.Module | None = None, *, device: str | None = None) -> nn.Module:
-    """Rebuild a patched model from a directory: the base model (given, or from the manifest's reference),
-    the rule set re-applied, and the saved trainable weights loaded. Returns the patched model."""
-    from ..api import patch
-    from ..rules import parse_rules
+def read_weights(src: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    path = Path(src) / WEIGHTS
+    if not path.is_file():
+        raise ExportError(f"'{path}' is missing: the directory is incomplete, write it again")
+    if manifest.get("weights_sha256") != _sha256(path):
+        raise ExportError(f"'{path}' does not match the checksum in {MANIFEST}: the file was changed or truncated")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ExportError(f"cannot read '{path}': {exc}; the file is damaged, write it again") from None
+
+
+def load_base(manifest: dict, device: str | None = None) -> nn.Module:
     from ..zoo import load_model
 
-    src = Path(src)
+    b = manifest["base"]
+    model, _ = load_model(b["spec"], b.get("size", "tiny"), weights=True, device=device, seed=b.get("seed", 0))
+    return model
+
+
+def load(base_model: "nn.Module | str | Path", src: str | Path | None = None, *, force: bool = False,
+         device: str | None = None) -> nn.Module:
+    """Re-apply a saved plan and its weights: ``load(base_model, dir)``, or ``load(dir)`` to rebuild the base
+    model from the manifest's reference. The base model's fingerprint must match the saved one (config and
+    frozen weights) unless ``force=True``. Returns the patched model."""
+    from ..api import patch
+    from ..rules import parse_rules
+
+    if src is None:
+        src, base_model = base_model, None
     manifest = read_manifest(src)
+    weights = read_weights(src, manifest)
     if base_model is None:
-        b = manifest["base"]
-        base_model, _ = load_model(b["spec"], b.get("size", "tiny"), weights=True, device=device, seed=b.get("seed", 0))
+        base_model = load_base(manifest, device)
     rules = parse_rules(manifest["rules"]["text"], manifest["rules"]["source"])
     model = patch(base_model, rules)
-    try:
-        weights = load_file(str(src / WEIGHTS))
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-        raise ExportError(f"cannot read '{src / WEIGHTS}': {exc}; the file is damaged, write it again") from None
     named = dict(model.named_parameters())
-    missing = sorted(set(n for n, p in named.items() if p.requires_grad) - set(weights))
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    if not force:
+        problem = describe_mismatch(manifest.get("fingerprint", {}), fingerprint(model, trainable))
+        if problem:
+            raise ExportError(f"refusing to load '{src}': {problem}; pass force=True (--force) if you know better")
+    missing = sorted(trainable - set(weights))
     unknown = sorted(set(weights) - set(named))
     if missing or unknown:
-        raise ExportError(f"'{src / WEIGHTS}' does not fit the patched model: "
+        raise ExportError(f"'{Path(src) / WEIGHTS}' does not fit the patched model: "
                           f"{'missing ' + missing[0] if missing else 'unexpected ' + unknown[0]}")
     with torch.no_grad():
         for name, t in weights.items():

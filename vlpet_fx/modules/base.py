@@ -57,6 +57,10 @@ class PetModule(nn.Module):
     def after(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(y)
 
+    def delta_weight(self) -> torch.Tensor:
+        """For ``mergeable`` methods: the (out, in) matrix the module adds to its site's linear weight."""
+        raise NotImplementedError(f"method '{self.name}' is not a linear re-parameterisation")
+
     def parallel(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(x)
 

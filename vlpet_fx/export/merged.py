@@ -1,0 +1,68 @@
+"""``merged``: fold linear re-parameterisations (LoRA) into the base weights; a plain model, no PET modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import ExportError
+from ..modules.base import get_method
+from ..planner.plan import Placement
+from .atomic import atomic_dir
+from .patched_dir import patch_state
+
+
+def unmergeable(model: nn.Module) -> list[str]:
+    """One line per placement that cannot be folded into a weight."""
+    out = []
+    for p in patch_state(model).plan.placements:
+        cls = get_method(p.method).module
+        if cls.inserts_module and not cls.mergeable:
+            out.append(f"{p.method} on {p.site}")
+    return out
+
+
+def detach_pets(model: nn.Module) -> list[tuple[Placement, nn.Module]]:
+    """Remove the PET modules and their hooks from a patched model; return them with their placements."""
+    state = patch_state(model)
+    out = [(p, model.get_submodule(prefix)) for prefix, p in state.attached.items()]
+    for h in state.handles:
+        h.remove()
+    for prefix in state.attached:
+        owner_path, _, name = prefix.rpartition(".")
+        delattr(model.get_submodule(owner_path) if owner_path else model, name)
+    del model.vlpet_patch
+    return out
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every PET module into its site's linear weight, remove the modules and hooks; returns ``model``."""
+    bad = unmergeable(model)
+    if bad:
+        methods = sorted({b.split(" on ")[0] for b in bad})
+        raise ExportError(
+            f"cannot merge {len(bad)} module(s) ({', '.join(methods)}; first: {bad[0]}): they are not a linear "
+            "change of one weight (VL-PET's gate multiplies by an input-dependent G, adapters apply a "
+            "non-linearity); export them with --format adapters or pt2"
+        )
+    for p in patch_state(model).plan.placements:
+        target = model.get_submodule(p.site.path)
+        if get_method(p.method).module.inserts_module and not isinstance(target, nn.Linear):
+            raise ExportError(f"cannot merge into {p.site.path}: it is a {type(target).__name__}, not nn.Linear")
+    with torch.no_grad():
+        for p, pet in detach_pets(model):
+            target = model.get_submodule(p.site.path)
+            target.weight.add_(pet.delta_weight().to(target.weight.dtype))
+    return model
+
+
+def write_merged(model: nn.Module, manifest: dict, out: str | Path) -> None:
+    merge(model)
+    with atomic_dir(out) as tmp:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:  # not a Hugging Face model: its state dict, in safetensors
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))

@@ -1,0 +1,121 @@
+"""``pt2``: the patched model exported with ``torch.export`` (dynamic batch and sequence dimensions).
+
+    model.pt2     the full forward used for scoring: (input_ids, attention_mask, decoder_input_ids) -> logits
+    encoder.pt2   (input_ids, attention_mask) -> encoder hidden states
+    decoder.pt2   one generation step without a KV cache: (decoder_input_ids, encoder_hidden_states,
+                  attention_mask) -> logits of the last position
+
+The decoder step recomputes the decoder over the prefix at every step: exporting Hugging Face's cache objects
+as graph inputs/outputs is not supported here (see docs/EXPORT.md). Load with ``torch.export.load``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from ..errors import ExportError
+from .atomic import atomic_dir
+
+MAX_LEN = 4096
+
+
+class ScoreForward(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                          use_cache=False).logits
+
+
+class EncoderForward(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class DecoderStep(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                         attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False)
+        return out.logits[:, -1]
+
+
+def example(model: nn.Module, batch: int = 2, src: int = 9, tgt: int = 5):
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(3, vocab, (batch, src), generator=g).to(device)
+    dec = torch.randint(3, vocab, (batch, tgt), generator=g).to(device)
+    return ids, torch.ones_like(ids), dec
+
+
+def export_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:
+    if not (hasattr(model, "config") and getattr(model.config, "is_encoder_decoder", False)):
+        raise ExportError("--format pt2 needs a Hugging Face encoder-decoder (it exports scoring, encoder and "
+                          "decoder-step programs); use --format adapters for other models")
+    model = model.eval()
+    ids, mask, dec = example(model)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # VL-PET's gates receive the block input through an attribute set by a pre-hook; export traces
+            # through it (the value flows in the graph) and warns that the attribute is not a buffer
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            return _export_all(model, ids, mask, dec)
+    finally:
+        for m in model.modules():
+            if getattr(m, "block_input", None) is not None:
+                m.block_input = None  # drop the tracing-time tensors
+
+
+def _export_all(model, ids, mask, dec) -> dict[str, torch.export.ExportedProgram]:
+    batch, src, tgt = Dim("batch", min=1, max=1024), Dim("src", min=2, max=MAX_LEN), Dim("tgt", min=1, max=MAX_LEN)
+    enc = EncoderForward(model)(ids, mask)
+    return {
+        "model": torch.export.export(ScoreForward(model), (ids, mask, dec), strict=False,
+                                     dynamic_shapes=({0: batch, 1: src}, {0: batch, 1: src}, {0: batch, 1: tgt})),
+        "encoder": torch.export.export(EncoderForward(model), (ids, mask), strict=False,
+                                       dynamic_shapes=({0: batch, 1: src}, {0: batch, 1: src})),
+        "decoder": torch.export.export(DecoderStep(model), (dec, enc, mask), strict=False,
+                                       dynamic_shapes=({0: batch, 1: tgt}, {0: batch, 1: src}, {0: batch, 1: src})),
+    }
+
+
+def write_pt2(model: nn.Module, manifest: dict, out: str | Path) -> None:
+    try:
+        programs = export_programs(model)
+    except ExportError:
+        raise
+    except Exception as exc:  # torch.export's own errors are long; keep the first line
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ExportError(f"torch.export could not export the patched model: {first}") from None
+    with atomic_dir(out) as tmp:
+        for name, ep in programs.items():
+            torch.export.save(ep, str(tmp / f"{name}.pt2"))
+
+
+def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with a one-line error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"'{path}' does not exist")
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        raise ExportError(f"cannot load '{path}' as a torch.export program: {type(exc).__name__}; the file is damaged "
+                          "or not a .pt2 export") from None
