@@ -210,6 +210,123 @@ def export_cmd(
     out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
 
+def _tasks(specs: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            out.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            fail(f"bad --task '{spec}': write NAME or NAME:WEIGHT, e.g. vqa:2")
+    return out
+
+
+@app.command()
+def train(
+    out_dir: Path = typer.Option(Path("runs/vl-t5"), "--out", "-o", help="Run directory (new, or an old one with --resume)."),
+    rules: str = typer.Option("vlpet_large", "--rules", "-r", help=RULES_HELP),
+    init_from: Path = typer.Option(None, "--init-from", help="Backbone: the model of an earlier full fine-tuning run."),
+    text: str = typer.Option("t5", "--text", help="Text encoder-decoder: built-in name or local HF directory."),
+    size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in text model."),
+    visual: str = typer.Option("clip-vit-b-32", "--visual", help="Image encoder (clip-vit-b-32, clip-rn50, efficientnet-lite0)."),
+    visual_size: Size = typer.Option(Size.tiny, "--visual-size", help="Size of the built-in image encoder."),
+    task: list[str] = typer.Option(["vqa", "gqa", "nlvr", "caption"], "--task", "-t",
+                                   help="Built-in task with an optional sampling weight (vqa, gqa:2, ...); repeat."),
+    data: Path = typer.Option(None, "--data", help="Your own examples (JSONL: images, input, target, task)."),
+    eval_data: Path = typer.Option(None, "--eval-data", help="JSONL for evaluation (default: --data)."),
+    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop or skip rows that are missing/unreadable."),
+    source: str = typer.Option("fashion-mnist", "--source", help="Images of the built-in tasks: fashion-mnist, mnist, digits."),
+    train_per_task: int = typer.Option(2000, "--train-per-task"),
+    eval_per_task: int = typer.Option(100, "--eval-per-task"),
+    text_only: bool = typer.Option(False, "--text-only", help="Control run: blank images (shows the image is used)."),
+    steps: int = typer.Option(300, "--steps"),
+    epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
+    warmup: float = typer.Option(0.1, "--warmup", help="Warm-up as a fraction of the steps."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    grad_clip: float = typer.Option(5.0, "--grad-clip"),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("no", "--precision", help="no, bf16 or fp16 (mixed precision)."),
+    eval_every: int = typer.Option(100, "--eval-every"),
+    save_every: int = typer.Option(100, "--save-every"),
+    feature_cache: Path = typer.Option(None, "--feature-cache", help="Directory caching the frozen image features."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+) -> None:
+    """Train a VL model patched by a rule set on real offline image tasks (or your JSONL data)."""
+    from rich.table import Table
+
+    from vlpet_fx.data.tasks import list_tasks
+    from vlpet_fx.errors import VlpetError
+    from vlpet_fx.train import TrainConfig
+    from vlpet_fx.train import train as run_training
+
+    tasks = _tasks(task)
+    known = set(list_tasks())
+    for name, _ in tasks:
+        if data is None and name not in known:
+            fail(f"unknown task '{name}': choose from {', '.join(sorted(known))}, or give your own --data file")
+    if on_bad_rows not in ("stop", "skip"):
+        fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
+    for f in (data, eval_data):
+        if f is not None and not f.is_file():
+            fail(f"data file '{f}' does not exist")
+    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size.value,
+                      rules=rules, tasks=tasks, data=str(data) if data else None,
+                      eval_data=str(eval_data) if eval_data else None, on_bad_rows=on_bad_rows, source=source,
+                      train_per_task=train_per_task, eval_per_task=eval_per_task, text_only=text_only, steps=steps,
+                      epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
+                      weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, precision=precision,
+                      eval_every=eval_every, save_every=save_every,
+                      feature_cache=str(feature_cache) if feature_cache else None, resume=resume)
+    try:
+        report = run_training(cfg, console=out)
+    except VlpetError as exc:
+        fail(str(exc))
+        return
+    if not report:
+        return  # not the main process
+    table = Table(title=f"{out_dir}: {rules}, {report['steps']} steps")
+    table.add_column("task")
+    table.add_column("scores")
+    table.add_column("main", justify="right")
+    for t, s in (report["scores"] or {}).items():
+        table.add_row(t, ", ".join(f"{k} {v:.1f}" for k, v in s.items()), f"{report['main'].get(t, 0):.1f}")
+    if report["average"] is not None:
+        table.add_row("[bold]average[/]", "", f"[bold]{report['average']:.1f}[/]")
+    table.caption = (f"trainable {report['trainable_params']:,} of {report['total_params']:,} parameters "
+                     f"({report['trainable_percent']:.2f}%); curves: {out_dir / 'curves.png'}")
+    out.print(table)
+
+
+@app.command()
+def report(runs: list[Path] = typer.Argument(..., help="Run directories written by `vlpet-fx train`.")) -> None:
+    """Compare finished runs side by side: trainable parameters and the main score of every task."""
+    from rich.table import Table
+
+    docs = {}
+    for run in runs:
+        f = run / "report.json"
+        if not f.is_file():
+            fail(f"'{run}' has no report.json: is it a finished `vlpet-fx train` run?")
+        try:
+            docs[run] = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            fail(f"'{f}' is damaged: run the training again")
+    tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))
+    table = Table(title="runs")
+    for col in ["run", "rules", "trainable %", *tasks, "average"]:
+        table.add_column(col, justify="left" if col in ("run", "rules") else "right")
+    for run, d in docs.items():
+        main = d.get("main") or {}
+        avg = d.get("average")
+        table.add_row(str(run), str(d.get("rules")), f"{d['trainable_percent']:.2f}",
+                      *[f"{main[t]:.1f}" if t in main else "-" for t in tasks], f"{avg:.1f}" if avg is not None else "-")
+    table.caption = "main score: exact match (vqa, gqa), accuracy (nlvr), CIDEr (caption)"
+    out.print(table)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-") or "model"
 

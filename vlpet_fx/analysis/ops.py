@@ -95,7 +95,7 @@ def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
 
 def is_float_image(node: torch.fx.Node) -> bool:
     val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dim() == 4
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dim() >= 4  # (B, C, H, W) or (B, K, C, H, W)
 
 
 def is_tensor_add(node: torch.fx.Node) -> bool:

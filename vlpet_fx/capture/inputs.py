@@ -135,7 +135,7 @@ def _torch_transformer(model: nn.Module):
     return (seq(SOURCE_LEN), seq(TARGET_LEN)), {}
 
 
-@register_example_inputs("own-method", first=False)
+@register_example_inputs("own-method", first=True)  # a module's own declaration wins
 def _own_method(model: nn.Module):
     """A module can say how to call it: ``model.example_inputs()`` returning args, kwargs or (args, kwargs).
 

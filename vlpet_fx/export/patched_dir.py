@@ -113,6 +113,15 @@ def load_base(manifest: dict, device: str | None = None) -> nn.Module:
     from ..zoo import load_model
 
     b = manifest["base"]
+    if b.get("kind") == "vl":
+        from ..vl import build_vl
+
+        if b.get("init_from"):  # the backbone is the trained model of an earlier run
+            backbone = load(b["init_from"] + "/model", device=device)
+            del backbone.vlpet_patch
+            return backbone
+        return build_vl(b["text"], b["size"], visual=b["visual"], visual_size=b["visual_size"],
+                        vocab_size=b["vocab_size"], seed=b.get("seed", 0)).to(device or "cpu")
     model, _ = load_model(b["spec"], b.get("size", "tiny"), weights=True, device=device, seed=b.get("seed", 0))
     return model
 

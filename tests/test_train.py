@@ -1,0 +1,143 @@
+"""VL assembly, feature cache, training runs: outputs, resume after SIGKILL, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlpet_fx
+from vlpet_fx.vl import build_vl
+
+FAST = ["--train-per-task", "16", "--eval-per-task", "4", "--batch-size", "8", "--eval-every", "0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def cli(*args, check=True, **kw):
+    res = subprocess.run([sys.executable, "-m", "vlpet_fx.cli.main", *args], capture_output=True, text=True,
+                         env=ENV, **kw)
+    if check:
+        assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model" / "pet.safetensors"))
+
+
+def test_vl_model_has_three_stacks_and_rules_train_projector_only():
+    m = build_vl("t5", "tiny", vocab_size=64)
+    table = vlpet_fx.discover(m)
+    assert table.num_layers() == {"visual": 2, "encoder": 2, "decoder": 2}
+    vlpet_fx.patch(m, "vlpet_large")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {"visual_projection.0.weight", "visual_projection.1.bias"} <= trainable
+    assert not any(n.startswith("visual.") for n in trainable)
+
+
+def test_feature_cache_equals_on_the_fly(tmp_path):
+    from vlpet_fx.train import TrainConfig, train
+
+    common = dict(steps=3, train_per_task=8, eval_per_task=2, batch_size=4, eval_every=0, save_every=0,
+                  tasks=[("vqa", 1.0), ("nlvr", 1.0)], source="digits")
+    train(TrainConfig(out=str(tmp_path / "a"), feature_cache=str(tmp_path / "cache"), **common))
+    train(TrainConfig(out=str(tmp_path / "b"), on_the_fly=True, **common))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert list((tmp_path / "cache").rglob("features.safetensors"))
+
+
+def test_run_writes_metrics_plot_report_and_model(tmp_path):
+    run = tmp_path / "run"
+    res = cli("train", "--out", str(run), "--steps", "4", "--save-every", "2", "--source", "digits", *FAST)
+    assert "average" in res.stdout
+    for f in ["metrics.jsonl", "metrics.csv", "curves.png", "report.json", "run.json", "model/vlpet.json",
+              "tokenizer/tokenizer.json"]:
+        assert (run / f).exists(), f
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["scores"]) == {"vqa", "gqa", "nlvr", "caption"}
+    assert report["trainable_params"] > 0
+    # the run's model directory is an export source
+    again = vlpet_fx.load(run / "model")
+    assert vlpet_fx.summary(again).trainable == report["trainable_params"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    args = ["--steps", "10", "--save-every", "2", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    cli("train", "--out", str(tmp_path / "full"), *args)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlpet_fx.cli.main", "train", "--out", str(killed), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoints" / "step-4" / "state.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    cli("train", "--out", str(killed), *args, "--resume")
+    a, b = weights(tmp_path / "full"), weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one(tmp_path):
+    args = ["--steps", "3", "--save-every", "0", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    cli("train", "--out", str(tmp_path / "one"), *args)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", "-m", "vlpet_fx.cli.main", "train", "--out", str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_user_jsonl_data(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    rows = []
+    for i in range(6):
+        Image.fromarray((np.arange(64, dtype=np.uint8).reshape(8, 8) * (i + 1)) % 255).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"images": [f"{i}.png"], "input": f"what is image {i}?", "target": f"number {i}",
+                                "task": "mine"}))
+    rows.insert(2, json.dumps({"images": ["missing.png"], "input": "x", "target": "y", "task": "mine"}))
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    res = cli("train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "d.jsonl"), "--steps", "2",
+              *FAST, check=False)
+    assert res.returncode == 2 and "d.jsonl:3:" in res.stderr
+    res = cli("train", "--out", str(tmp_path / "r2"), "--data", str(tmp_path / "d.jsonl"), "--steps", "2",
+              "--on-bad-rows", "skip", *FAST)
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert len(report["bad_rows"]) == 1 and "d.jsonl:3:" in report["bad_rows"][0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--task", "vqa", "--task", "poetry"], "unknown task 'poetry'"),
+    (["--data", "{tmp}/empty.jsonl"], "no usable rows"),
+    (["--rules", "{tmp}/nothing.yaml"], "leaves nothing trainable"),
+    (["--out", "{tmp}/taken"], "holds another run"),
+])
+def test_train_bad_input(tmp_path, args, needle):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "nothing.yaml").write_text("name: nothing\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "run.json").write_text("{}")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new")]
+    res = cli("train", *args, "--steps", "1", "--source", "digits", *FAST, check=False)
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-1000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert needle in lines[0]

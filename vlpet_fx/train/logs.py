@@ -1,0 +1,83 @@
+"""Run logs: metrics as JSONL (and CSV at the end), a PNG plot of the curves, rich progress."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run: Path, enabled: bool = True):
+        self.path = run / "metrics.jsonl"
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        if enabled and self.path.exists():  # a resumed run appends; keep earlier rows for the plot
+            self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def to_csv(self) -> None:
+        keys: dict[str, None] = {}
+        for r in self.rows:
+            keys.update(dict.fromkeys(r))
+        with open(self.path.with_suffix(".csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(keys))
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def plot_curves(log: MetricsLog, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import main_score
+
+    train = [r for r in log.rows if "loss" in r]
+    evals = [r for r in log.rows if "eval" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (per token)")
+    a.set_yscale("log")
+    for task in dict.fromkeys(r["eval"] for r in evals):
+        rs = [r for r in evals if r["eval"] == task]
+        b.plot([r["step"] for r in rs], [main_score(task, r) for r in rs], marker="o", label=task)
+    b.set_xlabel("step")
+    b.set_ylabel("validation score")
+    if evals:
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+class _Bar:
+    def __init__(self, prog, task):
+        self.prog, self.task = prog, task
+
+    def update(self, done, loss, lr, rate):
+        if self.prog is not None:
+            self.prog.update(self.task, completed=done,
+                             info=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.2f} steps/s")
+
+
+@contextlib.contextmanager
+def progress(console, total: int, start: int, enabled: bool = True):
+    if not enabled:
+        yield _Bar(None, None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console, transient=False) as prog:
+        task = prog.add_task("train", total=total, completed=start, info="")
+        yield _Bar(prog, task)

