@@ -27,7 +27,7 @@ DEMO_ARGS = --train-per-task 1500 --eval-per-task 100 --eval-every 500 --save-ev
 demo: $(STAMP)
 	rm -rf demo
 	$(CLI) inspect t5 --size small --rules vlpet_large
-	$(CLI) train --out demo/backbone --rules full_finetune --source mnist --steps 1500 $(DEMO_ARGS)
+	$(CLI) train --out demo/backbone --rules full_finetune --source mnist --steps 1500 --tokens-per-image 1 $(DEMO_ARGS)
 	$(CLI) train --out demo/vlpet-large --init-from demo/backbone --rules vlpet_large --source fashion-mnist --steps 1500 $(DEMO_ARGS)
 	$(CLI) train --out demo/text-only --init-from demo/backbone --rules vlpet_large --source fashion-mnist --steps 1500 --text-only $(DEMO_ARGS)
 	$(CLI) report demo/backbone demo/vlpet-large demo/text-only

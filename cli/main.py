@@ -230,6 +230,8 @@ def train(
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in text model."),
     visual: str = typer.Option("clip-vit-b-32", "--visual", help="Image encoder (clip-vit-b-32, clip-rn50, efficientnet-lite0)."),
     visual_size: Size = typer.Option(Size.tiny, "--visual-size", help="Size of the built-in image encoder."),
+    tokens_per_image: int = typer.Option(None, "--tokens-per-image",
+                                         help="Concatenate each image's encoder tokens into this many visual tokens."),
     task: list[str] = typer.Option(["vqa", "gqa", "nlvr", "caption"], "--task", "-t",
                                    help="Built-in task with an optional sampling weight (vqa, gqa:2, ...); repeat."),
     data: Path = typer.Option(None, "--data", help="Your own examples (JSONL: images, input, target, task)."),
@@ -272,7 +274,7 @@ def train(
     for f in (data, eval_data):
         if f is not None and not f.is_file():
             fail(f"data file '{f}' does not exist")
-    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size.value,
+    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size.value, tokens_per_image=tokens_per_image,
                       rules=rules, tasks=tasks, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, on_bad_rows=on_bad_rows, source=source,
                       train_per_task=train_per_task, eval_per_task=eval_per_task, text_only=text_only, steps=steps,

@@ -141,3 +141,14 @@ def test_train_bad_input(tmp_path, args, needle):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert needle in lines[0]
+
+
+def test_tokens_per_image_concatenates_encoder_tokens():
+    m = build_vl("t5", "tiny", vocab_size=64, tokens_per_image=2)  # tiny ViT: 16 patch tokens of width 64
+    assert m.group == 8 and m.visual_projection[0].in_features == 8 * 64
+    ids = torch.ones(2, 5, dtype=torch.long)
+    embeds, mask = m.embed(ids, torch.ones_like(ids), pixel_values=torch.randn(2, 3, 3, 32, 32),
+                           visual_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert embeds.shape[1] == 5 + 3 * 2 and mask[0].tolist() == [1] * 5 + [1, 1, 1, 1, 0, 0]
+    with pytest.raises(vlpet_fx.ModelSpecError, match="does not divide"):
+        build_vl("t5", "tiny", tokens_per_image=3)

@@ -121,7 +121,8 @@ def load_base(manifest: dict, device: str | None = None) -> nn.Module:
             del backbone.vlpet_patch
             return backbone
         return build_vl(b["text"], b["size"], visual=b["visual"], visual_size=b["visual_size"],
-                        vocab_size=b["vocab_size"], seed=b.get("seed", 0)).to(device or "cpu")
+                        vocab_size=b["vocab_size"], tokens_per_image=b.get("tokens_per_image"),
+                        seed=b.get("seed", 0)).to(device or "cpu")
     model, _ = load_model(b["spec"], b.get("size", "tiny"), weights=True, device=device, seed=b.get("seed", 0))
     return model
 

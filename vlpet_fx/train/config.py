@@ -13,6 +13,7 @@ class TrainConfig:
     size: str = "tiny"
     visual: str = "clip-vit-b-32"
     visual_size: str = "tiny"
+    tokens_per_image: int | None = None  # concatenate each image's encoder tokens into this many (None: all)
     rules: str = "vlpet_large"
     init_from: str | None = None  # a run directory whose trained model (full fine-tuning) is the backbone
     # data: built-in tasks with sampling weights, or a JSONL file of the user's own examples

@@ -146,9 +146,10 @@ class Trainer:
         else:
             self.tok = build_tokenizer(texts + builtin_vocabulary_texts())
             self.model = build_vl(cfg.text, cfg.size, visual=cfg.visual, visual_size=cfg.visual_size,
-                                  vocab_size=len(self.tok), seed=cfg.seed)
+                                  vocab_size=len(self.tok), tokens_per_image=cfg.tokens_per_image, seed=cfg.seed)
         self.base_ref = {"kind": "vl", "spec": "vl", "text": cfg.text, "size": cfg.size, "visual": cfg.visual,
                          "visual_size": cfg.visual_size, "vocab_size": len(self.tok), "seed": cfg.seed,
+                         "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
         self.summary = vlpet_fx.summary(self.model)

@@ -68,7 +68,7 @@ def _efficientnet(size: str):
 
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
-             vocab_size: int | None = None, seed: int = 0) -> VLModel:
+             vocab_size: int | None = None, tokens_per_image: int | None = None, seed: int = 0) -> VLModel:
     """A VL model: ``visual`` image encoder + ``text`` encoder-decoder (built-in name with ``size``, or a local
     Hugging Face directory). ``vocab_size`` resizes the text embeddings (e.g. to an offline tokenizer's)."""
     if visual not in _ENCODERS:
@@ -88,4 +88,4 @@ def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-
             txt.generation_config.pad_token_id = 0
             txt.generation_config.eos_token_id = 1
     torch.manual_seed(seed + 1)
-    return VLModel(tower, txt, feat_dim).eval()
+    return VLModel(tower, txt, feat_dim, tokens_per_image).eval()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelSpecError
+
 
 def image_size_of(visual: nn.Module) -> int:
     size = getattr(visual, "image_size", 224)
@@ -35,14 +37,28 @@ def to_pixels(images: list, size: int, device=None) -> torch.Tensor:
 class VLModel(nn.Module):
     """``visual`` (frozen by the rules) → ``visual_projection`` (trainable) → ``text`` (HF seq2seq)."""
 
-    def __init__(self, visual: nn.Module, text: nn.Module, feature_dim: int):
+    def __init__(self, visual: nn.Module, text: nn.Module, feature_dim: int, tokens_per_image: int | None = None):
+        """``tokens_per_image``: concatenate each image's encoder tokens into this many visual tokens (their
+        features side by side, nothing averaged away); ``None`` keeps every token."""
         super().__init__()
         d = text.config.d_model
         self.visual = visual
-        self.visual_projection = nn.Sequential(nn.Linear(feature_dim, d), nn.LayerNorm(d))
         self.text = text
         self.feature_dim = feature_dim
         self.image_size = image_size_of(visual)
+        n = self._tokens_of_one_image()
+        k = tokens_per_image or n
+        if n % k:
+            raise ModelSpecError(f"tokens_per_image={k} does not divide the encoder's {n} tokens per image")
+        self.group = n // k
+        self.tokens_per_image = k
+        self.visual_projection = nn.Sequential(nn.Linear(feature_dim * self.group, d), nn.LayerNorm(d))
+
+    def _tokens_of_one_image(self) -> int:
+        p = next(self.visual.parameters())
+        with torch.no_grad():
+            x = torch.zeros(1, 1, 3, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
+            return self.encode_images(x).shape[1]
 
     @property
     def config(self):
@@ -61,6 +77,8 @@ class VLModel(nn.Module):
     def embed(self, input_ids, attention_mask, pixel_values=None, visual_features=None, visual_mask=None):
         """Text embeddings followed by visual tokens; ``visual_mask`` (B, K) marks padded image slots."""
         feats = visual_features if visual_features is not None else self.encode_images(pixel_values)
+        if self.group > 1:  # consecutive tokens of one image side by side
+            feats = feats.reshape(feats.shape[0], feats.shape[1] // self.group, self.group * feats.shape[2])
         vis = self.visual_projection(feats.to(self.visual_projection[0].weight.dtype))
         txt = self.text.get_input_embeddings()(input_ids)
         embeds = torch.cat([txt, vis.to(txt.dtype)], dim=1)
