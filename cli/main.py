@@ -229,7 +229,8 @@ def train(
     text: str = typer.Option("t5", "--text", help="Text encoder-decoder: built-in name or local HF directory."),
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in text model."),
     visual: str = typer.Option("clip-vit-b-32", "--visual", help="Image encoder (clip-vit-b-32, clip-rn50, efficientnet-lite0)."),
-    visual_size: Size = typer.Option(Size.tiny, "--visual-size", help="Size of the built-in image encoder."),
+    visual_size: str = typer.Option("tiny", "--visual-size",
+                                    help="tiny/small/base, or for --visual open_clip: ARCH[@local-checkpoint]."),
     tokens_per_image: int = typer.Option(None, "--tokens-per-image",
                                          help="Concatenate each image's encoder tokens into this many visual tokens."),
     task: list[str] = typer.Option(["vqa", "gqa", "nlvr", "caption"], "--task", "-t",
@@ -244,11 +245,13 @@ def train(
     steps: int = typer.Option(300, "--steps"),
     epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Split each process's share into this many micro-batches."),
     lr: float = typer.Option(1e-3, "--lr"),
     schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
     warmup: float = typer.Option(0.1, "--warmup", help="Warm-up as a fraction of the steps."),
     weight_decay: float = typer.Option(0.01, "--weight-decay"),
     grad_clip: float = typer.Option(5.0, "--grad-clip"),
+    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates."),
     seed: int = typer.Option(0, "--seed"),
     precision: str = typer.Option("no", "--precision", help="no, bf16 or fp16 (mixed precision)."),
     eval_every: int = typer.Option(100, "--eval-every"),
@@ -274,12 +277,12 @@ def train(
     for f in (data, eval_data):
         if f is not None and not f.is_file():
             fail(f"data file '{f}' does not exist")
-    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size.value, tokens_per_image=tokens_per_image,
+    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size, tokens_per_image=tokens_per_image,
                       rules=rules, tasks=tasks, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, on_bad_rows=on_bad_rows, source=source,
                       train_per_task=train_per_task, eval_per_task=eval_per_task, text_only=text_only, steps=steps,
-                      epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
-                      weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, precision=precision,
+                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
+                      weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, precision=precision,
                       eval_every=eval_every, save_every=save_every,
                       feature_cache=str(feature_cache) if feature_cache else None, resume=resume)
     try:

@@ -36,6 +36,7 @@ class TrainConfig:
     warmup: float = 0.1  # ratio of the steps
     weight_decay: float = 0.01
     grad_clip: float = 5.0
+    dropout: float | None = None  # override the text model's dropout rates (None: keep its config's)
     seed: int = 0
     precision: str = "no"  # no | bf16 | fp16
     # bookkeeping

@@ -9,6 +9,7 @@ B, and a resumed run follows the same trajectory as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -130,8 +131,9 @@ class Trainer:
         from ..vl import FeatureCache, build_vl
 
         cfg = self.cfg
-        if cfg.batch_size % self.acc.num_processes:
-            raise VlpetError(f"--batch-size {cfg.batch_size} is not divisible by the {self.acc.num_processes} processes")
+        if cfg.batch_size % (self.acc.num_processes * cfg.grad_accum):
+            raise VlpetError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} processes × "
+                             f"{cfg.grad_accum} accumulation steps")
         if cfg.precision not in ("no", "bf16", "fp16"):
             raise VlpetError(f"unknown precision '{cfg.precision}': use no, bf16 or fp16")
         self._check_run_dir()
@@ -152,6 +154,8 @@ class Trainer:
                          "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
+        if cfg.dropout is not None:
+            set_dropout(self.model.text, cfg.dropout)
         self.summary = vlpet_fx.summary(self.model)
         if self.summary.trainable == 0:
             raise VlpetError(f"rule set '{cfg.rules}' leaves nothing trainable: add rules or `trainable:` entries")
@@ -219,23 +223,28 @@ class Trainer:
         n_tokens = int((labels_all != PAD).sum())
         per = len(idx) // self.acc.num_processes
         mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
-        inputs = self._inputs(split, mine)
-        labels, _ = _batch_text(self.tok, [split.targets[i] for i in mine], self.acc.device)
-        labels = labels.masked_fill(labels == PAD, -100)
         self.ddp_model.train()
         self.model.visual.eval()
-        with self.acc.autocast():
-            logits = self.ddp_model(**inputs, labels=labels).logits
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+        chunks = [mine[i::self.cfg.grad_accum] for i in range(self.cfg.grad_accum)]
+        loss_sum = torch.zeros((), device=self.acc.device)
+        for j, chunk in enumerate(chunks):
+            inputs = self._inputs(split, chunk)
+            labels, _ = _batch_text(self.tok, [split.targets[i] for i in chunk], self.acc.device)
+            labels = labels.masked_fill(labels == PAD, -100)
+            sync = self.acc.no_sync(self.ddp_model) if j < len(chunks) - 1 else contextlib.nullcontext()
+            with sync, self.acc.autocast():
+                logits = self.ddp_model(**inputs, labels=labels).logits
+                part = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                        reduction="sum")
-            loss = loss_sum / n_tokens * self.acc.num_processes  # DDP averages: the mean over all global tokens
-        self.acc.backward(loss)
+                # a token sum over the global token count (DDP averages over processes: scale back up)
+                self.acc.backward(part / n_tokens * self.acc.num_processes)
+            loss_sum = loss_sum + part.detach()
         if self.cfg.grad_clip:
             self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.opt_prepared.step()
         self.sched.step()
         self.opt_prepared.zero_grad(set_to_none=True)
-        total = self.acc.reduce(loss_sum.detach(), reduction="sum")
+        total = self.acc.reduce(loss_sum, reduction="sum")
         return float(total) / n_tokens
 
     # ---- evaluation -------------------------------------------------------------------------------------------
@@ -326,6 +335,15 @@ class Trainer:
                 for i, p, t in getattr(self, "last_predictions", [])))
         self.acc.wait_for_everyone()
         return report
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of the model: nn.Dropout modules and attention modules' float ``dropout`` rates."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
 
 
 def builtin_vocabulary_texts() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,6 +66,25 @@ def _efficientnet(size: str):
             return self.net.extract_features(x).mean(dim=(2, 3))
 
     return Lite0(), 1280
+
+
+@register_image_encoder("open_clip")
+def _any_open_clip(spec: str):
+    """``--visual open_clip --visual-size ARCH[@checkpoint]``: any architecture open_clip knows, random or from a
+    local checkpoint file (no download)."""
+    import open_clip
+
+    arch, _, ckpt = spec.partition("@")
+    if arch not in open_clip.list_models():
+        raise ModelSpecError(f"open_clip knows no architecture '{arch}' (see open_clip.list_models())")
+    if ckpt and not Path(ckpt).is_file():
+        raise ModelSpecError(f"open_clip checkpoint '{ckpt}' does not exist")
+    model = open_clip.create_model(arch, pretrained=ckpt or None)
+    tower = model.visual
+    if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
+        tower.output_tokens = True
+        return tower, int(tower.transformer.width)
+    return tower, int(tower.output_dim)
 
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
