@@ -180,3 +180,12 @@ def test_vl_builtins_inspect_shows_visual_stack():
     res = cli("inspect", "vl-t5", "--format", "json")
     stacks = {s["stack"] for s in json.loads(res.stdout)["sites"]}
     assert stacks == {"visual", "encoder", "decoder"}
+
+
+def test_any_open_clip_architecture_and_clear_errors(tmp_path):
+    m = build_vl("bart", "tiny", visual="open_clip", visual_size="RN50", vocab_size=64)
+    assert m.feature_dim == 1024 and vlpet_fx.discover(m).num_layers()["visual"] == 1
+    with pytest.raises(vlpet_fx.ModelSpecError, match="no architecture 'ViT-Nope'"):
+        build_vl("t5", "tiny", visual="open_clip", visual_size="ViT-Nope")
+    with pytest.raises(vlpet_fx.ModelSpecError, match="does not exist"):
+        build_vl("t5", "tiny", visual="open_clip", visual_size=f"RN50@{tmp_path}/missing.bin")
