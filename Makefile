@@ -36,10 +36,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# Quick versions of the benchmarks (about 12 minutes on 2 cores); BENCHMARKS.md has the full commands.
 bench: $(STAMP)
-	$(PY) bench/capture.py
+	mkdir -p bench/out
+	$(PY) bench/capture.py --quick --plot bench/out/capture-quick.png
 	$(PY) bench/budget.py
-	$(PY) bench/step.py --rounds 3
+	$(PY) bench/step.py --rounds 3 --variants full eager/vlpet_large graph/vlpet_large hand/vlpet_large peft-lora/vlpet_large eager/lora-peft
+	$(PY) bench/quality.py --quick --families t5
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo

@@ -1,13 +1,25 @@
-"""Training-step time and peak memory: full fine-tuning vs VL-PET-large (eager and graph back ends) vs the
-same VL-PET modules inserted by hand (no compiler) vs PEFT LoRA at a similar trainable budget.
+"""Training-step time and peak memory of every way to fine-tune a model: full fine-tuning, any rule set
+through the eager and the graph back end, with and without torch.compile, the same PET modules inserted by
+hand (no compiler) and PEFT LoRA at an equal trainable budget.
+
+A variant is written ``KIND[/RULES][+compile]``:
+
+    full                      every parameter trains (the unpatched model)
+    eager/vlpet_large         vlpet_fx.patch(model, "vlpet_large")            (eager back end)
+    graph/vlpet_large         vlpet_fx.patch(..., backend="graph")             (graph back end, static shapes)
+    hand/vlpet_large          the same plan's modules placed by plain wrapper modules (no compiler, no hooks)
+    peft-lora/vlpet_large     PEFT LoRA on q and v, rank chosen so the trainable count equals the rule set's
+    eager/lora-peft           our `lora` method on PEFT's sites and rank (the compiler against PEFT itself)
+    ...+compile               the same, run through torch.compile (inductor)
 
 Timing: all variants live in one process and are timed in interleaved rounds (this machine is noisy); the
-table gives medians and ratios to the hand-written reference. Memory: each variant runs again in its own
+table gives medians and ratios to the reference variant (--ref). Memory: each variant runs again in its own
 subprocess; on CPU the peak resident memory during 3 training steps above the resident model (Linux VmHWM after
 a clear_refs reset), on CUDA torch's peak allocator statistics.
 
-    python bench/step.py                        # t5-small shape, batch 8, source 64, target 16
-    python bench/step.py --model t5 --size base --batch 8 --src 128 --tgt 32
+    python bench/step.py                        # t5-small shape, batch 8, source 64, target 16, issue 3's set
+    python bench/step.py --model t5 --size base --batch 8 --src 128 --tgt 32 --variants full eager/vlpet_large_t5
+    python bench/step.py --variants full eager/vlpet_large graph/vlpet_large+compile --json out.json
 """
 
 from __future__ import annotations
@@ -19,19 +31,23 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vlpet_fx  # noqa: E402
 from vlpet_fx.passes.base import build_pet  # noqa: E402
 from vlpet_fx.zoo import build_model  # noqa: E402
 
-VARIANTS = ["full", "vlpet-eager", "vlpet-graph", "hand-reference", "peft-lora"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VARIANTS = ["full", "eager/vlpet_large", "graph/vlpet_large", "hand/vlpet_large", "peft-lora/vlpet_large",
+            "eager/lora-peft"]
 
 
 class _Stash(nn.Module):
@@ -67,10 +83,10 @@ class _Parallel(nn.Module):
         return self.pet.parallel(x, self.inner(x))
 
 
-def hand_reference(base: nn.Module) -> nn.Module:
-    """VL-PET-large on a T5 by hand: the plan's modules, placed with plain wrapper modules (no hooks)."""
+def hand_reference(base: nn.Module, rules) -> nn.Module:
+    """A rule set's modules placed by hand: the plan's PET modules inside plain wrapper modules (no hooks)."""
     model = copy.deepcopy(base)
-    plan = vlpet_fx.plan(model, "vlpet_large")
+    plan = vlpet_fx.plan(model, rules)
     model.requires_grad_(False)
     keep = [prm for n, prm in model.named_parameters() if n in plan.trainable]  # before wrapping renames them
     stashes = []
@@ -91,31 +107,66 @@ def hand_reference(base: nn.Module) -> nn.Module:
     return model
 
 
-def peft_lora(base: nn.Module, budget: int) -> nn.Module:
+def qv_targets(base: nn.Module) -> list[str]:
+    """The q and v projections of every attention, by the names PEFT matches (T5: q/v; BART: q_proj/v_proj)."""
+    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]
+    for q, v in (("q", "v"), ("q_proj", "v_proj")):
+        if any(n.endswith("." + q) for n in names):
+            return [q, v]
+    raise SystemExit("peft-lora: the model has no q/v (or q_proj/v_proj) projections")
+
+
+def lora_rank(base: nn.Module, budget: int) -> int:
+    d = base.config.d_model
+    targets = tuple("." + t for t in qv_targets(base))
+    n_targets = sum(1 for n, m in base.named_modules() if n.endswith(targets) and isinstance(m, nn.Linear))
+    return max(1, round(budget / (n_targets * 2 * d)))
+
+
+def peft_lora(base: nn.Module, rank: int) -> nn.Module:
     import peft
 
-    d = base.config.d_model
-    n_targets = sum(1 for n, m in base.named_modules() if n.endswith((".q", ".v")) and isinstance(m, nn.Linear))
-    rank = max(1, round(budget / (n_targets * 2 * d)))
-    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q", "v"], lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=qv_targets(base), lora_dropout=0.0)
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
-def make(variant: str, base: nn.Module, inputs: dict) -> nn.Module:
-    if variant == "full":
+def lora_as_peft(rank: int) -> str:
+    """Our `lora` rule set on PEFT's sites and settings (q and v of every attention, rank, alpha 2r, no
+    dropout, biases frozen), written to a temporary YAML file."""
+    data = {"name": "lora_peft", "methods": {"lora": {"type": "lora", "rank": rank, "alpha": 2 * rank, "dropout": 0.0}},
+            "rules": [{"name": "attention-qv", "insert": "lora", "placement": "parallel",
+                       "select": {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"],
+                                  "role": ["q", "v"]}}]}
+    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="lora_peft_")
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(data, fh)
+    return path
+
+
+def parse(variant: str) -> tuple[str, str | None, bool]:
+    compile_ = variant.endswith("+compile")
+    body = variant.removesuffix("+compile")
+    kind, _, rules = body.partition("/")
+    if kind not in ("full", "eager", "graph", "hand", "peft-lora") or (kind != "full" and not rules):
+        raise SystemExit(f"bad variant '{variant}': use full, eager/RULES, graph/RULES, hand/RULES or "
+                         "peft-lora/RULES, optionally +compile")
+    return kind, rules or None, compile_
+
+
+def make(variant: str, base: nn.Module, inputs: dict, budget_rules: str) -> nn.Module:
+    kind, rules, _ = parse(variant)
+    if rules == "lora-peft":
+        rules = lora_as_peft(lora_rank(base, vlpet_fx.plan(base, budget_rules).trainable_params))
+    if kind == "full":
         return copy.deepcopy(base).requires_grad_(True)
-    if variant == "vlpet-eager":
-        return vlpet_fx.patch(copy.deepcopy(base), "vlpet_large")
-    if variant == "vlpet-graph":
+    if kind == "eager":
+        return vlpet_fx.patch(copy.deepcopy(base), rules)
+    if kind == "graph":
         # the graph is captured at this batch's shapes (static shapes), with the model's own kwargs
-        return vlpet_fx.patch(copy.deepcopy(base), "vlpet_large", backend="graph",
-                              example_inputs=dict(inputs, use_cache=False))
-    if variant == "hand-reference":
-        return hand_reference(base)
-    if variant == "peft-lora":
-        budget = vlpet_fx.plan(base, "vlpet_large").trainable_params
-        return peft_lora(base, budget)
-    raise ValueError(variant)
+        return vlpet_fx.patch(copy.deepcopy(base), rules, backend="graph", example_inputs=dict(inputs, use_cache=False))
+    if kind == "hand":
+        return hand_reference(base, rules)
+    return peft_lora(base, lora_rank(base, vlpet_fx.plan(base, rules).trainable_params))
 
 
 def batch(args, vocab: int):
@@ -126,6 +177,8 @@ def batch(args, vocab: int):
 
 
 def step_fn(model: nn.Module, inputs: dict, compile_: bool):
+    model.to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     fwd = torch.compile(model) if compile_ else model
@@ -139,6 +192,8 @@ def step_fn(model: nn.Module, inputs: dict, compile_: bool):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
     return step, sum(p.numel() for p in params)
 
@@ -162,10 +217,11 @@ def _status_kb(field: str) -> int:
 def run_memory(args, variant: str) -> None:
     base = base_model(args)
     inputs = batch(args, base.config.vocab_size)
-    model = make(variant, base, inputs)
+    model = make(variant, base, inputs, args.budget_of)
     del base
-    step, _ = step_fn(model, inputs, args.compile)
-    if torch.cuda.is_available():
+    step, _ = step_fn(model, inputs, parse(variant)[2])
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             step()
         print(json.dumps({"peak_mb": torch.cuda.max_memory_allocated() / 2**20}))
@@ -188,19 +244,27 @@ def main() -> None:
     ap.add_argument("--tgt", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ref", default=None, help="the variant the ratios divide by (default: the first hand/...)")
+    ap.add_argument("--budget-of", default="vlpet_large", help="rule set whose trainable count eager/lora-peft matches")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for v in args.variants:
+        parse(v)
     if args.memory_of:
         run_memory(args, args.memory_of)
         return
 
     base = base_model(args)
     inputs = batch(args, base.config.vocab_size)
-    steps, trainable = {}, {}
+    steps, trainable, setup_s = {}, {}, {}
     for v in args.variants:
-        steps[v], trainable[v] = step_fn(make(v, base, inputs), inputs, args.compile)
-        steps[v]()  # warm-up
+        t0 = time.perf_counter()
+        steps[v], trainable[v] = step_fn(make(v, base, inputs, args.budget_of), inputs, parse(v)[2])
+        steps[v]()  # warm-up (and, with +compile, the compilation)
+        steps[v]()
+        setup_s[v] = time.perf_counter() - t0
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):
         for v in args.variants:
@@ -208,27 +272,35 @@ def main() -> None:
             steps[v]()
             times[v].append(time.perf_counter() - t0)
     mem = {}
-    for v in args.variants:
+    for v in ([] if args.no_memory else args.variants):
         cmd = [sys.executable, __file__, "--memory-of", v, "--model", args.model, "--size", args.size,
-               "--batch", str(args.batch), "--src", str(args.src), "--tgt", str(args.tgt)]
+               "--batch", str(args.batch), "--src", str(args.src), "--tgt", str(args.tgt), "--budget-of", args.budget_of]
         res = subprocess.run(cmd, capture_output=True, text=True)
         mem[v] = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
 
     from rich.console import Console
     from rich.table import Table
 
-    ref = "hand-reference" if "hand-reference" in times else args.variants[0]
+    ref = args.ref or next((v for v in args.variants if v.startswith("hand/")), args.variants[0])
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    t = Table(title=f"{args.model}-{args.size}: batch {args.batch}, source {args.src}, target {args.tgt}; "
+    full_pk = mem.get("full", {}).get("peak_mb")
+    t = Table(title=f"{args.model}-{args.size} on {DEVICE}: batch {args.batch}, source {args.src}, target {args.tgt}; "
                     f"median of {args.rounds} interleaved rounds; torch {torch.__version__}, {os.cpu_count()} cores")
-    for col in ("variant", "trainable", "step (s)", f"÷ {ref}", "peak train mem (MB)", "÷ full"):
+    for col in ("variant", "trainable", "set-up (s)", "step (s)", f"÷ {ref}", "peak train mem (MB)", "÷ full"):
         t.add_column(col, justify="left" if col == "variant" else "right")
+    rows = []
     for v in args.variants:
-        pk = mem[v].get("peak_mb")
-        full_pk = mem.get("full", {}).get("peak_mb")
-        t.add_row(v, f"{trainable[v]:,}", f"{med[v]:.3f}", f"{med[v] / med[ref]:.3f}",
+        pk = mem.get(v, {}).get("peak_mb")
+        rows.append(dict(variant=v, trainable=trainable[v], setup_s=setup_s[v], step_s=med[v], ratio=med[v] / med[ref],
+                         peak_mb=pk, mem_ratio=pk / full_pk if pk and full_pk else None, times=times[v]))
+        t.add_row(v, f"{trainable[v]:,}", f"{setup_s[v]:.1f}", f"{med[v]:.3f}", f"{med[v] / med[ref]:.3f}",
                   f"{pk:.0f}" if pk else "-", f"{pk / full_pk:.2f}" if pk and full_pk else "-")
-    Console().print(t)
+    Console(width=200).print(t)
+    if args.json:
+        meta = dict(model=args.model, size=args.size, batch=args.batch, src=args.src, tgt=args.tgt, rounds=args.rounds,
+                    device=DEVICE, torch=torch.__version__, cores=os.cpu_count(), date=time.strftime("%Y-%m-%d %H:%M"))
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class Size(str, Enum):
     tiny = "tiny"
     small = "small"
     base = "base"
+    large = "large"
 
 
 class InspectFormat(str, Enum):
@@ -53,7 +54,7 @@ def models() -> None:
 
     from vlpet_fx.zoo import list_models
 
-    table = Table(title="built-in models (random weights; --size tiny|small|base)")
+    table = Table(title="built-in models (random weights; --size tiny|small|base|large)")
     table.add_column("name", style="bold")
     table.add_column("what it is")
     for entry in list_models():

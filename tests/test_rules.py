@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import vlpet_fx
 from vlpet_fx.rules import parse_rules, resolve_layers
@@ -146,3 +147,21 @@ def test_user_registered_method_usable_in_rules():
     vlpet_fx.patch(m, parse_rules("name: u\nrules: [{select: {block: ffn, role: out}, insert: test-scale}]"))
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 4 * 64
     assert torch.equal(before, m(input_ids=ids, decoder_input_ids=ids[:, :3]).logits)
+
+
+def test_projector_only_trains_the_projector_alone():
+    from vlpet_fx.vl import build_vl
+
+    model = build_vl("t5", "tiny", visual="clip-vit-b-32", visual_size="tiny", vocab_size=300)
+    pixels = torch.rand(2, 1, 3, 32, 32)  # [batch, images, C, H, W]
+    ids = torch.randint(3, 300, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=ids).logits
+    vlpet_fx.patch(model, "projector_only")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("visual_projection.") for n in trainable)
+    assert trainable == {n for n, _ in model.visual_projection.named_parameters(prefix="visual_projection")}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=ids).logits, before)
+    with pytest.raises(vlpet_fx.RulesError, match="visual-projector"):  # a text-only model has no projector
+        vlpet_fx.patch(build_model("t5", "tiny"), "projector_only")

@@ -157,6 +157,10 @@ def _add(g, h):
     return h + g
 
 
+def _unscaled(h):
+    return h
+
+
 @register_pet("vlpet")
 class VlPet(PetModule):
     config_class = VlpetConfig
@@ -173,6 +177,8 @@ class VlPet(PetModule):
         self.gate = GATE_BUILDERS[config.gate](d, config.gate_dim or r, config.activation)
         self.needs_block_input = bool(self.gate is not None and self.gate.needs_x and placement == "after")
         self._combine = _mul if config.gate_op == "mul" else _add
+        # s = 1 (the BART runs) costs no kernel: the scaling is chosen once here, like the forward below
+        self._scaled = _unscaled if self.scale == 1.0 else self._times_scale
         if config.init == "normal":
             _normal_init(self)
         if config.zero_init_up:
@@ -195,10 +201,13 @@ class VlPet(PetModule):
     def gated(self, x, h):
         """H'' = s · combine(G(x, H + ΔH), H + ΔH)."""
         h = h + self.delta(h)
-        return self._combine(self.gate(x, h), h) * self.scale
+        return self._scaled(self._combine(self.gate(x, h), h))
+
+    def _times_scale(self, h):
+        return h * self.scale
 
     def _after_plain(self, y):
-        return (y + self.delta(y)) * self.scale
+        return self._scaled(y + self.delta(y))
 
     def _after_gated(self, y):
         return self.gated(y, y)
@@ -207,7 +216,7 @@ class VlPet(PetModule):
         return self.gated(self.block_input, y)
 
     def parallel(self, x, y):
-        return y + self.delta(x) * self.scale
+        return y + self._scaled(self.delta(x))
 
     @classmethod
     def check_shape(cls, read_features, out_features, config: VlpetConfig):

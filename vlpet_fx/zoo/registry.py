@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ModelSpecError
 
-SIZES = ("tiny", "small", "base")
+SIZES = ("tiny", "small", "base", "large")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ def _open_clip_visual(arch: str) -> nn.Module:
     return open_clip.create_model(arch, device=device).visual
 
 
-@register_model("clip-vit-b-32", "open_clip ViT-B-32 visual tower (tiny: 2 layers, width 64)")
+@register_model("clip-vit-b-32", "open_clip ViT-B-32 visual tower (tiny: 2 layers, width 64)",
+                sizes=("tiny", "small", "base"))
 def clip_vit_b_32(size: str) -> nn.Module:
     if size == "tiny":
         from open_clip.transformer import VisionTransformer
@@ -27,7 +28,8 @@ def clip_vit_b_32(size: str) -> nn.Module:
     return _open_clip_visual("ViT-B-32")
 
 
-@register_model("clip-rn50", "open_clip RN50 visual tower with attention pooling (tiny: width 16)")
+@register_model("clip-rn50", "open_clip RN50 visual tower with attention pooling (tiny: width 16)",
+                sizes=("tiny", "small", "base"))
 def clip_rn50(size: str) -> nn.Module:
     if size == "tiny":
         from open_clip.modified_resnet import ModifiedResNet
@@ -40,6 +42,7 @@ _TORCH_T = dict(
     tiny=dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128),
     small=dict(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048),
     base=dict(d_model=768, nhead=12, num_encoder_layers=12, num_decoder_layers=12, dim_feedforward=3072),
+    large=dict(d_model=1024, nhead=16, num_encoder_layers=24, num_decoder_layers=24, dim_feedforward=4096),
 )
 
 
