@@ -36,9 +36,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-# Quick versions of the benchmarks (about 12 minutes on 2 cores); BENCHMARKS.md has the full commands.
+# Quick versions of the benchmarks (5 min 17 s on 2 cores); BENCHMARKS.md has the full commands.
 bench: $(STAMP)
-	mkdir -p bench/out
+	rm -rf bench/out/quality-quick && mkdir -p bench/out
 	$(PY) bench/capture.py --quick --plot bench/out/capture-quick.png
 	$(PY) bench/budget.py
 	$(PY) bench/step.py --rounds 3 --variants full eager/vlpet_large graph/vlpet_large hand/vlpet_large peft-lora/vlpet_large eager/lora-peft
