@@ -38,8 +38,8 @@ from rich.table import Table  # noqa: E402
 import vlpet_fx  # noqa: E402
 from vlpet_fx.zoo import build_model, list_models  # noqa: E402
 
-FAMILIES = ["t5", "mt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "m2m100", "bert2bert",
-            "torch-transformer", "clip-vit-b-32", "clip-rn50"]
+# every built-in model except the composite VL ones (their parts are in the list)
+FAMILIES = [e.name for e in list_models() if not e.name.startswith("vl-")]
 RULES = "vl_adapter"  # adapters after every attention and FFN sub-layer: matches encoder-only towers as well
 
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,8 +118,6 @@ def run(cmd: list[str], run_dir: Path, threads: int) -> float:
     if (run_dir / "report.json").exists():
         return 0.0
     if run_dir.exists():  # an interrupted run: start it again from scratch
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
@@ -300,7 +298,7 @@ def main() -> None:
             ours = sorted(PAPER_BART_AVG, key=lambda m: -rows[m]["average"][0])
             paper = sorted(PAPER_BART_AVG, key=lambda m: -PAPER_BART_AVG[m])
             print(f"VL-{fam.upper()} ranking here:  " + " > ".join(LABELS[m] for m in ours))
-            print(f"paper (VL-BART avg) ranking: " + " > ".join(LABELS[m] for m in paper))
+            print("paper (VL-BART avg) ranking: " + " > ".join(LABELS[m] for m in paper))
 
 
 if __name__ == "__main__":

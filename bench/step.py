@@ -25,7 +25,9 @@ a clear_refs reset), on CUDA torch's peak allocator statistics.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import functools
 import json
 import os
 import statistics
@@ -130,6 +132,7 @@ def peft_lora(base: nn.Module, rank: int) -> nn.Module:
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
+@functools.lru_cache(maxsize=None)
 def lora_as_peft(rank: int) -> str:
     """Our `lora` rule set on PEFT's sites and settings (q and v of every attention, rank, alpha 2r, no
     dropout, biases frozen), written to a temporary YAML file."""
@@ -140,6 +143,7 @@ def lora_as_peft(rank: int) -> str:
     fd, path = tempfile.mkstemp(suffix=".yaml", prefix="lora_peft_")
     with os.fdopen(fd, "w") as fh:
         yaml.safe_dump(data, fh)
+    atexit.register(os.unlink, path)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@contextmanager
+def reported(writing: Path | None = None):
+    """Turn the library's errors — and, while writing ``writing``, OS errors — into one line and exit code 2."""
+    from vlpet_fx.errors import VlpetError
+
+    try:
+        yield
+    except VlpetError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        if writing is None:
+            raise
+        fail(f"cannot write '{writing}': {exc.strerror or exc}")
+
+
 RULES_HELP = "A shipped rule set name (e.g. vlpet_large; see `vlpet-fx rules`) or a path to a YAML file."
 MODEL_HELP = "A built-in name (see `vlpet-fx models`), a local Hugging Face directory, or package.module:factory."
 
@@ -74,20 +90,16 @@ def inspect(
 ) -> None:
     """Show where PET modules can go: stacks, layers, blocks and sites, with shapes and parameter counts."""
     import vlpet_fx
-    from vlpet_fx.errors import VlpetError
     from vlpet_fx.io import write_atomic
     from vlpet_fx.zoo import load_model
 
-    try:
+    with reported():
         net, name = load_model(model, size.value, weights=False)
         table = vlpet_fx.discover(net, name=name, fast=not full)
         hits = None
         if rules is not None:
             the_plan = vlpet_fx.plan(net, rules, table=table)
             hits = {p.site.key for p in the_plan.placements}
-    except VlpetError as exc:
-        fail(str(exc))
-        return
 
     if fmt is InspectFormat.json:
         sys.stdout.write(table.to_json() + "\n")
@@ -97,10 +109,8 @@ def inspect(
 
         target = out_file or Path(f"{_slug(name)}.{fmt.value}")
         doc = render_svg(table, hits=hits) if fmt is InspectFormat.svg else render_html(table, hits=hits)
-        try:
+        with reported(writing=target):
             write_atomic(target, doc)
-        except OSError as exc:
-            fail(f"cannot write '{target}': {exc.strerror or exc}")
         out.print(f"wrote {target} ({len(table)} sites)")
         return
 
@@ -147,14 +157,13 @@ def patch(
 ) -> None:
     """Resolve a rule set against a model and insert the PET modules (or, with --dry-run, show what would go where)."""
     import vlpet_fx
-    from vlpet_fx.errors import VlpetError
     from vlpet_fx.export import save_patched
     from vlpet_fx.export.atomic import check_out_dir
     from vlpet_fx.zoo import base_reference, load_model
 
     if not dry_run and out_dir is None:
         fail("say where to write the patched model with --out DIR, or use --dry-run to only show the plan")
-    try:
+    with reported(writing=out_dir):
         rs = vlpet_fx.load_rules(rules)
         if out_dir is not None and not dry_run:
             check_out_dir(out_dir)
@@ -170,12 +179,6 @@ def patch(
             return
         vlpet_fx.patch(net, the_plan, seed=seed)
         save_patched(net, out_dir, base_reference(model, size.value, seed))
-    except VlpetError as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:
-        fail(f"cannot write '{out_dir}': {exc.strerror or exc}")
-        return
     s = vlpet_fx.summary(net)
     out.print(f"wrote {out_dir}: {len(the_plan.placements)} PET modules; trainable {s.trainable:,} of "
               f"{s.total:,} parameters ({s.percent:.2f}%)")
@@ -196,17 +199,10 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
 ) -> None:
     """Write a patched model as adapters (safetensors + manifest), a merged HF model, .pt2 programs or a PEFT adapter."""
-    from vlpet_fx.errors import VlpetError
     from vlpet_fx.export import export
 
-    try:
+    with reported(writing=out_dir):
         export(src, fmt.value, out_dir, force=force)
-    except VlpetError as exc:
-        fail(str(exc))
-        return
-    except OSError as exc:
-        fail(f"cannot write '{out_dir}': {exc.strerror or exc}")
-        return
     files = ", ".join(sorted(p.name for p in out_dir.iterdir()))
     out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
@@ -264,7 +260,6 @@ def train(
     from rich.table import Table
 
     from vlpet_fx.data.tasks import list_tasks
-    from vlpet_fx.errors import VlpetError
     from vlpet_fx.train import TrainConfig
     from vlpet_fx.train import train as run_training
 
@@ -286,11 +281,8 @@ def train(
                       weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, precision=precision,
                       eval_every=eval_every, save_every=save_every,
                       feature_cache=str(feature_cache) if feature_cache else None, resume=resume)
-    try:
+    with reported():
         report = run_training(cfg, console=out)
-    except VlpetError as exc:
-        fail(str(exc))
-        return
     if not report:
         return  # not the main process
     table = Table(title=f"{out_dir}: {rules}, {report['steps']} steps")
