@@ -41,7 +41,7 @@ bench: $(STAMP)
 	rm -rf bench/out/quality-quick && mkdir -p bench/out
 	$(PY) bench/capture.py --quick --plot bench/out/capture-quick.png
 	$(PY) bench/budget.py
-	$(PY) bench/step.py --rounds 3 --variants full eager/vlpet_large graph/vlpet_large hand/vlpet_large peft-lora/vlpet_large eager/lora-peft
+	$(PY) bench/step.py --rounds 3 --flops --variants full eager/vlpet_large graph/vlpet_large hand/vlpet_large peft-lora/vlpet_large eager/lora-peft
 	$(PY) bench/quality.py --quick --families t5
 
 clean:

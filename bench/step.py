@@ -9,6 +9,8 @@ A variant is written ``KIND[/RULES][+compile]``:
     graph/vlpet_large         vlpet_fx.patch(..., backend="graph")             (graph back end, static shapes)
     hand/vlpet_large          the same plan's modules placed by plain wrapper modules (no compiler, no hooks)
     peft-lora/vlpet_large     PEFT LoRA on q and v, rank chosen so the trainable count equals the rule set's
+    peft-lora-sites/vlpet_large  PEFT LoRA on the Linear that produces each of the rule set's sites (attention
+                              output o, FFN wo, cross-attention v), rank for the same trainable count
     eager/lora-peft           our `lora` method on PEFT's sites and rank (the compiler against PEFT itself)
     ...+compile               the same, run through torch.compile (inductor)
 
@@ -20,6 +22,10 @@ a clear_refs reset), on CUDA torch's peak allocator statistics.
     python bench/step.py                        # t5-small shape, batch 8, source 64, target 16, issue 3's set
     python bench/step.py --model t5 --size base --batch 8 --src 128 --tgt 32 --variants full eager/vlpet_large_t5
     python bench/step.py --variants full eager/vlpet_large graph/vlpet_large+compile --json out.json
+    python bench/step.py --flops --variants eager/vlpet_large peft-lora/vlpet_large peft-lora-sites/vlpet_large
+
+``--flops`` adds the floating-point operations of one forward + backward per variant (torch.utils.flop_counter:
+matrix products only) and the time per GFLOP, to tell arithmetic from implementation speed.
 """
 
 from __future__ import annotations
@@ -125,10 +131,23 @@ def lora_rank(base: nn.Module, budget: int) -> int:
     return max(1, round(budget / (n_targets * 2 * d)))
 
 
-def peft_lora(base: nn.Module, rank: int) -> nn.Module:
+def site_targets(base: nn.Module, rules) -> list[str]:
+    """The Linear that produces each site of a rule set: the site itself if it is a Linear, else the last Linear
+    inside it (T5: SelfAttention -> o, DenseReluDense -> wo; BART: self_attn -> out_proj)."""
+    targets = []
+    for p in vlpet_fx.plan(base, rules).placements:
+        mod = base.get_submodule(p.site.path)
+        linears = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise SystemExit(f"peft-lora-sites: site {p.site.path} has no Linear to put LoRA on")
+        targets.append(p.site.path if linears[-1] == "" else f"{p.site.path}.{linears[-1]}")
+    return sorted(set(targets))
+
+
+def peft_lora(base: nn.Module, rank: int, targets: list[str] | None = None) -> nn.Module:
     import peft
 
-    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=qv_targets(base), lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or qv_targets(base), lora_dropout=0.0)
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -151,9 +170,9 @@ def parse(variant: str) -> tuple[str, str | None, bool]:
     compile_ = variant.endswith("+compile")
     body = variant.removesuffix("+compile")
     kind, _, rules = body.partition("/")
-    if kind not in ("full", "eager", "graph", "hand", "peft-lora") or (kind != "full" and not rules):
-        raise SystemExit(f"bad variant '{variant}': use full, eager/RULES, graph/RULES, hand/RULES or "
-                         "peft-lora/RULES, optionally +compile")
+    if kind not in ("full", "eager", "graph", "hand", "peft-lora", "peft-lora-sites") or (kind != "full" and not rules):
+        raise SystemExit(f"bad variant '{variant}': use full, eager/RULES, graph/RULES, hand/RULES, peft-lora/RULES "
+                         "or peft-lora-sites/RULES, optionally +compile")
     return kind, rules or None, compile_
 
 
@@ -170,6 +189,10 @@ def make(variant: str, base: nn.Module, inputs: dict, budget_rules: str) -> nn.M
         return vlpet_fx.patch(copy.deepcopy(base), rules, backend="graph", example_inputs=dict(inputs, use_cache=False))
     if kind == "hand":
         return hand_reference(base, rules)
+    if kind == "peft-lora-sites":
+        targets = site_targets(base, rules)
+        per_rank = sum(m.in_features + m.out_features for m in map(base.get_submodule, targets))
+        return peft_lora(base, max(1, round(vlpet_fx.plan(base, rules).trainable_params / per_rank)), targets)
     return peft_lora(base, lora_rank(base, vlpet_fx.plan(base, rules).trainable_params))
 
 
@@ -178,6 +201,23 @@ def batch(args, vocab: int):
     ids = torch.randint(3, vocab, (args.batch, args.src), generator=g)
     dec = torch.randint(3, vocab, (args.batch, args.tgt), generator=g)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec)
+
+
+def step_flops(model: nn.Module, inputs: dict) -> float:
+    """Floating-point operations of one forward + backward (matmuls and convolutions, as
+    torch.utils.flop_counter counts them; the optimizer's element-wise update is not counted), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    if isinstance(model, torch.fx.GraphModule):
+        inputs = dict(inputs, use_cache=False)
+    with FlopCounterMode(display=False) as counter:
+        out = model(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out["logits"]
+        logits.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
 
 
 def step_fn(model: nn.Module, inputs: dict, compile_: bool):
@@ -251,6 +291,7 @@ def main() -> None:
     ap.add_argument("--ref", default=None, help="the variant the ratios divide by (default: the first hand/...)")
     ap.add_argument("--budget-of", default="vlpet_large", help="rule set whose trainable count eager/lora-peft matches")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--flops", action="store_true", help="also count GFLOP per step (forward + backward)")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -262,10 +303,13 @@ def main() -> None:
 
     base = base_model(args)
     inputs = batch(args, base.config.vocab_size)
-    steps, trainable, setup_s = {}, {}, {}
+    steps, trainable, setup_s, gflop = {}, {}, {}, {}
     for v in args.variants:
         t0 = time.perf_counter()
-        steps[v], trainable[v] = step_fn(make(v, base, inputs, args.budget_of), inputs, parse(v)[2])
+        model = make(v, base, inputs, args.budget_of)
+        if args.flops:  # counted on the uncompiled model: inductor does not change the arithmetic
+            gflop[v] = step_flops(model, inputs)
+        steps[v], trainable[v] = step_fn(model, inputs, parse(v)[2])
         steps[v]()  # warm-up (and, with +compile, the compilation)
         steps[v]()
         setup_s[v] = time.perf_counter() - t0
@@ -290,15 +334,23 @@ def main() -> None:
     full_pk = mem.get("full", {}).get("peak_mb")
     t = Table(title=f"{args.model}-{args.size} on {DEVICE}: batch {args.batch}, source {args.src}, target {args.tgt}; "
                     f"median of {args.rounds} interleaved rounds; torch {torch.__version__}, {os.cpu_count()} cores")
-    for col in ("variant", "trainable", "set-up (s)", "step (s)", f"÷ {ref}", "peak train mem (MB)", "÷ full"):
+    cols = ["variant", "trainable", "set-up (s)", "step (s)", f"÷ {ref}", "peak train mem (MB)", "÷ full"]
+    if args.flops:
+        cols += ["GFLOP/step", f"GFLOP ÷ {ref}", "ms/GFLOP"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "variant" else "right")
     rows = []
     for v in args.variants:
         pk = mem.get(v, {}).get("peak_mb")
-        rows.append(dict(variant=v, trainable=trainable[v], setup_s=setup_s[v], step_s=med[v], ratio=med[v] / med[ref],
-                         peak_mb=pk, mem_ratio=pk / full_pk if pk and full_pk else None, times=times[v]))
-        t.add_row(v, f"{trainable[v]:,}", f"{setup_s[v]:.1f}", f"{med[v]:.3f}", f"{med[v] / med[ref]:.3f}",
-                  f"{pk:.0f}" if pk else "-", f"{pk / full_pk:.2f}" if pk and full_pk else "-")
+        row = dict(variant=v, trainable=trainable[v], setup_s=setup_s[v], step_s=med[v], ratio=med[v] / med[ref],
+                   peak_mb=pk, mem_ratio=pk / full_pk if pk and full_pk else None, times=times[v])
+        cells = [v, f"{trainable[v]:,}", f"{setup_s[v]:.1f}", f"{med[v]:.3f}", f"{med[v] / med[ref]:.3f}",
+                 f"{pk:.0f}" if pk else "-", f"{pk / full_pk:.2f}" if pk and full_pk else "-"]
+        if args.flops:
+            row.update(gflop=gflop[v], gflop_ratio=gflop[v] / gflop[ref], ms_per_gflop=1e3 * med[v] / gflop[v])
+            cells += [f"{gflop[v]:.2f}", f"{gflop[v] / gflop[ref]:.3f}", f"{1e3 * med[v] / gflop[v]:.2f}"]
+        rows.append(row)
+        t.add_row(*cells)
     Console(width=200).print(t)
     if args.json:
         meta = dict(model=args.model, size=args.size, batch=args.batch, src=args.src, tgt=args.tgt, rounds=args.rounds,
