@@ -131,11 +131,11 @@ def lora_rank(base: nn.Module, budget: int) -> int:
     return max(1, round(budget / (n_targets * 2 * d)))
 
 
-def site_targets(base: nn.Module, rules) -> list[str]:
-    """The Linear that produces each site of a rule set: the site itself if it is a Linear, else the last Linear
+def site_targets(base: nn.Module, plan) -> list[str]:
+    """The Linear that produces each site of a plan: the site itself if it is a Linear, else the last Linear
     inside it (T5: SelfAttention -> o, DenseReluDense -> wo; BART: self_attn -> out_proj)."""
     targets = []
-    for p in vlpet_fx.plan(base, rules).placements:
+    for p in plan.placements:
         mod = base.get_submodule(p.site.path)
         linears = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -189,11 +189,12 @@ def make(variant: str, base: nn.Module, inputs: dict, budget_rules: str) -> nn.M
         return vlpet_fx.patch(copy.deepcopy(base), rules, backend="graph", example_inputs=dict(inputs, use_cache=False))
     if kind == "hand":
         return hand_reference(base, rules)
-    if kind == "peft-lora-sites":
-        targets = site_targets(base, rules)
-        per_rank = sum(m.in_features + m.out_features for m in map(base.get_submodule, targets))
-        return peft_lora(base, max(1, round(vlpet_fx.plan(base, rules).trainable_params / per_rank)), targets)
-    return peft_lora(base, lora_rank(base, vlpet_fx.plan(base, rules).trainable_params))
+    budget = vlpet_fx.plan(base, rules)  # peft-lora and peft-lora-sites: LoRA with this plan's trainable count
+    if kind == "peft-lora":
+        return peft_lora(base, lora_rank(base, budget.trainable_params))
+    targets = site_targets(base, budget)
+    per_rank = sum(m.in_features + m.out_features for m in map(base.get_submodule, targets))
+    return peft_lora(base, max(1, round(budget.trainable_params / per_rank)), targets)
 
 
 def batch(args, vocab: int):
@@ -203,37 +204,40 @@ def batch(args, vocab: int):
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec)
 
 
+def on_device(model: nn.Module, inputs: dict) -> dict:
+    """Move the model to DEVICE; return the inputs there (a captured graph takes use_cache=False as well)."""
+    model.to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    return dict(inputs, use_cache=False) if isinstance(model, torch.fx.GraphModule) else inputs
+
+
+def forward_backward(fwd, inputs: dict) -> None:
+    """One forward and backward; the loss is the mean square of the logits."""
+    out = fwd(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out["logits"]
+    logits.float().square().mean().backward()
+
+
 def step_flops(model: nn.Module, inputs: dict) -> float:
     """Floating-point operations of one forward + backward (matmuls and convolutions, as
     torch.utils.flop_counter counts them; the optimizer's element-wise update is not counted), in GFLOP."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model.to(DEVICE)
-    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    if isinstance(model, torch.fx.GraphModule):
-        inputs = dict(inputs, use_cache=False)
+    inputs = on_device(model, inputs)
     with FlopCounterMode(display=False) as counter:
-        out = model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out["logits"]
-        logits.float().square().mean().backward()
+        forward_backward(model, inputs)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 1e9
 
 
 def step_fn(model: nn.Module, inputs: dict, compile_: bool):
-    model.to(DEVICE)
-    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    inputs = on_device(model, inputs)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     fwd = torch.compile(model) if compile_ else model
-    if isinstance(model, torch.fx.GraphModule):
-        inputs = dict(inputs, use_cache=False)
 
     def step():
-        out = fwd(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out["logits"]
-        loss = logits.float().square().mean()
-        loss.backward()
+        forward_backward(fwd, inputs)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if DEVICE == "cuda":
