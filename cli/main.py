@@ -60,6 +60,8 @@ def reported(writing: Path | None = None):
 
 
 RULES_HELP = "A shipped rule set name (e.g. vlpet_large; see `vlpet-fx rules`) or a path to a YAML file."
+TRUST_HELP = ("Import and call the package.module:factory that the directory's vlpet.json names as its base model "
+              "(off: such a directory is refused; see docs/SECURITY.md). Only for directories you trust.")
 MODEL_HELP = "A built-in name (see `vlpet-fx models`), a local Hugging Face directory, or package.module:factory."
 
 
@@ -197,12 +199,13 @@ def export_cmd(
     fmt: ExportFormat = typer.Option(..., "--format", "-f", help="adapters, merged, pt2 or peft."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write (must be new or empty)."),
     force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
 ) -> None:
     """Write a patched model as adapters (safetensors + manifest), a merged HF model, .pt2 programs or a PEFT adapter."""
     from vlpet_fx.export import export
 
     with reported(writing=out_dir):
-        export(src, fmt.value, out_dir, force=force)
+        export(src, fmt.value, out_dir, force=force, trust_code=trust_factory)
     files = ", ".join(sorted(p.name for p in out_dir.iterdir()))
     out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
@@ -255,6 +258,7 @@ def train(
     save_every: int = typer.Option(100, "--save-every"),
     feature_cache: Path = typer.Option(None, "--feature-cache", help="Directory caching the frozen image features."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help="With --init-from: " + TRUST_HELP),
 ) -> None:
     """Train a VL model patched by a rule set on real offline image tasks (or your JSONL data)."""
     from rich.table import Table
@@ -280,7 +284,8 @@ def train(
                       epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
                       weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, precision=precision,
                       eval_every=eval_every, save_every=save_every,
-                      feature_cache=str(feature_cache) if feature_cache else None, resume=resume)
+                      feature_cache=str(feature_cache) if feature_cache else None, resume=resume,
+                      trust_code=trust_factory)
     with reported():
         report = run_training(cfg, console=out)
     if not report:

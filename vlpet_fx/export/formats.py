@@ -40,12 +40,14 @@ register_format("pt2")(write_pt2)
 register_format("peft")(write_peft)
 
 
-def export(src: str | Path, fmt: str, out: str | Path, *, force: bool = False) -> Path:
-    """Write the patched model in ``src`` (from ``patch --out`` or ``train``) as ``fmt`` into ``out``."""
+def export(src: str | Path, fmt: str, out: str | Path, *, force: bool = False, trust_code: bool = False) -> Path:
+    """Write the patched model in ``src`` (from ``patch --out`` or ``train``) as ``fmt`` into ``out``.
+
+    ``trust_code=True`` lets a ``module:factory`` base named in ``src``'s manifest be imported and called."""
     if fmt not in _FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(list_formats())}")
     check_out_dir(out)
     manifest = read_manifest(src)
-    model = load(src, force=force)
+    model = load(src, force=force, trust_code=trust_code)
     _FORMATS[fmt](model, manifest, Path(out))
     return Path(out)

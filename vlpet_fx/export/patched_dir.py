@@ -6,13 +6,17 @@
 
 ``vlpet-fx patch --out`` and ``vlpet-fx export --format adapters`` both write it. The base model is referenced
 (built-in name + size + seed, a local directory, or module:factory) and fingerprinted, never copied. Nothing is
-unpickled: JSON and safetensors only; a damaged or edited file is refused with a one-line error.
+unpickled: JSON and safetensors only; the manifest is checked by a strict schema (manifest.py) and a damaged or
+edited file is refused with a one-line error. Nothing a manifest names is imported or called unless the caller
+opts in (``trust_code=True``); see docs/SECURITY.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -22,10 +26,10 @@ from torch import nn
 from ..errors import ExportError
 from .atomic import atomic_dir
 from .fingerprint import describe_mismatch, fingerprint
+from .manifest import (FORMAT, MANIFEST, MAX_INIT_FROM_DEPTH, BuiltinBase, DirectoryBase, FactoryBase, Manifest,
+                       sha256_text, validate_manifest)
 
-MANIFEST = "vlpet.json"
 WEIGHTS = "pet.safetensors"
-FORMAT = "vlpet-fx/adapters@1"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +72,8 @@ def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_o
         "format": FORMAT,
         "base": base,
         "fingerprint": fingerprint_of or fingerprint(model, set(weights)),
-        "rules": {"name": plan.rules.name, "source": plan.rules.source, "text": plan.rules.text},
+        "rules": {"name": plan.rules.name, "source": plan.rules.source, "text": plan.rules.text,
+                  "sha256": sha256_text(plan.rules.text)},
         "methods": plan.rules.to_dict()["methods"],
         "plan": plan.to_full_dict(),
         "versions": {"vlpet_fx": vlpet_fx.__version__, "torch": torch.__version__,
@@ -82,26 +87,27 @@ def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_o
 
 
 def read_manifest(src: str | Path) -> dict:
-    src = Path(src)
-    f = src / MANIFEST
-    if not f.is_file():
-        raise ExportError(f"'{src}' is not a vlpet-fx directory (no {MANIFEST}): give a directory written by "
-                          "`vlpet-fx patch --out` or `vlpet-fx export --format adapters`")
-    try:
-        manifest = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read '{f}': {exc}; the file is damaged, write it again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ExportError(f"'{f}' has format {got!r}, expected {FORMAT!r}")
-    return manifest
+    """``src/vlpet.json``, validated by the strict schema (:mod:`vlpet_fx.export.manifest`), as a dict."""
+    return validate_manifest(src).model_dump(mode="json")
 
 
-def read_weights(src: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+def read_weights(src: str | Path, manifest: "dict | Manifest") -> dict[str, torch.Tensor]:
     path = Path(src) / WEIGHTS
-    if not path.is_file():
-        raise ExportError(f"'{path}' is missing: the directory is incomplete, write it again")
-    if manifest.get("weights_sha256") != _sha256(path):
+    expected = manifest.weights_sha256 if isinstance(manifest, Manifest) else manifest.get("weights_sha256")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ExportError(f"'{path}' is missing: the directory is incomplete, write it again") from None
+    except OSError as exc:
+        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ExportError(f"'{path}' is {kind}: the weights must be a safetensors file; write the directory again")
+    try:
+        digest = _sha256(path)
+    except OSError as exc:
+        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    if expected != digest:
         raise ExportError(f"'{path}' does not match the checksum in {MANIFEST}: the file was changed or truncated")
     try:
         return load_file(str(path))
@@ -109,44 +115,104 @@ def read_weights(src: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise ExportError(f"cannot read '{path}': {exc}; the file is damaged, write it again") from None
 
 
-def load_base(manifest: dict, device: str | None = None) -> nn.Module:
-    from ..zoo import load_model
+def _refuse_factory(f: Path, what: str, spec: str) -> ExportError:
+    return ExportError(
+        f"'{f}' names {what} '{spec}': vlpet-fx never imports code named in a file it reads; pass the base model "
+        "yourself (vlpet_fx.load(model, dir)), or, if you trust this directory, opt in with trust_code=True "
+        "(--trust-factory on the command line)")
 
-    b = manifest["base"]
-    if b.get("kind") == "vl":
-        from ..vl import build_vl
 
-        if b.get("init_from"):  # the backbone is the trained model of an earlier run
-            backbone = load(b["init_from"] + "/model", device=device)
-            del backbone.vlpet_patch
-            return backbone
-        return build_vl(b["text"], b["size"], visual=b["visual"], visual_size=b["visual_size"],
-                        vocab_size=b["vocab_size"], tokens_per_image=b.get("tokens_per_image"),
-                        seed=b.get("seed", 0)).to(device or "cpu")
-    model, _ = load_model(b["spec"], b.get("size", "tiny"), weights=True, device=device, seed=b.get("seed", 0))
-    return model
+def load_base(manifest: "dict | Manifest", device: str | None = None, *, trust_code: bool = False,
+              where: Path | None = None, _chain: tuple[Path, ...] = ()) -> nn.Module:
+    """Rebuild the base model a manifest refers to. A ``factory`` base (or a ``vl`` base whose text model is a
+    ``module:factory``) is imported and called only with ``trust_code=True``."""
+    from ..zoo import list_models, load_model
+    from ..zoo.resolve import load_factory
+
+    if not isinstance(manifest, Manifest):
+        try:
+            manifest = Manifest.model_validate(manifest)
+        except Exception as exc:
+            raise ExportError(f"invalid manifest: {str(exc).splitlines()[0]}") from None
+    f = (where or Path("<manifest>")) / MANIFEST
+    b = manifest.base
+    builtins = set(m.name for m in list_models())
+    if isinstance(b, BuiltinBase):
+        if b.spec not in builtins:
+            raise ExportError(f"'{f}': base.spec '{b.spec}' is not a built-in model ({', '.join(sorted(builtins))}); "
+                              "pass the base model yourself: vlpet_fx.load(model, dir)")
+        model, _ = load_model(b.spec, b.size, weights=True, device=device, seed=b.seed, allow_factory=False)
+        return model
+    if isinstance(b, DirectoryBase):
+        if not Path(b.spec).is_dir():
+            raise ExportError(f"'{f}': the base model directory '{b.spec}' does not exist (any more): pass the base "
+                              "model yourself: vlpet_fx.load(model, dir)")
+        model, _ = load_model(b.spec, weights=True, device=device, allow_factory=False)
+        return model
+    if isinstance(b, FactoryBase):
+        if not trust_code:
+            raise _refuse_factory(f, "a factory base", b.spec)
+        model = load_factory(b.spec)
+        return model.to(device) if device else model
+    # a VL model: image encoder + text encoder-decoder
+    from ..vl import build_vl, list_image_encoders
+
+    if b.init_from:  # the backbone is the trained model of an earlier run
+        run = Path(b.init_from)
+        if not (run / "model").is_dir():
+            raise ExportError(f"'{f}': base.init_from '{b.init_from}' is not a training run directory (no model/): "
+                              "the run it was trained from is gone; write the directory again")
+        backbone = load(run / "model", device=device, trust_code=trust_code, _chain=_chain)
+        del backbone.vlpet_patch
+        return backbone
+    if b.visual not in list_image_encoders():
+        raise ExportError(f"'{f}': base.visual '{b.visual}' is not a known image encoder "
+                          f"({', '.join(list_image_encoders())}); write the directory again")
+    text_is_factory = b.text not in builtins and not Path(b.text).is_dir()
+    if text_is_factory:
+        if ":" not in b.text:
+            raise ExportError(f"'{f}': base.text '{b.text}' is neither a built-in model nor an existing directory; "
+                              "pass the base model yourself: vlpet_fx.load(model, dir)")
+        if not trust_code:
+            raise _refuse_factory(f, "a text-model factory", b.text)
+    return build_vl(b.text, b.size, visual=b.visual, visual_size=b.visual_size, vocab_size=b.vocab_size,
+                    tokens_per_image=b.tokens_per_image, seed=b.seed, allow_factory=trust_code).to(device or "cpu")
 
 
 def load(base_model: "nn.Module | str | Path", src: str | Path | None = None, *, force: bool = False,
-         device: str | None = None) -> nn.Module:
+         device: str | None = None, trust_code: bool = False, _chain: tuple[Path, ...] = ()) -> nn.Module:
     """Re-apply a saved plan and its weights: ``load(base_model, dir)``, or ``load(dir)`` to rebuild the base
     model from the manifest's reference. The base model's fingerprint must match the saved one (config and
-    frozen weights) unless ``force=True``. Returns the patched model."""
+    frozen weights) unless ``force=True``. Returns the patched model.
+
+    Nothing the directory names is imported or called: a ``module:factory`` base needs the model passed in
+    (``load(model, dir)``) or ``trust_code=True`` (see docs/SECURITY.md)."""
     from ..api import patch
     from ..rules import parse_rules
 
     if src is None:
         src, base_model = base_model, None
-    manifest = read_manifest(src)
+    if not isinstance(src, (str, os.PathLike)):
+        raise ExportError(f"give the directory to load as a path, not a {type(src).__name__}")
+    here = Path(src).resolve()
+    if here in _chain:
+        raise ExportError(f"'{Path(src) / MANIFEST}': base.init_from leads back to '{here}' (a cycle of "
+                          f"{len(_chain)} run(s)): a run cannot be initialised from itself; write the directory again")
+    if len(_chain) >= MAX_INIT_FROM_DEPTH:
+        raise ExportError(f"'{Path(src) / MANIFEST}': base.init_from chains more than {MAX_INIT_FROM_DEPTH} runs "
+                          "deep: train from a run nearer the original base model")
+    manifest = validate_manifest(src)
     weights = read_weights(src, manifest)
     if base_model is None:
-        base_model = load_base(manifest, device)
-    rules = parse_rules(manifest["rules"]["text"], manifest["rules"]["source"])
+        base_model = load_base(manifest, device, trust_code=trust_code, where=Path(src), _chain=(*_chain, here))
+    elif not isinstance(base_model, nn.Module):
+        raise ExportError(f"the base model must be a torch.nn.Module, not {type(base_model).__name__}")
+    rules = parse_rules(manifest.rules.text, manifest.rules.source)
     model = patch(base_model, rules)
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     if not force:
-        problem = describe_mismatch(manifest.get("fingerprint", {}), fingerprint(model, trainable))
+        problem = describe_mismatch(manifest.fingerprint.model_dump(), fingerprint(model, trainable))
         if problem:
             raise ExportError(f"refusing to load '{src}': {problem}; pass force=True (--force) if you know better")
     missing = sorted(trainable - set(weights))

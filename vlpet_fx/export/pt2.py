@@ -6,7 +6,8 @@
                   attention_mask) -> logits of the last position
 
 The decoder step recomputes the decoder over the prefix at every step: exporting Hugging Face's cache objects
-as graph inputs/outputs is not supported here (see docs/EXPORT.md). Load with ``torch.export.load``.
+as graph inputs/outputs is not supported here (see docs/EXPORT.md). Load with :func:`load_pt2` (scans the archive
+and refuses anything torch would unpickle or run; plain ``torch.export.load`` unpickles entries marked so).
 """
 
 from __future__ import annotations
@@ -109,13 +110,38 @@ def write_pt2(model: nn.Module, manifest: dict, out: str | Path) -> None:
             torch.export.save(ep, str(tmp / f"{name}.pt2"))
 
 
+MAX_PT2_BYTES = 64 << 30
+
+
 def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with a one-line error for a missing, truncated or foreign file."""
+    """``torch.export.load`` made safe for a file from elsewhere: the archive is scanned first and refused (one line
+    naming the entry and why) if torch would unpickle, exec or eval anything in it, and the load itself runs with
+    every ``torch.load`` forced to ``weights_only=True`` (see pt2_safety.py and docs/SECURITY.md)."""
+    import io
+    import os
+    import stat
+
+    from .pt2_safety import read_limited, restricted_unpickling, scan_pt2
+
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"'{path}' does not exist")
     try:
-        return torch.export.load(str(path))
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ExportError(f"'{path}' does not exist") from None
+    except OSError as exc:
+        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ExportError(f"'{path}' is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}: give "
+                          "a .pt2 file written by `vlpet-fx export --format pt2`")
+    try:
+        data = read_limited(path, MAX_PT2_BYTES)
+    except OSError as exc:
+        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
+    scan_pt2(data, str(path))
+    try:
+        with restricted_unpickling(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(io.BytesIO(data))
     except Exception as exc:
         raise ExportError(f"cannot load '{path}' as a torch.export program: {type(exc).__name__}; the file is damaged "
                           "or not a .pt2 export") from None

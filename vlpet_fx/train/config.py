@@ -48,6 +48,7 @@ class TrainConfig:
     feature_cache: str | None = None  # directory; None: features computed once in memory for this run
     on_the_fly: bool = False  # compute image features inside every step instead (slow; equals the cached result)
     resume: bool = False
+    trust_code: bool = False  # --trust-factory: an --init-from run whose manifest names module:factory may import it
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -144,7 +144,7 @@ class Trainer:
             raise VlpetError("no training examples: the data file or task list gave no rows")
         texts = [_prefix(e.task, e.input) for e in train + evals] + [e.target for e in train + evals]
         if cfg.init_from:
-            self.model, self.tok = load_backbone(Path(cfg.init_from), texts)
+            self.model, self.tok = load_backbone(Path(cfg.init_from), texts, trust_code=cfg.trust_code)
         else:
             self.tok = build_tokenizer(texts + builtin_vocabulary_texts())
             self.model = build_vl(cfg.text, cfg.size, visual=cfg.visual, visual_size=cfg.visual_size,
@@ -364,7 +364,7 @@ def builtin_vocabulary_texts() -> list[str]:
     return out
 
 
-def load_backbone(run_dir: Path, texts: list[str]):
+def load_backbone(run_dir: Path, texts: list[str], *, trust_code: bool = False):
     """The trained model of an earlier (full fine-tuning) run, as the frozen backbone of this one."""
     from transformers import PreTrainedTokenizerFast
 
@@ -373,7 +373,7 @@ def load_backbone(run_dir: Path, texts: list[str]):
     model_dir, tok_dir = run_dir / "model", run_dir / "tokenizer"
     if not (model_dir / "vlpet.json").is_file() or not tok_dir.is_dir():
         raise VlpetError(f"--init-from '{run_dir}' is not a finished training run (no model/ and tokenizer/)")
-    model = load(model_dir)
+    model = load(model_dir, trust_code=trust_code)
     if model.vlpet_patch.attached:
         raise VlpetError(f"--init-from '{run_dir}' was trained with PET modules; give a full fine-tuning run as backbone")
     del model.vlpet_patch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -79,7 +80,14 @@ def _any_open_clip(spec: str):
         raise ModelSpecError(f"open_clip knows no architecture '{arch}' (see open_clip.list_models())")
     if ckpt and not Path(ckpt).is_file():
         raise ModelSpecError(f"open_clip checkpoint '{ckpt}' does not exist")
-    model = open_clip.create_model(arch, pretrained=ckpt or None)
+    try:  # open_clip reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
+        model = open_clip.create_model(arch, pretrained=ckpt or None)
+    except pickle.UnpicklingError:
+        raise ModelSpecError(f"open_clip checkpoint '{ckpt}' holds pickled Python objects besides tensors, which "
+                             "vlpet-fx never unpickles: convert it to a plain state dict in .safetensors") from None
+    except Exception as exc:  # a damaged file, or weights of another architecture
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ModelSpecError(f"cannot load open_clip checkpoint '{ckpt}' for {arch}: {first[:300]}") from None
     tower = model.visual
     if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
         tower.output_tokens = True
@@ -88,14 +96,16 @@ def _any_open_clip(spec: str):
 
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
-             vocab_size: int | None = None, tokens_per_image: int | None = None, seed: int = 0) -> VLModel:
+             vocab_size: int | None = None, tokens_per_image: int | None = None, seed: int = 0,
+             allow_factory: bool = True) -> VLModel:
     """A VL model: ``visual`` image encoder + ``text`` encoder-decoder (built-in name with ``size``, or a local
-    Hugging Face directory). ``vocab_size`` resizes the text embeddings (e.g. to an offline tokenizer's)."""
+    Hugging Face directory). ``vocab_size`` resizes the text embeddings (e.g. to an offline tokenizer's).
+    ``allow_factory=False`` refuses a ``module:factory`` text model (a spec read from a file, not typed)."""
     if visual not in _ENCODERS:
         raise ModelSpecError(f"unknown image encoder '{visual}': choose one of {', '.join(list_image_encoders())}")
     torch.manual_seed(seed)
     tower, feat_dim = _ENCODERS[visual](visual_size)
-    txt, _ = load_model(text, size, seed=seed)
+    txt, _ = load_model(text, size, seed=seed, allow_factory=allow_factory)
     if not getattr(txt.config, "is_encoder_decoder", False):
         raise ModelSpecError(f"'{text}' is not an encoder-decoder text model: give t5, bart, ... or such a directory")
     if vocab_size is not None and vocab_size != txt.get_input_embeddings().num_embeddings:
