@@ -223,8 +223,9 @@ def hex64(c="a"):
 
 # ---- rows: (id, damage, how to run it, expected phrase in the one-line error) ---------------------------------
 # how: "cli-export" runs `vlpet-fx export run/model --format adapters --out out` in a subprocess (cwd and
-# PYTHONPATH = the model directory, so a module placed there WOULD be importable); "load" calls
-# vlpet_fx.load(run/model); "backbone" the training loop's --init-from loader.
+# PYTHONPATH = the model directory, so a module placed there WOULD be importable); "cli-train" runs
+# `vlpet-fx train --init-from run --out out` the same way; "load" calls vlpet_fx.load(run/model); "backbone"
+# the training loop's --init-from loader.
 
 ROWS = [
     # class 1: a directory must not run code
@@ -238,10 +239,12 @@ ROWS = [
                                                       "size": "tiny", "visual": "clip-vit-b-32",
                                                       "visual_size": "tiny", "vocab_size": 64}),
      "load", "text-model factory"),
-    ("vl-text-factory-cli", evil_module_next_to_manifest({"kind": "vl", "spec": "vl", "text": "evilmod:make",
-                                                          "size": "tiny", "visual": "clip-vit-b-32",
-                                                          "visual_size": "tiny", "vocab_size": 64}),
-     "cli-export", "text-model factory"),
+    ("vl-text-factory-backbone", evil_module_next_to_manifest({"kind": "vl", "spec": "vl", "text": "evilmod:make",
+                                                               "size": "tiny", "visual": "clip-vit-b-32",
+                                                               "visual_size": "tiny", "vocab_size": 64}),
+     "backbone", "text-model factory"),
+    ("factory-via-train-init-from-cli", evil_module_next_to_manifest({"kind": "factory", "spec": "evilmod:make"}),
+     "cli-train", "never imports code"),
     ("factory-via-init-from-backbone", evil_module_next_to_manifest({"kind": "factory", "spec": "evilmod:make"}),
      "backbone", "never imports code"),
     ("builtin-kind-naming-code", base({"kind": "builtin", "spec": "os:abort", "size": "tiny", "seed": 0}),
@@ -265,7 +268,7 @@ ROWS = [
         ("base",), ("fingerprint",), ("rules",), ("methods",), ("plan",), ("versions",), ("weights_sha256",),
         ("base", "kind"), ("base", "spec"), ("rules", "text"), ("rules", "sha256"), ("rules", "name"),
         ("fingerprint", "config_sha256"), ("fingerprint", "frozen_weights_sha256"), ("versions", "torch")]],
-    ("missing-format", drop("format"), "cli-export", "'format' is missing"),
+    ("missing-format", drop("format"), "load", "'format' is missing"),
     # wrong types (strict: no coercion) and out of bounds
     ("format-int", put(1, "format"), "load", "has format 1"),
     ("format-unknown", put("vlpet-fx/adapters@9", "format"), "cli-export", "has format 'vlpet-fx/adapters@9'"),
@@ -293,8 +296,8 @@ ROWS = [
     # class 8: edited rules are reported as edited rules, not blamed on the base weights
     ("rules-edited", put(lambda run: json.loads((run / "model" / MANIFEST).read_text())["rules"]["text"]
                          + "\n# edited\n", "rules", "text"), "load", "rules text was edited"),
-    ("rules-edited-cli", put(lambda run: json.loads((run / "model" / MANIFEST).read_text())["rules"]["text"]
-                             + "\n# edited\n", "rules", "text"), "cli-export", "rules text was edited"),
+    ("rules-edited-backbone", put(lambda run: json.loads((run / "model" / MANIFEST).read_text())["rules"]["text"]
+                             + "\n# edited\n", "rules", "text"), "backbone", "rules text was edited"),
     # not JSON, or JSON that is not a manifest
     ("damaged-json", write("{ damaged"), "cli-export", "the file is damaged"),
     ("json-array", write("[1, 2]"), "load", "holds a JSON list"),
@@ -335,10 +338,12 @@ def test_bad_manifest(tmp_path, monkeypatch, good, name, damage, how, phrase):
     damage(run, marker)
     before = _listing(tmp_path)
     model_dir = run / "model"
-    if how == "cli-export":
+    if how.startswith("cli-"):
         out = tmp_path / "out"
-        res = _cli(["export", str(model_dir), "--format", "adapters", "--out", str(out)], cwd=model_dir,
-                   env_extra={"PYTHONPATH": str(model_dir), "VLPET_TEST_MARKER": str(marker)})
+        args = (["export", str(model_dir), "--format", "adapters", "--out", str(out)] if how == "cli-export" else
+                ["train", "--init-from", str(run), "--out", str(out), "--steps", "1", "--task", "vqa",
+                 "--train-per-task", "2", "--eval-per-task", "1"])
+        res = _cli(args, cwd=model_dir, env_extra={"PYTHONPATH": str(model_dir), "VLPET_TEST_MARKER": str(marker)})
         assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
@@ -374,6 +379,9 @@ def test_trusted_factory_is_imported_only_on_opt_in(tmp_path, monkeypatch, good)
     with pytest.raises(vlpet_fx.ExportError, match="never imports code"):
         vlpet_fx.load(run / "model")
     assert not marker.exists()
+    # the caller passes the model: the factory named in the manifest is not needed, nothing is imported
+    patched = vlpet_fx.load(build_model("t5", "tiny"), run / "model")
+    assert patched.vlpet_patch.attached and not marker.exists()
     with pytest.raises(vlpet_fx.ModelSpecError, match="factory 'evilmod:make' raised RuntimeError: the factory ran"):
         vlpet_fx.load(run / "model", trust_code=True)
     sys.modules.pop("evilmod", None)

@@ -141,11 +141,16 @@ def _describe(err: dict) -> str:
         what = f"field '{field}.kind' is missing"
     elif kind == "literal_error" and field == "format":
         what = f"'format' is {err['input']!r}"
+    elif kind == "string_pattern_mismatch":
+        shape = "package.module:factory" if field == "base.spec" else "64 lowercase hexadecimal digits"
+        shown = err["input"] if len(err["input"]) < 60 else err["input"][:57] + "..."
+        what = f"field '{field}' is invalid (it must be {shape}; got {shown!r})"
     else:
         got = err.get("input")
         shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (isinstance(got, str) and len(got) < 60) \
             else type(got).__name__
-        what = f"field '{field}' is invalid ({err['msg'].lower()}; got {shown})"
+        msg = err["msg"][:1].lower() + err["msg"][1:]
+        what = f"field '{field}' is invalid ({msg}; got {shown})"
     fix = _FIXES.get(field, "the file was edited or damaged: write the directory again")
     return f"{what}; {fix}"
 
@@ -171,7 +176,8 @@ def read_json_file(f: Path, limit: int, what: str) -> Any:
         raise ExportError(f"'{f}' is missing: give a directory written by `vlpet-fx patch --out` or "
                           "`vlpet-fx export --format adapters`") from None
     except OSError as exc:  # e.g. a symlink loop, a permission problem
-        raise ExportError(f"cannot read '{f}': {exc.strerror or exc}") from None
+        raise ExportError(f"cannot read '{f}': {exc.strerror or exc}; a {what} must be a readable regular file") \
+            from None
     if stat.S_ISDIR(st.st_mode):
         raise ExportError(f"'{f}' is a directory, not a {what} file: the directory is damaged, write it again")
     if not stat.S_ISREG(st.st_mode):
@@ -191,6 +197,9 @@ def read_json_file(f: Path, limit: int, what: str) -> Any:
     except RecursionError:
         raise ExportError(f"cannot read '{f}': JSON nested too deeply; the file is damaged, write it again") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError; so are huge integers
+        if "integer string conversion" in str(exc):
+            raise ExportError(f"cannot read '{f}': it holds an integer with thousands of digits; the file is "
+                              "damaged, write it again") from None
         raise ExportError(f"cannot read '{f}': {str(exc).splitlines()[0]}; the file is damaged, write it again") \
             from None
 
