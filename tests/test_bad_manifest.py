@@ -597,6 +597,59 @@ def test_user_factory_failures_are_one_line(tmp_path, monkeypatch, spec, how, ph
         sys.modules.pop("userfacs", None)
 
 
+# ---- Hugging Face directories: their code never runs, their pickles are never unpickled ------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hf") / "t5"
+    build_model("t5", "tiny").save_pretrained(d)
+    return d
+
+
+def _remote_code(d: Path, marker: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evilcfg.EvilConfig", "AutoModel": "evilcfg.EvilModel",
+                       "AutoModelForSeq2SeqLM": "evilcfg.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "evilcfg.py").write_text(f"open({str(marker)!r}, 'w')\nfrom transformers import T5Config\n"
+                                  "class EvilConfig(T5Config):\n    pass\n")
+
+
+def _pickled_weights(d: Path, marker: Path) -> None:
+    (d / "model.safetensors").unlink()
+    torch.save({"shared.weight": torch.zeros(2), "x": Evil(str(marker))}, d / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name, damage, how, phrase", [
+    ("remote-code-is-not-run", _remote_code, "api", None),
+    ("pickled-weights", _pickled_weights, "api", "never unpickles"),
+    ("pickled-weights-cli", _pickled_weights, "cli", "never unpickles"),
+])
+def test_hf_directory_code_and_pickles(tmp_path, monkeypatch, hf_dir, name, damage, how, phrase):
+    from vlpet_fx.zoo import load_model
+
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    marker = tmp_path / "marker"
+    damage(d, marker)
+    monkeypatch.syspath_prepend(str(d))
+    if how == "cli":
+        res = _cli(["patch", str(d), "--rules", "vlpet_large", "--out", str(tmp_path / "out")], cwd=d,
+                   env_extra={"PYTHONPATH": str(d)})
+        assert not (tmp_path / "out").exists()
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert phrase in lines[0] and "weights_only=False" not in lines[0], lines[0]
+    elif phrase is None:  # loads as the plain model its model_type names; evilcfg.py is never imported
+        model, _ = load_model(str(d))
+        assert type(model).__module__.startswith("transformers.")
+    else:
+        with pytest.raises(vlpet_fx.ModelSpecError) as info:
+            load_model(str(d))
+        assert phrase in str(info.value) and "weights_only" not in str(info.value), str(info.value)
+    assert not marker.exists()
+
+
 # ---- open_clip checkpoints ------------------------------------------------------------------------------------
 
 def test_pickled_open_clip_checkpoint_is_one_clear_line(tmp_path):

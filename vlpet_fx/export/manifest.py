@@ -204,6 +204,16 @@ def read_json_file(f: Path, limit: int, what: str) -> Any:
             from None
 
 
+def check_written(doc: dict) -> Manifest:
+    """Validate a manifest about to be written (a failure here is a bug or an unusual base reference)."""
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ExportError(f"cannot write {MANIFEST}: field '{_field(err['loc'])}' would be invalid "
+                          f"({err['msg']})") from None
+
+
 def validate_manifest(src: str | Path) -> Manifest:
     """Read and validate ``src/vlpet.json``."""
     src = Path(src)

@@ -27,7 +27,7 @@ from ..errors import ExportError
 from .atomic import atomic_dir
 from .fingerprint import describe_mismatch, fingerprint
 from .manifest import (FORMAT, MANIFEST, MAX_INIT_FROM_DEPTH, BuiltinBase, DirectoryBase, FactoryBase, Manifest,
-                       sha256_text, validate_manifest)
+                       check_written, sha256_text, validate_manifest)
 
 WEIGHTS = "pet.safetensors"
 
@@ -82,7 +82,9 @@ def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_o
     with atomic_dir(out) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         manifest["weights_sha256"] = _sha256(tmp / WEIGHTS)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        text = json.dumps(manifest, indent=1, allow_nan=False)
+        check_written(json.loads(text))  # what we write is exactly what `load` accepts
+        (tmp / MANIFEST).write_text(text)
     return Path(out)
 
 

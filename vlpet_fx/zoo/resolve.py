@@ -7,6 +7,7 @@ import importlib
 import inspect
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -43,7 +44,11 @@ def _load_hf_dir(path: Path, *, weights: bool, device: str | None) -> nn.Module:
                 return auto.from_config(config).eval()
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        raise ModelSpecError(f"cannot load the model in '{path}': {str(exc).splitlines()[0]}") from exc
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            raise ModelSpecError(f"the weights in '{path}' are a pickle holding Python objects besides tensors, "
+                                 "which vlpet-fx never unpickles: save the model with save_pretrained() as "
+                                 "model.safetensors") from None
+        raise ModelSpecError(f"cannot load the model in '{path}': {str(exc).splitlines()[0]}") from None
     return model.to(device).eval() if device else model.eval()
 
 
