@@ -82,7 +82,10 @@ def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_o
     with atomic_dir(out) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         manifest["weights_sha256"] = _sha256(tmp / WEIGHTS)
-        text = json.dumps(manifest, indent=1, allow_nan=False)
+        try:
+            text = json.dumps(manifest, indent=1, allow_nan=False)
+        except ValueError:
+            raise ExportError(f"cannot write {MANIFEST}: a method setting or plan value is NaN or infinite") from None
         check_written(json.loads(text))  # what we write is exactly what `load` accepts
         (tmp / MANIFEST).write_text(text)
     return Path(out)
