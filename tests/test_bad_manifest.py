@@ -664,3 +664,27 @@ def test_pickled_open_clip_checkpoint_is_one_clear_line(tmp_path):
     assert "pickled Python objects" in message and "safetensors" in message, message
     assert "weights_only=False" not in message and "\n" not in message
     assert not marker.exists()
+
+
+# ---- the good path of init_from still works ---------------------------------------------------------------------
+
+def test_init_from_chain_round_trip(tmp_path):
+    """A run trained from another run's model (a ``vl`` base with ``init_from``) loads back exactly."""
+    from vlpet_fx.vl import build_vl
+
+    ref = {"kind": "vl", "spec": "vl", "text": "t5", "size": "tiny", "visual": "clip-vit-b-32", "visual_size": "tiny",
+           "vocab_size": 64, "seed": 0, "tokens_per_image": None, "init_from": None}
+    a = build_vl("t5", "tiny", vocab_size=64, seed=0)
+    vlpet_fx.patch(a, "full_finetune", seed=0)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # as after training
+    save_patched(a, tmp_path / "A" / "model", ref)
+    b = vlpet_fx.load(tmp_path / "A" / "model")
+    del b.vlpet_patch
+    vlpet_fx.patch(b, "vlpet_large", seed=0)
+    save_patched(b, tmp_path / "B" / "model", dict(ref, init_from=str(tmp_path / "A")))
+    c = vlpet_fx.load(tmp_path / "B" / "model")
+    want, got = b.state_dict(), c.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
