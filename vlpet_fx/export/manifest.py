@@ -147,8 +147,8 @@ def _describe(err: dict) -> str:
         what = f"field '{field}' is invalid (it must be {shape}; got {shown!r})"
     else:
         got = err.get("input")
-        shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (isinstance(got, str) and len(got) < 60) \
-            else type(got).__name__
+        short = isinstance(got, (int, float, bool, type(None))) or (isinstance(got, str) and len(got) < 60)
+        shown = repr(got) if short else type(got).__name__
         msg = err["msg"][:1].lower() + err["msg"][1:]
         what = f"field '{field}' is invalid ({msg}; got {shown})"
     fix = _FIXES.get(field, "the file was edited or damaged: write the directory again")

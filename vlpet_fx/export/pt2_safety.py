@@ -348,7 +348,8 @@ def _scan(data: bytes) -> None:
         _check_value(schema.ExportedProgram, doc, "program", entry)
         for g in doc.get("guards_code") or []:
             check_guard(g, entry)
-        for folder, kind, prefix in (("data/weights/", "weights", "weight_"), ("data/constants/", "constants", "tensor_")):
+        for folder, kind, prefix in (("data/weights/", "weights", "weight_"),
+                                     ("data/constants/", "constants", "tensor_")):
             cfg = f"{folder}{m}_{kind}_config.json"
             if cfg not in present:
                 _refuse(cfg, "is missing: the archive is incomplete")
