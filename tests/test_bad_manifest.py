@@ -450,6 +450,19 @@ def _guard(marker):
     return e
 
 
+def _attribute_name(marker):
+    """A parameter name that fx writes, unescaped, into `getattr(self.lin, "...")` of the generated forward."""
+    evil = 'x",None)or open(' + repr(marker) + ',"w")or getattr(self,"y'
+
+    def e(root, entries):
+        for n in list(entries):
+            if n.endswith(".json"):
+                entries[n] = entries[n].decode().replace('"lin.weight"', json.dumps("lin." + evil)).encode()
+        return entries
+
+    return e
+
+
 def _add(rel, data_of):
     def make(marker):
         def e(root, entries):
@@ -502,6 +515,7 @@ PT2_ROWS = [
     ("sample-inputs-pickle", _sample_inputs, "names Python objects besides tensors"),
     ("expr-str-eval", _expr, "expr_str with \"__import__"),
     ("guards-code-exec", _guard, "more than a shape comparison"),
+    ("parameter-name-code", _attribute_name, "is not a plain dotted name"),
     ("aotinductor-native-code", _add("data/aotinductor/model/model.so", lambda m: b"\x7fELF"), "native code"),
     ("legacy-pickled-weights", _add("data/weights/model.pt", lambda m: pickle.dumps(Evil(m))), "legacy pickled"),
     ("opaque-object-constant", _constants_entry("opaque_obj_"), "pickle.loads"),
@@ -519,7 +533,7 @@ def test_malicious_pt2_is_refused_before_anything_runs(tmp_path, good_pt2, name,
     _rewrite(good_pt2, bad, damage(str(marker)))
     before = _listing(tmp_path)
     with pytest.raises(vlpet_fx.ExportError) as info:
-        load_pt2(bad).module()
+        load_pt2(bad).module()(torch.randn(2, 3))
     message = str(info.value)
     assert "\n" not in message and phrase in message, message
     assert "refusing" in message and "bad.pt2" in message
@@ -555,11 +569,11 @@ def test_the_pt2_attacks_are_real_without_the_scan(tmp_path, good_pt2):
         "import sys, torch\n"
         "for f in sys.argv[1:]:\n"
         "    try:\n"
-        "        torch.export.load(f).module()\n"
+        "        torch.export.load(f).module()(torch.randn(2, 3))\n"
         "    except Exception:\n"
         "        pass\n"
     )
-    attacks = (_use_pickle, _sample_inputs, _expr)
+    attacks = (_use_pickle, _sample_inputs, _expr, _attribute_name)
     for damage in attacks:
         _rewrite(good_pt2, tmp_path / f"{damage.__name__}.pt2", damage(str(tmp_path / f"marker-{damage.__name__}")))
     subprocess.run([sys.executable, "-c", script, *(str(tmp_path / f"{d.__name__}.pt2") for d in attacks)],

@@ -18,6 +18,8 @@ entry (relative to the archive's root folder)       what torch does with it     
 ``models/<model>.json`` ``expr_str`` strings        ``sympy.sympify`` (``eval`` of Python source)       grammar
 ``models/<model>.json`` ``guards_code``             ``exec`` when ``.module()`` is called               grammar
 ``models/<model>.json`` numbers                     spliced into generated guard code                   typed
+``models/<model>.json`` names, targets, FQNs        written into generated code (``getattr(self, "…")``)  dotted
+                                                    unescaped                                            names
 any other entry (xl weights, mtia, executorch, …)   not needed by a vlpet-fx export                     refused
 ==================================================  =================================================  ==========
 
@@ -33,6 +35,7 @@ import ast
 import contextlib
 import dataclasses
 import enum
+import functools
 import io
 import json
 import os
@@ -91,6 +94,12 @@ _GUARD_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.No
 _GUARD_METHODS = {"size", "stride", "storage_offset", "dim", "numel"}
 _GUARD_FUNCS = {"Eq", "Ne", "Mod", "FloorDiv", "Max", "Min", "floor", "ceiling", "CeilToInt", "FloorToInt"}
 
+# names torch turns into attribute paths of generated Python (fx writes `getattr(self, "<part>")` unescaped)
+_PATH_KEYS = {"name", "parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn", "as_name",
+              "forward_arg_names", "arg_name", "target"}
+_PATH = re.compile(r"^[A-Za-z0-9_.]*$")
+_TARGET = re.compile(r"^#?[A-Za-z0-9_.:]+$")
+
 _ENV_LOCK = threading.Lock()
 
 
@@ -121,6 +130,24 @@ def check_expr(text: Any, where: str) -> None:
             _refuse(where, f"has an expr_str naming '{tok[:40]}', which is not part of a shape expression "
                            "(torch.export.load would eval it)")
         pos = m.end()
+
+
+def check_names(doc: Any, entry: str, depth: int = 0) -> None:
+    """Every name that torch turns into an attribute path or a graph target is a plain dotted path."""
+    if depth > 200:
+        _refuse(entry, "is nested too deeply")
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k in _PATH_KEYS:
+                pattern = _TARGET if k == "target" else _PATH
+                for item in (v if isinstance(v, list) else [v]):
+                    if isinstance(item, str) and not pattern.match(item):
+                        _refuse(entry, f"has a {k} {item[:60]!r} that is not a plain dotted name (torch would write "
+                                       "it into generated Python code)")
+            check_names(v, entry, depth + 1)
+    elif isinstance(doc, list):
+        for v in doc:
+            check_names(v, entry, depth + 1)
 
 
 def _guard_ok(node: ast.AST) -> bool:
@@ -165,6 +192,7 @@ def _schema():
     return schema, _Union
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict:
     schema, _ = _schema()
     return typing.get_type_hints(cls, globalns=vars(schema), include_extras=False)
@@ -258,6 +286,8 @@ def _check_payload_config(doc, entry: str, names: set[str], folder: str, prefix:
     if not isinstance(doc, dict) or set(doc) != {"config"} or not isinstance(doc["config"], dict):
         _refuse(entry, "is not a payload table")
     for fqn, meta in doc["config"].items():
+        if not _PATH.match(fqn):
+            _refuse(entry, f"names the payload {fqn[:60]!r}, which is not a plain dotted name")
         if not isinstance(meta, dict):
             _refuse(entry, f"describes '{str(fqn)[:60]}' with a {type(meta).__name__}")
         if meta.get("use_pickle") is not False:
@@ -345,6 +375,7 @@ def _scan(data: bytes) -> None:
         doc = _json(zf, f"{root}/{entry}", entry)
         if not isinstance(doc, dict):
             _refuse(entry, "is not a program description")
+        check_names(doc, entry)
         _check_value(schema.ExportedProgram, doc, "program", entry)
         for g in doc.get("guards_code") or []:
             check_guard(g, entry)
