@@ -96,11 +96,12 @@ def inspect(
     from vlpet_fx.zoo import load_model
 
     with reported():
+        rs = vlpet_fx.load_rules(rules) if rules is not None else None  # a bad rules file fails before any work
         net, name = load_model(model, size.value, weights=False)
         table = vlpet_fx.discover(net, name=name, fast=not full)
         hits = None
-        if rules is not None:
-            the_plan = vlpet_fx.plan(net, rules, table=table)
+        if rs is not None:
+            the_plan = vlpet_fx.plan(net, rs, table=table)
             hits = {p.site.key for p in the_plan.placements}
 
     if fmt is InspectFormat.json:

@@ -318,6 +318,8 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.position, int):
+            line = f":{text.count(chr(10), 0, exc.position) + 1}"
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
         raise RulesError(f"{source}{line}: not valid YAML: {shown(problem, 160)}") from None
     if not isinstance(data, dict):
