@@ -114,6 +114,15 @@ class _LineLoader(yaml.SafeLoader):
                 seen[marker] = line
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (_Refused, yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # an explicit tag on a value it cannot read (`!!int ''`, `!!float x`, ...)
+            raise _Refused(node.start_mark.line + 1, f"cannot read {shown(node.tag, 40)} value: "
+                                                     f"{shown(type(exc).__name__ + ': ' + str(exc), 80)}") from None
+
     def construct_yaml_int(self, node):
         digits = sum(c.isalnum() for c in str(node.value))
         if digits > MAX_INT_DIGITS:
