@@ -244,6 +244,25 @@ def test_billion_laughs_in_a_manifest_is_refused_fast():
     assert time.monotonic() - start < 1.0
 
 
+def test_billion_laughs_in_a_saved_manifest(tmp_path):
+    import json
+
+    from vlpet_fx.export import save_patched
+    from vlpet_fx.zoo import base_reference
+
+    model = build_model("t5", "tiny")
+    vlpet_fx.patch(model, parse_rules(GOOD))
+    save_patched(model, tmp_path / "p", base_reference("t5", "tiny", 0))
+    f = tmp_path / "p" / "vlpet.json"
+    manifest = json.loads(f.read_text())
+    manifest["rules"]["text"] = _laughs(12)
+    f.write_text(json.dumps(manifest))
+    start = time.monotonic()
+    with pytest.raises(VlpetError, match="aliases are expanded|rules") as info:
+        vlpet_fx.load(build_model("t5", "tiny"), tmp_path / "p")
+    assert time.monotonic() - start < 5.0 and "\n" not in str(info.value)
+
+
 def test_catastrophic_path_regex_finishes_fast(t5):
     """`^(\\w+\\.?)*!$` backtracks exponentially in Python's `re` on a module path like
     'encoder.block.0.layer.1.DenseReluDense.wi' (minutes); RE2 matches in linear time."""
