@@ -55,7 +55,14 @@ def patch_graph(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 
     table = discover(model, captured=cap)  # the full capture's table: it names the graph nodes
     the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table)
     gm = GraphPatch(the_plan, table, seed=seed)(cap.exported.module()).graph_module
-    Freeze(the_plan, [n for n, _ in gm.named_children() if n.startswith("vlpet_")])(gm)
+    # the GraphModule shares the model's parameters: a failed freeze must give them their flags back
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        Freeze(the_plan, [n for n, _ in gm.named_children() if n.startswith("vlpet_")])(gm)
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     gm.vlpet_plan = the_plan
     return gm
 
