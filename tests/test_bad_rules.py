@@ -393,3 +393,19 @@ def test_plan_for_another_model_is_refused_and_the_model_untouched(t5_fresh):
     twin = copy.deepcopy(t5_fresh)
     vlpet_fx.patch(twin, vlpet_fx.plan(t5_fresh, parse_rules(RULES)))
     assert twin.vlpet_patch.attached
+
+
+def test_failed_graph_patch_leaves_the_shared_parameters_as_they_were(t5_fresh, monkeypatch):
+    """The graph back end's GraphModule shares the model's parameters; a failed freeze restores their flags."""
+    from vlpet_fx.passes import Freeze
+
+    model = t5_fresh
+    before = _snapshot(model)
+
+    def ensures(self, module):
+        raise PlanError("freeze failed (simulated)")
+
+    monkeypatch.setattr(Freeze, "ensures", ensures)
+    with pytest.raises(PlanError, match="simulated"):
+        vlpet_fx.patch(model, parse_rules(RULES), backend="graph")
+    assert _snapshot(model) == before
