@@ -40,7 +40,9 @@ class InspectFormat(str, Enum):
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -96,11 +98,12 @@ def inspect(
     from vlpet_fx.zoo import load_model
 
     with reported():
+        rs = vlpet_fx.load_rules(rules) if rules is not None else None  # a bad rules file fails before any work
         net, name = load_model(model, size.value, weights=False)
         table = vlpet_fx.discover(net, name=name, fast=not full)
         hits = None
-        if rules is not None:
-            the_plan = vlpet_fx.plan(net, rules, table=table)
+        if rs is not None:
+            the_plan = vlpet_fx.plan(net, rs, table=table)
             hits = {p.site.key for p in the_plan.placements}
 
     if fmt is InspectFormat.json:

@@ -64,16 +64,18 @@ def plan_table(plan):
     """Per rule: the sites it resolved to and the parameters it adds; then unmatched rules and the budget."""
     from rich.table import Table
 
-    t = Table(title=f"plan: {plan.rules.name} on {plan.model}", show_lines=False)
+    from rich.markup import escape  # rule and rule-set names come from the user's file
+
+    t = Table(title=f"plan: {escape(plan.rules.name)} on {plan.model}", show_lines=False)
     for col in ("rule", "method", "placement", "sites", "where", "params"):
         t.add_column(col, justify="right" if col in ("sites", "params") else "left")
     for rule, ps in plan.by_rule().items():
         stacks = sorted({(p.site.stack, p.site.block, p.site.role) for p in ps})
         layers = sorted({p.site.layer for p in ps})
         where = "; ".join(f"{s}.{b}.{r}" for s, b, r in stacks) + f" (layers {_ranges(layers)})"
-        t.add_row(rule, ps[0].method, ps[0].placement, str(len(ps)), where, f"{sum(p.params for p in ps):,}")
+        t.add_row(escape(rule), ps[0].method, ps[0].placement, str(len(ps)), where, f"{sum(p.params for p in ps):,}")
     for name in plan.unmatched:
-        t.add_row(name, "-", "-", "0", "[yellow]matched no site (optional)[/]", "0")
+        t.add_row(escape(name), "-", "-", "0", "[yellow]matched no site (optional)[/]", "0")
     existing = sum(plan.trainable.values())
     t.caption = (f"PET parameters {plan.pet_params:,} + existing trainable {existing:,} = trainable "
                  f"{plan.trainable_params:,} of {plan.patched_total:,} "

@@ -11,7 +11,7 @@ from torch import nn
 from .analysis import SiteTable, discover
 from .capture import capture
 from .errors import PlanError
-from .passes import EagerPatch, Freeze, GraphPatch
+from .passes import EagerPatch, Freeze, GraphPatch, unpatch
 from .planner import Plan, plan
 from .rules import RuleSet, load_rules
 
@@ -21,7 +21,9 @@ def patch(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 0, tab
     """Insert the PET modules the rules call for and freeze everything not declared trainable.
 
     ``backend="eager"`` (default) changes ``model`` in place and returns it; ``backend="graph"`` returns a
-    new ``torch.fx.GraphModule`` (see :func:`patch_graph`).
+    new ``torch.fx.GraphModule`` (see :func:`patch_graph`). A given ``Plan`` must have been made for this model
+    (same parameter and buffer names and shapes), else PlanError. If patching fails midway the model is left
+    exactly as it was: no PET module, no hook, every ``requires_grad`` flag as before.
     """
     if backend == "graph":
         return patch_graph(model, rules, seed=seed, example_inputs=example_inputs)
@@ -29,8 +31,15 @@ def patch(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 0, tab
         raise PlanError(f"unknown back end '{backend}': use 'eager' or 'graph'")
     the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table,
                                                           example_inputs=example_inputs)
-    result = EagerPatch(the_plan, seed=seed)(model)
-    Freeze(the_plan, list(result.graph_module.vlpet_patch.attached))(result.graph_module)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    result = EagerPatch(the_plan, seed=seed)(model)  # all or nothing by itself
+    try:
+        Freeze(the_plan, list(result.graph_module.vlpet_patch.attached))(result.graph_module)
+    except BaseException:
+        unpatch(model)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     return result.graph_module
 
 
@@ -40,11 +49,20 @@ def patch_graph(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 
 
     Returns a GraphModule taking the model's inputs; its PET modules equal the eager back end's (same seed).
     """
+    if isinstance(rules, Plan):
+        rules.check_model(model)
     cap = capture(model, example_inputs)
     table = discover(model, captured=cap)  # the full capture's table: it names the graph nodes
     the_plan = rules if isinstance(rules, Plan) else plan(model, load_rules(rules), table=table)
     gm = GraphPatch(the_plan, table, seed=seed)(cap.exported.module()).graph_module
-    Freeze(the_plan, [n for n, _ in gm.named_children() if n.startswith("vlpet_")])(gm)
+    # the GraphModule shares the model's parameters: a failed freeze must give them their flags back
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        Freeze(the_plan, [n for n, _ in gm.named_children() if n.startswith("vlpet_")])(gm)
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     gm.vlpet_plan = the_plan
     return gm
 

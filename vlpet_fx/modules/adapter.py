@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import MethodConfig, PetModule, activation, bottleneck, register_pet
+from .base import ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, activation, bottleneck, check_positive, register_pet
 
 
 @dataclass
@@ -41,6 +41,12 @@ class Adapter(PetModule):
 
     def delta(self, x):
         return self.up(self.act(self.down(x))) * self.scale
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig):
+        check_positive("adapter", dim=config.dim, reduction=config.reduction)
+        if config.activation not in ACTIVATIONS:
+            raise MethodConfigError(f"adapter: unknown activation: choose one of {', '.join(ACTIVATIONS)}")
 
     @classmethod
     def check_shape(cls, read_features, out_features, config):

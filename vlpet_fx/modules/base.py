@@ -13,12 +13,17 @@ A method lists the placements it supports. Forwards never branch on module state
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import pydantic
 import torch
 from torch import nn
 
+from .._text import shown
 from ..errors import MethodConfigError
 
 PLACEMENTS = ("after", "parallel")
@@ -74,8 +79,14 @@ class PetModule(nn.Module):
         cls.check_shape(out_features if placement == "after" else in_features, out_features, config)
 
     @classmethod
+    def check_config(cls, config: MethodConfig) -> None:
+        """Method-specific checks of the parameters alone, before any site is known (override): signs,
+        ranges, names. Raise MethodConfigError (one line)."""
+
+    @classmethod
     def check_shape(cls, read_features: int, out_features: int, config: MethodConfig) -> None:
-        """Method-specific shape checks (override)."""
+        """Method-specific shape checks against the site (override): widths bounded by the site's
+        features (see :func:`check_width`), divisibility. Runs at plan time, before anything is built."""
 
     @classmethod
     def count(cls, in_features: int, out_features: int, placement: str, config: MethodConfig) -> int:
@@ -126,23 +137,78 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+MAX_WIDTH = 1 << 16  # the widest layer a method may create (bottleneck, rank, gate width), whatever the site
+WIDTH_FACTOR = 4  # ... and at most this multiple of the features it reads
+MAX_INT = 1 << 31  # |integer parameter|
+
+
+@functools.lru_cache(maxsize=None)
+def _strict_model(config_class: type) -> type[pydantic.BaseModel]:
+    """A strict pydantic model of a config dataclass: no coercion (``true`` is not 1, ``"4"`` is not 4) and
+    no NaN/inf for float fields."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that does not resolve: validate the field as any value
+        hints = {}
+    spec = {}
+    for f in dataclasses.fields(config_class):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = pydantic.Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        spec[f.name] = (hints.get(f.name, Any), default)
+    return pydantic.create_model(f"{config_class.__name__}Params", __config__=pydantic.ConfigDict(
+        strict=True, extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True), **spec)
+
+
+def _check_numbers(method: str, name: str, value: Any) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MethodConfigError(f"method '{method}' parameter '{name}': {value} is not a finite number")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise MethodConfigError(f"method '{method}' parameter '{name}': {value} is out of range (|value| <= 2**31)")
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _check_numbers(method, name, v)
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_numbers(method, name, v)
+
+
 def make_config(method: str, params: dict[str, Any]) -> MethodConfig:
-    """Build a method's config dataclass from a plain dict, rejecting unknown keys and wrong types."""
+    """Build a method's config dataclass from a plain dict, rejecting unknown keys, wrong types (strictly: no
+    bool for an int, no string for a number), non-finite numbers and values the method's ``check_config``
+    refuses."""
     entry = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(entry.config)}
-    unknown = sorted(set(params) - set(fields))
+    fields = {f.name: f for f in dataclasses.fields(entry.config) if f.init}
+    if not isinstance(params, dict):
+        raise MethodConfigError(f"method '{method}' parameters must be a mapping, not {type(params).__name__}")
+    unknown = sorted((k for k in params if k not in fields), key=str)
     if unknown:
         raise MethodConfigError(
-            f"method '{method}' has no parameter '{unknown[0]}': its parameters are {', '.join(fields) or '(none)'}"
+            f"method '{method}' has no parameter '{shown(unknown[0], 40)}': its parameters are "
+            f"{', '.join(fields) or '(none)'}"
         )
-    import pydantic
-
     try:
-        return pydantic.TypeAdapter(entry.config).validate_python(dict(params))
+        checked = _strict_model(entry.config).model_validate(dict(params))
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise MethodConfigError(f"method '{method}' parameter '{where}': {err['msg']}") from None
+        where = ".".join(str(p) for p in err["loc"][:1])
+        raise MethodConfigError(f"method '{method}' parameter '{shown(where, 40)}': {shown(err['msg'], 160)}") from None
+    values = {name: getattr(checked, name) for name in fields}
+    for name, value in values.items():
+        _check_numbers(method, name, value)
+    try:
+        config = entry.config(**values)
+    except (TypeError, ValueError) as exc:
+        raise MethodConfigError(f"method '{method}': {shown(str(exc), 160)}") from None
+    entry.module.check_config(config)
+    return config
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -157,13 +223,36 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 def activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
-        raise MethodConfigError(f"unknown activation '{name}': choose one of {', '.join(ACTIVATIONS)}")
+        raise MethodConfigError(f"unknown activation '{shown(name, 40)}': choose one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
 
 
+def check_width(width: int, features: int, what: str) -> int:
+    """A layer width a method creates on a site that reads ``features``: 1 <= width <= min(WIDTH_FACTOR *
+    features, MAX_WIDTH). Checked at plan time, so an absurd width never reaches an allocation."""
+    cap = min(WIDTH_FACTOR * features, MAX_WIDTH)
+    if width < 1:
+        raise MethodConfigError(f"{what} {width} < 1 for {features} features; lower `reduction` or set `dim`")
+    if width > cap:
+        raise MethodConfigError(f"{what} {width} is too wide for a site of {features} features: at most {cap} "
+                                f"(= min({WIDTH_FACTOR} x features, {MAX_WIDTH}))")
+    return width
+
+
 def bottleneck(features: int, dim: int | None, reduction: float | None, what: str) -> int:
-    """The bottleneck width: ``dim`` if given, else ``features // reduction``."""
-    r = dim if dim is not None else int(features // (reduction or 1))
-    if r < 1:
-        raise MethodConfigError(f"{what}: bottleneck width {r} < 1 for {features} features; lower `reduction` or set `dim`")
-    return r
+    """The bottleneck width: ``dim`` if given, else ``features // reduction``; bounded by :func:`check_width`."""
+    if dim is not None:
+        r = dim
+    else:
+        q = features // reduction if reduction else features
+        if not math.isfinite(q):
+            raise MethodConfigError(f"{what}: reduction {reduction} gives no usable bottleneck width; set `dim`")
+        r = int(q)
+    return check_width(r, features, f"{what}: bottleneck width")
+
+
+def check_positive(method: str, **values) -> None:
+    """Each given value (a number, or None for unset) must be > 0."""
+    for name, v in values.items():
+        if v is not None and not v > 0:
+            raise MethodConfigError(f"method '{method}' parameter '{name}': must be > 0, got {v}")

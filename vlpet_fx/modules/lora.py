@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodConfig, MethodConfigError, PetModule, register_pet
+from .base import MethodConfig, MethodConfigError, PetModule, check_positive, register_pet
 
 
 @dataclass
@@ -43,6 +43,12 @@ class Lora(PetModule):
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) matrix this module adds to the base linear weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @classmethod
+    def check_config(cls, config: LoraConfig):
+        check_positive("lora", rank=config.rank)
+        if not 0.0 <= config.dropout < 1.0:
+            raise MethodConfigError(f"method 'lora' parameter 'dropout': must be in [0, 1), got {config.dropout}")
 
     @classmethod
     def check_shape(cls, read_features, out_features, config):

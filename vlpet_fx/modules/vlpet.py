@@ -31,7 +31,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .base import MethodConfig, MethodConfigError, PetModule, activation, bottleneck, register_pet
+from .base import (ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, activation, bottleneck, check_positive,
+                   check_width, register_pet)
 
 
 
@@ -219,8 +220,19 @@ class VlPet(PetModule):
         return y + self._scaled(self.delta(x))
 
     @classmethod
+    def check_config(cls, config: VlpetConfig):
+        check_positive("vlpet", dim=config.dim, reduction=config.reduction, heads=config.heads,
+                       gate_dim=config.gate_dim)
+        if config.activation not in ACTIVATIONS:
+            raise MethodConfigError(f"vlpet: unknown activation: choose one of {', '.join(ACTIVATIONS)}")
+        if config.gate == "none" and config.gate_op != "mul":
+            raise MethodConfigError("vlpet: gate_op needs a gate")
+
+    @classmethod
     def check_shape(cls, read_features, out_features, config: VlpetConfig):
         r = bottleneck(read_features, config.dim, config.reduction, "vlpet")
+        if config.gate in ("large",):
+            check_width(config.gate_dim or r, out_features, "vlpet: gate width (gate_dim)")
         if config.heads < 1 or r % config.heads:
             raise MethodConfigError(f"vlpet: bottleneck width {r} is not divisible by heads={config.heads}")
         if config.head_mode in ("up", "down-up", "down-up-pair") and out_features % config.heads:

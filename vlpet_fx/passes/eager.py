@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .._text import shown
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Placement, Plan
@@ -87,6 +88,9 @@ class StashInput:
 
 
 class EagerPatch(ModulePass):
+    """Attach the plan's PET modules and hooks. All or nothing: if anything fails midway, every module and hook
+    added so far is removed again before the error propagates (the model is as it was)."""
+
     def __init__(self, plan: Plan, *, seed: int = 0):
         self.plan = plan
         self.seed = seed
@@ -94,48 +98,75 @@ class EagerPatch(ModulePass):
     def requires(self, module: nn.Module) -> None:
         if getattr(module, "vlpet_patch", None) is not None:
             raise PlanError("this model is already patched: patch the unpatched base model (vlpet_fx.load re-applies a plan)")
+        self.plan.check_model(module)
         for p in self.plan.placements:
             if get_method(p.method).module.inserts_module and p.site.path is None:
                 raise PlanError(
-                    f"rule '{p.rule}' places {p.method} on {p.site}, which is not the output of a module (e.g. a slice "
-                    "of a packed in_proj_weight): use the graph back end (backend='graph') or select another site"
+                    f"rule '{shown(p.rule)}' places {p.method} on {p.site}, which is not the output of a module (e.g. "
+                    "a slice of a packed in_proj_weight): use the graph back end (backend='graph') or select another site"
                 )
 
     def call(self, module: nn.Module) -> PassResult:
         attached: dict[str, Placement] = {}
-        handles = []
-        for p in self.plan.placements:
-            if not get_method(p.method).module.inserts_module:
-                continue
-            target = module.get_submodule(p.site.path)
-            device, dtype = site_device_dtype(target)
-            pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
-            owner, name, full = _owner(module, p.site.path, p.attach_name)
-            if name in owner._modules:
-                raise PlanError(f"two placements share {full}; make the rules select one of them")
-            owner.add_module(name, pet)
-            attached[full] = p
-            if p.placement == "after":
-                handles.append(target.register_forward_hook(AfterHook(pet)))
-            else:
-                handles.append(target.register_forward_hook(ParallelHook(pet), with_kwargs=True))
-            if getattr(pet, "needs_block_input", False):
-                if p.site.input_path is None:
-                    raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to a "
-                                    "module; use a gate that does not read it (gate: middleY or none)")
-                src = module.get_submodule(p.site.input_path) if p.site.input_path else module
-                handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
-        module.vlpet_patch = PatchState(self.plan, attached, handles)
+        handles: list = []
+        added: list[tuple[nn.Module, str]] = []
+        try:
+            for p in self.plan.placements:
+                if not get_method(p.method).module.inserts_module:
+                    continue
+                target = module.get_submodule(p.site.path)
+                owner, name, full = _owner(module, p.site.path, p.attach_name)
+                if name in owner._modules or hasattr(owner, name):
+                    raise PlanError(f"two placements share {shown(full, 120)}, or the model already has it; make the "
+                                    "rules select one of them")
+                device, dtype = site_device_dtype(target)
+                pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
+                if getattr(pet, "needs_block_input", False) and p.site.input_path is None:
+                    raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to "
+                                    "a module; use a gate that does not read it (gate: middleY or none)")
+                owner.add_module(name, pet)
+                added.append((owner, name))
+                attached[full] = p
+                if p.placement == "after":
+                    handles.append(target.register_forward_hook(AfterHook(pet)))
+                else:
+                    handles.append(target.register_forward_hook(ParallelHook(pet), with_kwargs=True))
+                if getattr(pet, "needs_block_input", False):
+                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
+                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
+            module.vlpet_patch = PatchState(self.plan, attached, handles, added)
+        except BaseException:
+            _undo(handles, added)
+            raise
         return PassResult(module, bool(attached))
+
+
+def _undo(handles: list, added: list[tuple[nn.Module, str]]) -> None:
+    for h in reversed(handles):
+        h.remove()
+    for owner, name in reversed(added):
+        del owner._modules[name]
+
+
+def unpatch(module: nn.Module) -> None:
+    """Remove what :class:`EagerPatch` added (PET modules, hooks, ``vlpet_patch``). Parameters' requires_grad
+    flags are not touched (:func:`vlpet_fx.patch` restores them itself when it rolls back)."""
+    state = getattr(module, "vlpet_patch", None)
+    if state is None:
+        return
+    _undo(state.handles, state.added)
+    del module.vlpet_patch
 
 
 class PatchState:
     """What `patch` did to a model (kept on the model as ``model.vlpet_patch``)."""
 
-    def __init__(self, plan: Plan, attached: dict[str, Placement], handles: list):
+    def __init__(self, plan: Plan, attached: dict[str, Placement], handles: list,
+                 added: list[tuple[nn.Module, str]] | None = None):
         self.plan = plan
         self.attached = attached  # module path of each PET module -> its placement
         self.handles = handles
+        self.added = added or []  # (owner module, attribute) of each PET module, for unpatch
 
     def placement_of_param(self, name: str) -> Placement | None:
         for prefix, p in self.attached.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..errors import PlanError
 from ..planner.plan import Plan
 from .base import ModulePass
 
@@ -25,4 +26,6 @@ class Freeze(ModulePass):
     def ensures(self, module: nn.Module) -> None:
         want = self.plan.trainable_params
         have = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        assert have == want, f"freeze: {have} trainable parameters, the plan says {want}"
+        if have != want:
+            raise PlanError(f"freeze: {have:,} parameters train, the plan says {want:,}: the model does not match the "
+                            "plan (make the plan for this model)")

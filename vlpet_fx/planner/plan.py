@@ -13,12 +13,37 @@ from typing import Any
 
 from torch import nn
 
+from .._text import shown
 from ..analysis import SiteTable, discover
 from ..analysis.sites import Site
-from ..errors import RulesError
+from ..errors import PlanError, RulesError
 from ..modules.base import MethodConfig, MethodConfigError, get_method
 from ..rules import RuleSet, load_rules
+from ..rules.schema import LayerRangeError
 from .select import match_modules, match_sites
+
+
+def model_signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter and buffer: what a plan assumes of the model it was made for."""
+    sig = {f"p:{n}": tuple(p.shape) for n, p in model.named_parameters()}
+    sig.update({f"b:{n}": tuple(b.shape) for n, b in model.named_buffers()})
+    return sig
+
+
+def signature_mismatch(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> str | None:
+    """None if equal, else the first difference in words."""
+    if want == have:
+        return None
+    for key in sorted(want.keys() | have.keys()):
+        kind = "parameter" if key.startswith("p:") else "buffer"
+        name = shown(key[2:], 100)
+        if key not in have:
+            return f"it has no {kind} '{name}'"
+        if key not in want:
+            return f"it has a {kind} '{name}' the plan's model did not have"
+        if want[key] != have[key]:
+            return f"its {kind} '{name}' has shape {list(have[key])}, the plan's model had {list(want[key])}"
+    return "its parameters differ"  # pragma: no cover - unequal dicts differ in some key
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,22 @@ class Plan:
     trainable_sources: dict[str, str]  # existing parameter -> the rule that made it trainable
     total_params: int  # of the unpatched model
     unmatched: list[str] = field(default_factory=list)  # optional rules that matched nothing
+    signature: dict[str, tuple[int, ...]] | None = None  # model_signature of the model it was made for
+
+    def check_model(self, model: nn.Module) -> None:
+        """PlanError (one line) unless ``model`` has the parameters and buffers, by name and shape, of the model
+        this plan was made for, and every module the placements name."""
+        if self.signature is not None:
+            problem = signature_mismatch(self.signature, model_signature(model))
+            if problem is not None:
+                raise PlanError(f"this plan was made for another model ({self.model}): {problem}; make the plan "
+                                "for this model (vlpet_fx.plan(model, rules))")
+        modules = dict(model.named_modules())
+        for p in self.placements:
+            for path in (p.site.path, p.site.input_path):
+                if path is not None and path not in modules:
+                    raise PlanError(f"this plan was made for another model ({self.model}): it has no module "
+                                    f"'{shown(path, 100)}' (site {p.site}); make the plan for this model")
 
     @property
     def pet_params(self) -> int:
@@ -99,15 +140,22 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
     if table is None:
         table = discover(model, example_inputs, name=name)
     modules = dict(model.named_modules())
+    stray = next((s for s in table if s.path is not None and s.path not in modules), None)
+    if stray is not None:
+        raise PlanError(f"the site table of {table.model} does not belong to this model: it has no module "
+                        f"'{shown(stray.path, 100)}'; discover the sites of this model (or pass no table)")
     chosen: dict[tuple, Placement] = {}
     unmatched: list[str] = []
     for i, rule in enumerate(rs.rules):
-        sites = match_sites(rule.select, table, modules)
+        try:
+            sites = match_sites(rule.select, table, modules)
+        except LayerRangeError as exc:
+            raise RulesError(f"{rs.where('rules', i, 'select', 'layers')}: rules[{i}].select.layers: {exc}") from None
         if not sites:
             if rule.optional:
                 unmatched.append(rs.rule_name(i))
                 continue
-            raise RulesError(f"{rs.where('rules', i)}: rule '{rs.rule_name(i)}' matches no site of "
+            raise RulesError(f"{rs.where('rules', i)}: rule '{shown(rs.rule_name(i))}' matches no site of "
                              f"{table.model}: check its selector against `vlpet-fx inspect`, or add `optional: true`")
         if rule.skip:
             for s in sites:
@@ -120,7 +168,8 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             try:
                 cls.check_fits(s.in_features, s.out_features, rule.placement, cfg)
             except MethodConfigError as exc:
-                raise RulesError(f"{rs.where('rules', i)}: rule '{rs.rule_name(i)}' does not fit site {s}: {exc}") from None
+                raise RulesError(f"{rs.where('rules', i)}: rule '{shown(rs.rule_name(i))}' does not fit site {s}: "
+                                 f"{exc}") from None
             n = _count(cls, s, rule.placement, cfg)
             p = Placement(rs.rule_name(i), i, alias, mtype, cfg, rule.placement, s, n)
             chosen[p.key] = p
@@ -133,10 +182,14 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             trainable[n_] = p_.numel()
             sources[n_] = "train_all"
     for j, tr in enumerate(rs.trainable):
-        paths = match_modules(tr.select, table, model)
+        try:
+            paths = match_modules(tr.select, table, model)
+        except LayerRangeError as exc:
+            raise RulesError(f"{rs.where('trainable', j, 'select', 'layers')}: trainable[{j}].select.layers: "
+                             f"{exc}") from None
         params = _params_of(model, named, paths, tr.params)
         if not params and not tr.optional:
-            raise RulesError(f"{rs.where('trainable', j)}: trainable rule '{tr.name or f'trainable-{j}'}' selects no "
+            raise RulesError(f"{rs.where('trainable', j)}: trainable rule '{shown(tr.name or f'trainable-{j}')}' selects no "
                              f"parameters of {table.model}: fix its selector or add `optional: true`")
         for n_ in params:
             trainable.setdefault(n_, named[n_].numel())
@@ -150,7 +203,7 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
     order = {id(s): i for i, s in enumerate(table)}
     placements = sorted(chosen.values(), key=lambda p: (p.rule_index, order[id(p.site)], p.placement))
     total = sum(p.numel() for p in model.parameters())
-    return Plan(table.model, rs, table, placements, trainable, sources, total, unmatched)
+    return Plan(table.model, rs, table, placements, trainable, sources, total, unmatched, model_signature(model))
 
 
 def _params_of(model: nn.Module, named: dict, paths: list[str], which: str) -> list[str]:

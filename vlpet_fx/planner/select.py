@@ -1,13 +1,15 @@
-"""Selectors → sites and modules. Matching is by the site table's fields, never by architecture names."""
+"""Selectors → sites and modules. Matching is by the site table's fields, never by architecture names.
+
+Patterns (``path_regex``, ``module_type``) are RE2 (linear-time matching, see :mod:`vlpet_fx.rules.schema`).
+A layer index outside a stack the selector reaches raises :class:`~vlpet_fx.rules.schema.LayerRangeError`.
+"""
 
 from __future__ import annotations
-
-import re
 
 from torch import nn
 
 from ..analysis.sites import Site, SiteTable
-from ..rules.schema import Selector, resolve_layers
+from ..rules.schema import Selector, compile_pattern, resolve_layers
 
 
 def _layers_for(sel: Selector, stack: str, n: int) -> set[int] | None:
@@ -15,15 +17,15 @@ def _layers_for(sel: Selector, stack: str, n: int) -> set[int] | None:
         return None
     if isinstance(sel.layers, dict):
         items = sel.layers.get(stack)
-        return set() if items is None else resolve_layers(items, n)
-    return resolve_layers(sel.layers, n)
+        return set() if items is None else resolve_layers(items, n, f"the {stack}")
+    return resolve_layers(sel.layers, n, f"the {stack}")
 
 
 def match_sites(sel: Selector, table: SiteTable, modules: dict[str, nn.Module]) -> list[Site]:
     counts = table.num_layers()
-    layer_sets = {k: _layers_for(sel, k, n) for k, n in counts.items()}
-    path_re = re.compile(sel.path_regex) if sel.path_regex else None
-    type_re = re.compile(sel.module_type) if sel.module_type else None
+    layer_sets: dict[str, set[int] | None] = {}  # resolved for the stacks the other fields reach
+    path_re = compile_pattern(sel.path_regex) if sel.path_regex else None
+    type_re = compile_pattern(sel.module_type) if sel.module_type else None
     out = []
     for s in table:
         if sel.stack is not None and s.stack not in sel.stack:
@@ -32,7 +34,9 @@ def match_sites(sel: Selector, table: SiteTable, modules: dict[str, nn.Module]) 
             continue
         if sel.role is not None and s.role not in sel.role:
             continue
-        layers = layer_sets.get(s.stack)
+        if s.stack not in layer_sets:
+            layer_sets[s.stack] = _layers_for(sel, s.stack, counts.get(s.stack, 0))
+        layers = layer_sets[s.stack]
         if layers is not None and s.layer not in layers:
             continue
         if path_re is not None and (s.path is None or not path_re.search(s.path)):
@@ -97,8 +101,8 @@ def match_modules(sel: Selector, table: SiteTable, model: nn.Module) -> list[str
     elif sel.stack is not None:
         roots = stack_roots(table)
         scopes = [roots[k] for k in sel.stack if k in roots]
-    path_re = re.compile(sel.path_regex) if sel.path_regex else None
-    type_re = re.compile(sel.module_type) if sel.module_type else None
+    path_re = compile_pattern(sel.path_regex) if sel.path_regex else None
+    type_re = compile_pattern(sel.module_type) if sel.module_type else None
     out = []
     for path, mod in modules.items():
         if scopes is not None and not any(_under(path, sc) for sc in scopes):

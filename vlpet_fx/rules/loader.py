@@ -1,8 +1,19 @@
-"""Load a rule set from YAML (a shipped name or a path), validate it, and keep line numbers for errors."""
+"""Load a rule set from YAML (a shipped name or a path), validate it, and keep line numbers for errors.
+
+Nothing in a rules file is trusted. Before anything is parsed the file must be a regular file of at most
+``MAX_RULES_BYTES``; the YAML is read with ``yaml.SafeLoader`` (tags that would build Python objects are
+refused) and bounded while it is read: nesting depth ``MAX_DEPTH``, at most ``MAX_NODES`` values *after*
+alias expansion (so a "billion laughs" document is refused after a few thousand events, not expanded),
+no alias inside its own anchor, no duplicate keys, integers of at most ``MAX_INT_DIGITS`` digits. YAML 1.1's
+base-60 numbers are not recognised (``2:6`` is the layer range it looks like, not the integer 126).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -11,38 +22,159 @@ from typing import Any
 import pydantic
 import yaml
 
+from .._text import shown
 from ..errors import RulesError
 from ..modules.base import MethodConfig, MethodConfigError, get_method, make_config
 from .schema import Rule, RuleSetSchema, TrainableRule
 
+MAX_RULES_BYTES = 1 << 20  # 1 MiB: a rules file (or a manifest's rules text) larger than this is refused
+MAX_DEPTH = 32  # nesting of mappings and sequences
+MAX_NODES = 20_000  # values in the document, aliases expanded
+MAX_INT_DIGITS = 30
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Refused(Exception):
+    """A bound of the rules YAML was crossed (line, message)."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that also records the line of every mapping key and sequence item (by path)."""
+    """SafeLoader with bounds checked while the events stream in (depth, values after alias expansion,
+    aliases inside their own anchor), duplicate keys refused and no base-60 numbers."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._frames: list[list] = []  # per open collection: [expanded size so far, anchor]
+        self._sizes: dict[str, int] = {}  # anchor -> expanded size of its (complete) node
+        self._open: set[str] = set()  # anchors of collections still being read
+        self._total = 0
+
+    def _add(self, size: int, line: int) -> None:
+        if self._frames:
+            frame = self._frames[-1]
+            frame[0] += size
+            grown = frame[0]
+        else:
+            self._total += size
+            grown = self._total
+        if grown > MAX_NODES:
+            raise _Refused(line, f"the document holds more than {MAX_NODES:,} values once its aliases are expanded: "
+                                 "a rule set is far smaller; write the values out")
+
+    def get_event(self):
+        event = super().get_event()
+        line = event.start_mark.line + 1 if event.start_mark is not None else 1
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(self._frames) >= MAX_DEPTH:
+                raise _Refused(line, f"nested more than {MAX_DEPTH} levels deep: a rule set needs a few")
+            if event.anchor is not None:
+                self._open.add(event.anchor)
+            self._frames.append([1, event.anchor])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            size, anchor = self._frames.pop()
+            if anchor is not None:
+                self._open.discard(anchor)
+                self._sizes[anchor] = size
+            self._add(size, line)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                self._sizes[event.anchor] = 1
+            self._add(1, line)
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _Refused(line, f"alias *{shown(event.anchor)} is used inside its own anchor (a recursive "
+                                     "structure): write the values out")
+            # an undefined alias is left to the composer, which says so
+            self._add(self._sizes.get(event.anchor, 1), line)
+        return event
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    marker = (type(key), key)
+                    hash(marker)
+                except TypeError:
+                    continue  # SafeConstructor says "found unhashable key"
+                line = key_node.start_mark.line + 1
+                if marker in seen:
+                    raise _Refused(line, f"duplicate key {shown(key)!r} (first on line {seen[marker]}): keep one")
+                seen[marker] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (_Refused, yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # an explicit tag on a value it cannot read (`!!int ''`, `!!float x`, ...)
+            raise _Refused(node.start_mark.line + 1, f"cannot read {shown(node.tag, 40)} value: "
+                                                     f"{shown(type(exc).__name__ + ': ' + str(exc), 80)}") from None
+
+    def construct_yaml_int(self, node):
+        digits = sum(c.isalnum() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise _Refused(node.start_mark.line + 1, f"an integer of {digits} digits: numbers in a rule set have "
+                                                     f"at most {MAX_INT_DIGITS}")
+        return super().construct_yaml_int(node)
+
+
+# YAML 1.1's implicit int/float forms without the base-60 ones (`2:6` stays a string)
+_LineLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_LineLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_LineLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+_LineLoader.add_constructor(_INT, _LineLoader.construct_yaml_int)
 
 
 def _compose_lines(text: str) -> tuple[Any, dict[tuple, int]]:
+    """The document's data and the line of every mapping key and sequence item (by key path). Aliased nodes
+    are walked once (their lines are those of the anchor), so the walk is linear in the text."""
     loader = _LineLoader(text)
     try:
         node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
     lines: dict[tuple, int] = {}
-
-    def walk(n, path):
+    seen: set[int] = set()
+    stack = [(node, ())] if node is not None else []
+    while stack:
+        n, path = stack.pop()
         lines.setdefault(path, n.start_mark.line + 1)
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
-                key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
+                if isinstance(k, yaml.ScalarNode):
+                    lines.setdefault(path + (k.value,), k.start_mark.line + 1)
+                    stack.append((v, path + (k.value,)))
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if node is not None:
-        walk(node, ())
-    return yaml.safe_load(text), lines
+                lines.setdefault(path + (i,), v.start_mark.line + 1)
+                stack.append((v, path + (i,)))
+    return data, lines
 
 
 def _where(source: str, lines: dict[tuple, int], path: tuple) -> str:
@@ -108,23 +240,63 @@ def shipped_rule_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a named pipe (fifo)"), (stat.S_ISSOCK, "a socket")]
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_rules_file(p: Path) -> str:
+    """The text of a rules file: a regular file of at most MAX_RULES_BYTES of UTF-8, checked before reading."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise RulesError(f"rules file '{p}' does not exist: give a path to a YAML rule set or a shipped name "
+                         f"({', '.join(shipped_rule_names())})") from None
+    except OSError as exc:
+        raise RulesError(f"cannot read rules file '{p}': {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RulesError(f"rules path '{p}' is a directory: give a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RulesError(f"rules path '{p}' is {_kind(st.st_mode)}, not a regular file: give a YAML file")
+    if st.st_size > MAX_RULES_BYTES:
+        raise RulesError(f"rules file '{p}' is {st.st_size:,} bytes; a rule set is at most {MAX_RULES_BYTES:,} "
+                         "bytes (1 MiB): is it the right file?")
+    try:
+        # O_NONBLOCK: should the path have become a fifo since the stat, opening it does not wait for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise RulesError(f"rules path '{p}' is not a regular file: give a YAML file")
+            data = fh.read(MAX_RULES_BYTES + 1)
+    except OSError as exc:
+        raise RulesError(f"cannot read rules file '{p}': {exc.strerror or exc}") from None
+    if len(data) > MAX_RULES_BYTES:
+        raise RulesError(f"rules file '{p}' is larger than {MAX_RULES_BYTES:,} bytes (1 MiB): is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RulesError(f"rules file '{p}' is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML") from None
+
+
+_SHIPPED_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
 def _locate(name_or_path: str | Path) -> tuple[str, str]:
     """Return (source label, YAML text) for a shipped name or a file path."""
-    p = Path(name_or_path)
+    if not isinstance(name_or_path, (str, Path)):
+        raise RulesError(f"rules must be a shipped name, a path or a RuleSet, not {type(name_or_path).__name__}")
     text_name = str(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in text_name or "\\" in text_name:
-        if not p.exists():
-            raise RulesError(f"rules file '{p}' does not exist: give a path to a YAML rule set or a shipped name "
-                             f"({', '.join(shipped_rule_names())})")
-        if p.is_dir():
-            raise RulesError(f"rules path '{p}' is a directory: give a YAML file")
-        try:
-            return str(p), p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RulesError(f"cannot read rules file '{p}': {getattr(exc, 'strerror', None) or exc}") from None
+    if "\x00" in text_name or len(text_name) > 4096:
+        raise RulesError(f"rules path '{shown(text_name)}' is not a usable file name")
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.path.lexists(p) or "/" in text_name or "\\" in text_name:
+        return str(p), read_rules_file(p)
     res = resources.files("vlpet_fx.shipped_rules").joinpath(f"{text_name}.yaml")
-    if not res.is_file():
-        raise RulesError(f"unknown rule set '{text_name}': shipped ones are {', '.join(shipped_rule_names())}; "
+    if not _SHIPPED_NAME.fullmatch(text_name) or not res.is_file():
+        raise RulesError(f"unknown rule set '{shown(text_name)}': shipped ones are {', '.join(shipped_rule_names())}; "
                          "or give a path to a YAML file")
     return f"{text_name}.yaml", res.read_text(encoding="utf-8")
 
@@ -137,14 +309,28 @@ def load_rules(rules: "str | Path | RuleSet") -> RuleSet:
     return parse_rules(text, source)
 
 
+def _key_of(loc) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else shown(p, 40) for p in loc).replace(".[", "[")
+
+
 def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+    """Validate a rule set's YAML text (from a file, or stored in a manifest); ``source`` names it in errors."""
+    source = shown(source, 200) if isinstance(source, str) else "<rules>"
+    if not isinstance(text, str):
+        raise RulesError(f"{source}: the rules text is {type(text).__name__}, not YAML text")
+    if len(text) > MAX_RULES_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_RULES_BYTES:
+        raise RulesError(f"{source}: the rules text is larger than {MAX_RULES_BYTES:,} bytes (1 MiB)")
     try:
         data, lines = _compose_lines(text)
+    except _Refused as exc:
+        raise RulesError(f"{source}:{exc.line}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RulesError(f"{source}{line}: not valid YAML: {problem}") from None
+        if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.position, int):
+            line = f":{text.count(chr(10), 0, exc.position) + 1}"
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+        raise RulesError(f"{source}{line}: not valid YAML: {shown(problem, 160)}") from None
     if not isinstance(data, dict):
         raise RulesError(f"{source}:1: a rule set is a YAML mapping with keys name, methods, rules, trainable")
 
@@ -155,12 +341,15 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         schema = RuleSetSchema.model_validate(data)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("list[", "dict[", "literal[", "int", "str")))]
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        loc = [p for p in err["loc"]
+               if not (isinstance(p, str) and p.startswith(("list[", "dict[", "literal[", "int", "str", "function-")))]
+        key = _key_of(loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{loc[-1]}'"
-        raise RulesError(f"{at(loc)}: {key}: {msg}") from None
+            msg = f"unknown key '{shown(loc[-1], 40)}'"
+        elif err["type"].startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        raise RulesError(f"{at(loc)}: {key}: {shown(msg, 240)}") from None
 
     methods: dict[str, ResolvedMethod] = {}
     for alias, spec in schema.methods.items():
@@ -168,7 +357,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
             get_method(spec.type)
             cfg = make_config(spec.type, spec.params())
         except MethodConfigError as exc:
-            raise RulesError(f"{at(('methods', alias))}: methods.{alias}: {exc}") from None
+            raise RulesError(f"{at(('methods', alias))}: methods.{shown(alias, 40)}: {exc}") from None
         methods[alias] = ResolvedMethod(alias, spec.type, cfg)
 
     rs = RuleSet(schema.name, schema.description, methods, schema.rules, schema.trainable, schema.train_all,
@@ -183,8 +372,9 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
                 get_method(rule.insert)
             except MethodConfigError:
                 raise RulesError(
-                    f"{at(('rules', i, 'insert'))}: rules[{i}].insert: unknown method '{rule.insert}': define it "
-                    f"under `methods:` ({', '.join(methods) or 'none defined'}) or use a registered method"
+                    f"{at(('rules', i, 'insert'))}: rules[{i}].insert: unknown method '{shown(rule.insert, 40)}': "
+                    f"define it under `methods:` ({shown(', '.join(methods), 120) or 'none defined'}) or use a "
+                    "registered method"
                 ) from None
         _, mtype, _ = rs.method_for(i)
         placements = get_method(mtype).module.placements
