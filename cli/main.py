@@ -307,15 +307,12 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
     """Compare finished runs side by side: trainable parameters and the main score of every task."""
     from rich.table import Table
 
+    from vlpet_fx.train.report import read_report
+
     docs = {}
-    for run in runs:
-        f = run / "report.json"
-        if not f.is_file():
-            fail(f"'{run}' has no report.json: is it a finished `vlpet-fx train` run?")
-        try:
-            docs[run] = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            fail(f"'{f}' is damaged: run the training again")
+    with reported():
+        for run in runs:
+            docs[run] = read_report(run).model_dump()
     tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))
     table = Table(title="runs")
     for col in ["run", "rules", "trainable %", *tasks, "average"]:

@@ -21,10 +21,10 @@ class MetricsLog:
         self.rows: list[dict] = []
         self.pending: list[dict] = []
 
-    def resume(self, step: int, final_eval: bool) -> int:
-        """Keep the rows logged up to ``step`` (training rows at steps <= ``step``; evaluation rows before it, and
-        at it unless ``final_eval``: the end-of-run evaluation is then logged again). Damaged lines (a half-written
-        tail) are dropped; the file is rewritten atomically. Returns the number of lines dropped."""
+    def resume(self, step: int, keep_eval_at_step: bool) -> int:
+        """Keep the rows logged up to ``step``: training rows at steps <= ``step``, evaluation rows before it (and
+        at it if ``keep_eval_at_step``). Damaged lines (a half-written tail) are dropped; the file is rewritten
+        atomically. Returns the number of lines dropped."""
         if not self.enabled or not self.path.is_file():
             return 0
         kept, dropped = [], 0
@@ -40,7 +40,7 @@ class MetricsLog:
             if isinstance(at, bool) or not isinstance(at, int):
                 dropped += 1
                 continue
-            if at < step or (at == step and ("eval" not in row or not final_eval)):
+            if at < step or (at == step and ("eval" not in row or keep_eval_at_step)):
                 kept.append(row)
             else:
                 dropped += 1

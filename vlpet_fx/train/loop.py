@@ -165,6 +165,7 @@ class Trainer:
         self.committed = False  # this invocation has written run.json (at its first checkpoint or at the end)
         self.resumed = False
         self.created: Path | None = None  # the topmost directory this invocation created for the run
+        self.claimed = False  # the directory checks passed: from now on the run directory is this invocation's
 
     def say(self, message: str) -> None:
         if not self.acc.is_main_process:
@@ -223,6 +224,7 @@ class Trainer:
             return
         run = self.run
         missing = [p for p in [run, *run.parents] if not p.exists()]
+        self.claimed = True
         try:
             run.mkdir(parents=True, exist_ok=True)
             self.created = missing[-1] if missing else None
@@ -325,7 +327,8 @@ class Trainer:
                 start = load_checkpoint(path, self.model, self.opt, self.sched)
             except CheckpointError as exc:
                 first_error = first_error or exc
-                self.say(f"{exc}; falling back to the checkpoint before it")
+                if step != steps[0]:
+                    self.say(f"{exc}; falling back to the checkpoint before it")
                 continue
             self.acc.wait_for_everyone()
             if self.acc.is_main_process:
@@ -344,7 +347,10 @@ class Trainer:
         log = MetricsLog(self.run, enabled=self.acc.is_main_process, deferred=not self.resumed)
         if self.resumed:
             with writing(log.path):
-                dropped = log.resume(self.start, final_eval=self.start >= self.total_steps)
+                # evaluation rows at the resumed step were logged before its checkpoint only by a periodic
+                # evaluation; the end-of-run evaluation of a run that finished there comes after it
+                periodic = bool(self.cfg.eval_every) and self.start % self.cfg.eval_every == 0
+                dropped = log.resume(self.start, keep_eval_at_step=periodic and self.start < self.total_steps)
             if dropped:
                 self.say(f"cut '{log.path}' back to step {self.start} ({dropped} later or damaged lines dropped)")
             self._write_record()
@@ -374,7 +380,7 @@ class Trainer:
         """After a failure before this invocation's first checkpoint: remove what it wrote (a fresh run only)."""
         import shutil
 
-        if self.committed or self.resumed or not self.acc.is_main_process:
+        if not self.claimed or self.committed or self.resumed or not self.acc.is_main_process:
             return
         if self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
