@@ -316,13 +316,14 @@ def test_failed_write_before_the_first_checkpoint_keeps_nothing(tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """A finished, uninterrupted 4-step run with a checkpoint at every step (all four kept)."""
+    """A finished, uninterrupted 4-step run with a checkpoint at every step (the last two kept)."""
     run = tmp_path_factory.mktemp("base") / "run"
-    train(run, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "4")
+    train(run, "--steps", "4", "--save-every", "1")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]
     return run
 
 
-def _copy(base: Path, to: Path, keep: tuple[int, ...] = (1, 2, 3)) -> Path:
+def _copy(base: Path, to: Path, keep: tuple[int, ...] = (3,)) -> Path:
     """The base run as a run killed after the checkpoints ``keep`` (later ones and the end results removed)."""
     shutil.copytree(base, to, symlinks=True)
     for f in ("report.json", "predictions.jsonl", "metrics.csv", "curves.png"):
@@ -339,26 +340,26 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-RESUME = ("--steps", "4", "--save-every", "1", "--keep-checkpoints", "4", "--resume")
+RESUME = ("--steps", "4", "--save-every", "1", "--resume")
 
 
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(base_run, tmp_path):
-    run = _copy(base_run, tmp_path / "run")
-    w = run / "checkpoints" / "step-3" / "trainable.safetensors"
+    run = _copy(base_run, tmp_path / "run", keep=(3, 4))
+    w = run / "checkpoints" / "step-4" / "trainable.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # a torn write
     # also: rows of steps after the checkpoint it will resume from, and a half-written last line
     with open(run / "metrics.jsonl", "a") as fh:
-        fh.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+        fh.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     _, out, _ = train(run, *RESUME)
-    assert "step-3" in out and "falling back" in out and "resuming from step 2" in out
-    assert "removed the damaged checkpoint step-3" in out
+    assert "step-4" in out and "falling back" in out and "resuming from step 3" in out
+    assert "removed the damaged checkpoint step-4" in out
     # bit-identical to the uninterrupted run: resuming from an earlier checkpoint changes nothing
     assert _same_weights(run, base_run)
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in map(json.loads, (base_run / "metrics.jsonl")
                                                                 .read_text().splitlines())]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # cut back, no duplicates, no damaged line
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3", "step-4"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]
 
 
 CONTENT_ROWS = ["missing-key", "wrong-shape", "extra-tensor", "non-finite", "state-json", "optimizer-shape",
@@ -368,7 +369,7 @@ CONTENT_ROWS = ["missing-key", "wrong-shape", "extra-tensor", "non-finite", "sta
 @pytest.mark.parametrize("damage", CONTENT_ROWS)
 def test_damaged_checkpoint_content_is_one_line(base_run, tmp_path, damage):
     """Only one checkpoint, damaged inside: one line naming it, and nothing of the run changes."""
-    run = _copy(base_run, tmp_path / "run", keep=(3,))
+    run = _copy(base_run, tmp_path / "run")
     ck = run / "checkpoints" / "step-3"
     w = load_file(str(ck / "trainable.safetensors"))
     name = sorted(w)[0]
@@ -409,7 +410,7 @@ def test_resume_removes_partial_checkpoints_and_accepts_a_moved_respelled_path(b
     code, out, err = run_cli("train", *tiny_args(list(RESUME), **{"--out": respelled, **FAST}), cwd=tmp_path)
     assert code == 0, err[-3000:]
     assert "resuming from step 3" in out and "partial checkpoint" in out
-    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3", "step-4"]
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["step-3", "step-4"]
     assert _same_weights(moved, base_run)
 
 

@@ -166,6 +166,7 @@ class Trainer:
         self.resumed = False
         self.created: Path | None = None  # the topmost directory this invocation created for the run
         self.claimed = False  # the directory checks passed: from now on the run directory is this invocation's
+        self.kept = False  # a checkpoint (or the finished run) has been written: a failure keeps the run
 
     def say(self, message: str) -> None:
         if not self.acc.is_main_process:
@@ -377,10 +378,11 @@ class Trainer:
         self.committed = True
 
     def rollback(self) -> None:
-        """After a failure before this invocation's first checkpoint: remove what it wrote (a fresh run only)."""
+        """After a failure before this invocation's first checkpoint (or, without checkpoints, before the end of
+        the run): remove what it wrote (a fresh run only; a resumed run keeps its checkpoints)."""
         import shutil
 
-        if not self.claimed or self.committed or self.resumed or not self.acc.is_main_process:
+        if not self.claimed or self.kept or self.resumed or not self.acc.is_main_process:
             return
         if self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
@@ -507,6 +509,7 @@ class Trainer:
                     if self.acc.is_main_process:
                         self._commit()
                         save_checkpoint(self.run, done, self.model, self.opt, self.sched, cfg.keep_checkpoints)
+                        self.kept = True
                     self.acc.wait_for_everyone()
                 last = done
         scores = self._eval_and_log(log, last)
@@ -559,6 +562,7 @@ class Trainer:
             # report.json last: it marks the run finished
             with writing(self.run / "report.json"):
                 write_atomic(self.run / "report.json", json.dumps(report, indent=1))
+            self.kept = True
         self.acc.wait_for_everyone()
         return report
 
