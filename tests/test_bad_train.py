@@ -432,3 +432,39 @@ def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(tmp_path):
 def _fast_config() -> dict:
     return dict(source="digits", tasks=[("vqa", 1.0)], train_per_task=16, eval_per_task=4, batch_size=8,
                 eval_every=0, save_every=0, steps=2)
+
+
+# ------------------------------------------------------------------------------------------- feature cache
+def test_damaged_feature_cache_is_recomputed_with_a_warning(tmp_path, capsys):
+    import numpy as np
+
+    from vlpet_fx.vl import build_vl
+    from vlpet_fx.vl.cache import FeatureCache, FeatureCacheError, image_key
+
+    model = build_vl("t5", "tiny", vocab_size=64)
+    ims = [np.full((8, 8), 40 * i, dtype=np.uint8) for i in range(3)]
+    ref = FeatureCache(model).features(ims)  # in memory: the reference
+    path = FeatureCache(model, tmp_path).path
+    FeatureCache(model, tmp_path).features(ims)
+    assert path.is_file()
+    damages = {
+        "garbage": lambda: path.write_bytes(b"garbage"),
+        "wrong shape": lambda: save_file({image_key(ims[0]): torch.zeros(2, 2)}, str(path)),
+        "non-finite": lambda: save_file({image_key(ims[0]): torch.full(tuple(ref.shape[1:]), float("nan"))},
+                                        str(path)),
+        "bad key": lambda: save_file({"../../etc": ref[0].contiguous()}, str(path)),
+    }
+    for what, damage in damages.items():
+        damage()
+        capsys.readouterr()
+        cache = FeatureCache(model, tmp_path)
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: feature cache '{path}'") and "computing the features again" in err, what
+        assert len(err.strip().splitlines()) == 1
+        torch.testing.assert_close(cache.features(ims), ref)
+        assert cache.computed == 3, what  # recomputed (and written back whole)
+        assert FeatureCache(model, tmp_path).features(ims).shape == ref.shape
+    # a cache that cannot be written: one line naming the path
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FeatureCacheError, match="cannot write the feature cache '.*file/.*features.safetensors'"):
+        FeatureCache(model, tmp_path / "file").features(ims)

@@ -36,10 +36,10 @@ class MetricsLog:
             except (ValueError, RecursionError):
                 dropped += 1
                 continue
-            at = row.get("step") if isinstance(row, dict) else None
-            if isinstance(at, bool) or not isinstance(at, int):
+            if not _valid_row(row):
                 dropped += 1
                 continue
+            at = row["step"]
             if at < step or (at == step and ("eval" not in row or keep_eval_at_step)):
                 kept.append(row)
             else:
@@ -74,6 +74,17 @@ class MetricsLog:
             w = csv.DictWriter(fh, fieldnames=list(keys))
             w.writeheader()
             w.writerows(self.rows)
+
+
+def _valid_row(row) -> bool:
+    """A row this module writes: an int step, then a training row's numbers or an evaluation row's scores."""
+    if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+        return False
+    if "eval" in row:
+        return isinstance(row["eval"], str) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in row.items() if k not in ("step", "eval"))
+    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+               for k in ("loss", "lr", "steps_per_s"))
 
 
 def plot_curves(log: MetricsLog, target: Path) -> None:
