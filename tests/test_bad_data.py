@@ -284,3 +284,11 @@ def test_header_is_checked_before_decoding(data_dir):
         read_image(data_dir / "bomb.png")
     assert time.perf_counter() - t0 < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no 900 MB buffer
+
+
+def test_tile_refuses_cells_of_different_shapes():
+    from vlpet_fx.data import tile
+
+    with pytest.raises(DataError, match=r"tile: cells of different shapes \[\(2, 2\), \(3, 3\)\]"):
+        tile([np.zeros((2, 2), np.uint8)] * 3 + [np.zeros((3, 3), np.uint8)], 2, 2)
+    assert tile([np.ones((2, 2), np.uint8)] * 4, 2, 2).shape == (4, 4)

@@ -406,10 +406,12 @@ def test_resume_removes_partial_checkpoints_and_accepts_a_moved_respelled_path(b
     partial.mkdir()
     (partial / "trainable.safetensors").write_bytes(b"\0" * 1000)
     (moved / "checkpoints" / "step-9").mkdir()  # a step directory without its files
+    (moved / ".metrics.jsonl.k3j4.tmp").write_text('{"step": 1')  # a killed atomic write
     respelled = "./elsewhere/../elsewhere/./run"
     code, out, err = run_cli("train", *tiny_args(list(RESUME), **{"--out": respelled, **FAST}), cwd=tmp_path)
     assert code == 0, err[-3000:]
-    assert "resuming from step 3" in out and "partial checkpoint" in out
+    assert "resuming from step 3" in out and "partial checkpoint" in out and "left by an interrupted write" in out
+    assert not (moved / ".metrics.jsonl.k3j4.tmp").exists()
     assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["step-3", "step-4"]
     assert _same_weights(moved, base_run)
 
@@ -468,3 +470,28 @@ def test_damaged_feature_cache_is_recomputed_with_a_warning(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FeatureCacheError, match="cannot write the feature cache '.*file/.*features.safetensors'"):
         FeatureCache(model, tmp_path / "file").features(ims)
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_run_resumable(base_run, tmp_path, monkeypatch):
+    """Disk full while a resumed run writes its next checkpoint: one line naming the checkpoint, no partial
+    directory left, the earlier checkpoint kept; a later --resume (here without run.json, which is said) finishes
+    bit-identically to the uninterrupted run."""
+    from safetensors import SafetensorError
+
+    import vlpet_fx.train.state as state
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    run = _copy(base_run, tmp_path / "run")
+    monkeypatch.setattr(state, "save_file", full)
+    code, _, err = train(run, *RESUME, check=False)
+    assert_refused(code, err, f"cannot write '{run / 'checkpoints' / 'step-4'}': ")
+    assert "No space left on device" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3"]  # no hidden partial left
+    assert not (run / "report.json").exists()
+    monkeypatch.undo()
+    (run / "run.json").unlink()
+    _, out, _ = train(run, *RESUME)
+    assert "has no run.json" in out and "resuming from step 3" in out
+    assert _same_weights(run, base_run)

@@ -318,7 +318,9 @@ class Trainer:
 
         if self.acc.is_main_process:
             for name in remove_partial_checkpoints(self.run):
-                self.say(f"removed the partial checkpoint '{self.run / 'checkpoints' / name}' of an interrupted run")
+                where = self.run / "checkpoints" / name if name.startswith(("step-", ".step-")) else self.run / name
+                self.say(f"removed the partial checkpoint '{where}' of an interrupted run" if "step-" in name
+                         else f"removed '{where}', left by an interrupted write")
         self.acc.wait_for_everyone()
         steps = complete_steps(self.run)
         first_error = None

@@ -27,6 +27,9 @@ from .config import TrainError
 _STEP = re.compile(r"^step-(\d{1,12})$")
 FILES = ("trainable.safetensors", "state.safetensors", "state.json")
 MAX_STATE_JSON = 64 * 2**20
+# hidden names of the temporary files and directories atomic writes make in a run directory
+_TEMPORARIES = (".run.json.", ".metrics.jsonl.", ".predictions.jsonl.", ".report.json.", ".model.", ".probe-",
+                ".checkpoints.")
 
 
 class CheckpointError(TrainError):
@@ -117,10 +120,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[str]:
-    """Remove what a killed writer left in ``checkpoints/``: hidden temporary directories and ``step-N``
-    directories that miss a file. Returns the names removed."""
+    """Remove what a killed writer left: hidden temporaries of atomic writes in the run directory and in
+    ``checkpoints/``, and ``step-N`` directories that miss a file. Returns the names removed."""
     ckpts = run_dir / "checkpoints"
     removed = []
+    if run_dir.is_dir():  # temporaries of atomic writes in the run directory itself
+        for p in sorted(run_dir.iterdir()):
+            if p.name.startswith(_TEMPORARIES):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p.name)
     if not ckpts.is_dir():
         return removed
     for p in sorted(ckpts.iterdir()):
