@@ -277,10 +277,14 @@ def train(
             fail(f"unknown task '{name}': choose from {', '.join(sorted(known))}, or give your own --data file")
     if on_bad_rows not in ("stop", "skip"):
         fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
+    from vlpet_fx.data.images import file_problem
+    from vlpet_fx.data.jsonl import MAX_FILE_BYTES
+
     for f in (data, eval_data):
-        if f is not None and not f.is_file():
-            fail(f"data file '{f}' does not exist")
-    cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size, tokens_per_image=tokens_per_image,
+        if f is not None and (why := file_problem(f, MAX_FILE_BYTES)):
+            fail(f"data file {why}")
+    with reported():
+        cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size, tokens_per_image=tokens_per_image,
                       rules=rules, tasks=tasks, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, on_bad_rows=on_bad_rows, source=source,
                       train_per_task=train_per_task, eval_per_task=eval_per_task, text_only=text_only, steps=steps,
@@ -311,15 +315,12 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
     """Compare finished runs side by side: trainable parameters and the main score of every task."""
     from rich.table import Table
 
+    from vlpet_fx.train.report import read_report
+
     docs = {}
-    for run in runs:
-        f = run / "report.json"
-        if not f.is_file():
-            fail(f"'{run}' has no report.json: is it a finished `vlpet-fx train` run?")
-        try:
-            docs[run] = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            fail(f"'{f}' is damaged: run the training again")
+    with reported():
+        for run in runs:
+            docs[run] = read_report(run).model_dump()
     tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))
     table = Table(title="runs")
     for col in ["run", "rules", "trainable %", *tasks, "average"]:

@@ -16,6 +16,10 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import os
+import stat
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -163,3 +167,87 @@ def _digits() -> ImageSet:
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return ImageSet("digits", images, np.asarray(d.target, dtype=np.int64), DIGIT_CLASSES)
+
+
+# ------------------------------------------------------------------------------------ image files
+MAX_IMAGE_BYTES = 64 * 2**20  # an image file larger than this is refused before it is opened
+MAX_IMAGE_PIXELS = 8192 * 8192  # width × height from the header; checked before any pixel is decoded
+MAX_IMAGE_SIDE = 16384
+
+
+def file_problem(path: Path, max_bytes: int) -> str | None:
+    """Why ``path`` cannot be read as a data file (missing, a directory, a device, too large), or ``None``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"'{path}' not found: check the path"
+    except (OSError, ValueError) as e:  # ValueError: an embedded NUL byte
+        return f"'{path}' cannot be read ({getattr(e, 'strerror', None) or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"'{path}' is a directory, not a file: give a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"'{path}' is not a regular file (a device, pipe or socket): give a regular file"
+    if st.st_size > max_bytes:
+        return f"'{path}' is {st.st_size:,} bytes, over the limit of {max_bytes:,}: use a smaller file"
+    return None
+
+
+def to_uint8(im) -> np.ndarray:
+    """A Pillow image of any mode and bit depth → uint8 ``(H, W)`` (one band) or ``(H, W, 3)`` (colour).
+
+    16-bit and 32-bit integer images are scaled from 0..65535; float images from 0..1 (or clipped to 0..255 if
+    any value exceeds 1); a transparent image is laid over black; palette, 1-bit, CMYK, YCbCr, LAB and HSV images
+    are converted by Pillow; the EXIF orientation is applied.
+    """
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im.convert("I") if mode != "I" else im, dtype=np.float64)
+        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if mode in ("P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "La", "RGBA", "RGBa"):
+        flat = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+        im = flat.convert("L" if mode.startswith("L") else "RGB")
+    elif mode in ("1", "L"):
+        im = im.convert("L")
+    elif mode != "RGB":
+        im = im.convert("RGB")
+    a = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(a if a.ndim == 2 else a[:, :, :3])
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 ``(H, W)`` or ``(H, W, 3)`` (see :func:`to_uint8`); :class:`DataError` (one line)
+    for a missing, special, oversized or unreadable file, or one whose header claims too many pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    why = file_problem(path, MAX_IMAGE_BYTES)
+    if why is not None:
+        raise DataError(f"image file {why}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_SIDE:
+                    raise DataError(f"image {path} claims {w}×{h} pixels: images must be 1 to {MAX_IMAGE_SIDE} "
+                                    f"pixels a side and at most {MAX_IMAGE_PIXELS:,} pixels; resize it")
+                im.load()
+                return to_uint8(im)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} is too large to decode safely ({e}); resize it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError,
+            IndexError, KeyError, struct.error) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"unreadable image {path}: {reason}") from None
+

@@ -73,6 +73,10 @@ def tile(cells: list[np.ndarray], rows: int, cols: int) -> np.ndarray:
     """Paste equally-shaped cells into one ``rows x cols`` image (row-major)."""
     if len(cells) != rows * cols:
         raise DataError(f"tile: {len(cells)} cells for a {rows}x{cols} grid")
+    shapes = {tuple(np.shape(c)) for c in cells}
+    if len(shapes) != 1:
+        raise DataError(f"tile: cells of different shapes {sorted(shapes)}: convert and resize them first "
+                        "(vlpet_fx.data.images.to_uint8)")
     return np.concatenate([np.concatenate(cells[r * cols:(r + 1) * cols], axis=1) for r in range(rows)], axis=0)
 
 

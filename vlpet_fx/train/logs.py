@@ -7,30 +7,84 @@ import csv
 import json
 from pathlib import Path
 
+from ..io import write_atomic
+
 
 class MetricsLog:
-    def __init__(self, run: Path, enabled: bool = True):
+    """Rows of ``metrics.jsonl``. ``deferred=True`` keeps rows in memory until :meth:`flush` (a run writes nothing
+    into its directory before its first checkpoint); :meth:`resume` cuts the file back to a checkpoint's step."""
+
+    def __init__(self, run: Path, enabled: bool = True, deferred: bool = False):
         self.path = run / "metrics.jsonl"
         self.enabled = enabled
+        self.deferred = deferred
         self.rows: list[dict] = []
-        if enabled and self.path.exists():  # a resumed run appends; keep earlier rows for the plot
-            self.rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        self.pending: list[dict] = []
+
+    def resume(self, step: int, keep_eval_at_step: bool) -> int:
+        """Keep the rows logged up to ``step``: training rows at steps <= ``step``, evaluation rows before it (and
+        at it if ``keep_eval_at_step``). Damaged lines (a half-written tail) are dropped; the file is rewritten
+        atomically. Returns the number of lines dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                dropped += 1
+                continue
+            if not _valid_row(row):
+                dropped += 1
+                continue
+            at = row["step"]
+            if at < step or (at == step and ("eval" not in row or keep_eval_at_step)):
+                kept.append(row)
+            else:
+                dropped += 1
+        self.rows = kept
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return dropped
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         self.rows.append(row)
-        with open(self.path, "a") as fh:
+        if self.deferred:
+            self.pending.append(row)
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        """Write the rows kept in memory and write every later row at once."""
+        if self.enabled and self.deferred:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in self.pending))
+        self.pending = []
+        self.deferred = False
 
     def to_csv(self) -> None:
         keys: dict[str, None] = {}
         for r in self.rows:
             keys.update(dict.fromkeys(r))
-        with open(self.path.with_suffix(".csv"), "w", newline="") as fh:
+        with open(self.path.with_suffix(".csv"), "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(keys))
             w.writeheader()
             w.writerows(self.rows)
+
+
+def _valid_row(row) -> bool:
+    """A row this module writes: an int step, then a training row's numbers or an evaluation row's scores."""
+    if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+        return False
+    if "eval" in row:
+        return isinstance(row["eval"], str) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in row.items() if k not in ("step", "eval"))
+    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+               for k in ("loss", "lr", "steps_per_s"))
 
 
 def plot_curves(log: MetricsLog, target: Path) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlpetError
-from .config import TrainConfig
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, TrainConfigError, TrainError
 
 PAD, EOS = 0, 1
 
@@ -99,30 +101,141 @@ def step_indices(cfg: TrainConfig, step: int, by_task: dict[str, list[int]], wei
     return out
 
 
+_ARTEFACTS = ("run.json", "tokenizer", "metrics.jsonl", "metrics.csv", "checkpoints", "model", "curves.png",
+              "predictions.jsonl", "report.json")
+_COMPARED_AS_PATHS = ("init_from", "data", "eval_data")
+# options a resumed run may change: they do not change the trajectory (or are its length, or this invocation's)
+_MAY_CHANGE = ("out", "resume", "steps", "eval_every", "save_every", "keep_checkpoints", "feature_cache",
+               "eval_batch_size", "max_new_tokens", "on_the_fly")
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failed write (disk full, read-only, safetensors' error type) into one line naming ``path``."""
+    from ..export.atomic import is_write_error, write_reason
+
+    try:
+        yield
+    except VlpetError:
+        raise
+    except Exception as exc:
+        if not is_write_error(exc):
+            raise
+        raise TrainError(f"cannot write '{path}': {write_reason(exc)}") from None
+
+
+def read_run_record(record: Path) -> dict:
+    """``run.json`` as a mapping of option names; :class:`TrainError` if it is damaged."""
+    from .config import CONFIG_FIELDS
+
+    try:
+        if not record.is_file():
+            raise ValueError("not a regular file")
+        if record.stat().st_size > 2**20:
+            raise ValueError("larger than 1 MiB")
+        doc = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
+        raise TrainError(f"'{record}' is damaged ({reason}): delete it to --resume with the options you give, or "
+                         "choose a new --out") from None
+    if not isinstance(doc, dict) or not set(doc) <= set(CONFIG_FIELDS):
+        raise TrainError(f"'{record}' is damaged (not a mapping of training options): delete it to --resume with "
+                         "the options you give, or choose a new --out")
+    return doc
+
+
+def _comparable(key: str, value):
+    if key in _COMPARED_AS_PATHS and isinstance(value, str):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, console=None):
+        if not isinstance(cfg, TrainConfig):
+            raise TrainConfigError(f"expected a TrainConfig, got {type(cfg).__name__}")
+        cfg.validate()  # again: fields may have been changed after the config was made
         from accelerate import Accelerator
 
         self.cfg = cfg
         self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=1)
         self.console = console
         self.run = Path(cfg.out)
+        self.start = 0
+        self.committed = False  # this invocation has written run.json (at its first checkpoint or at the end)
+        self.resumed = False
+        self.created: Path | None = None  # the topmost directory this invocation created for the run
+        self.claimed = False  # the directory checks passed: from now on the run directory is this invocation's
+        self.kept = False  # a checkpoint (or the finished run) has been written: a failure keeps the run
+
+    def say(self, message: str) -> None:
+        if not self.acc.is_main_process:
+            return
+        if self.console is not None:
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+        else:
+            print(message, file=sys.stderr)
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def _check_run_dir(self):
-        record = self.run / "run.json"
-        if record.exists() and not self.cfg.resume:
-            raise VlpetError(f"'{self.run}' holds another run: pass --resume to continue it, or choose a new --out")
-        if self.cfg.resume and record.exists():
-            old = json.loads(record.read_text())
-            keep = {k: v for k, v in old.items() if k not in ("resume", "steps", "eval_every", "save_every")}
-            now = {k: v for k, v in self.cfg.to_dict().items() if k in keep}
-            if keep != now:
-                diff = next(k for k in keep if keep[k] != now.get(k))
-                raise VlpetError(f"--resume with a different configuration ('{diff}' was {keep[diff]!r}); use the "
-                                 "original options or a new --out")
-        if self.run.exists() and not record.exists() and any(self.run.iterdir()):
-            raise VlpetError(f"output directory '{self.run}' is not empty and holds no run: choose a new --out")
+        """Read-only checks of ``--out``: a run to resume, a fresh directory, or an error (one line)."""
+        from .state import complete_steps
+
+        run, cfg = self.run, self.cfg
+        if run.is_symlink() and not run.exists():
+            raise TrainError(f"--out '{run}' is a broken symbolic link: remove it or choose another --out")
+        if run.exists() and not run.is_dir():
+            raise TrainError(f"--out '{run}' is a file, not a directory: choose a directory for the run")
+        for p in run.parents:
+            if p.exists():
+                if not p.is_dir():
+                    raise TrainError(f"--out '{run}': '{p}' is a file, not a directory: choose another --out")
+                break
+        record = run / "run.json"
+        has_record = record.exists() or record.is_symlink()
+        contents = [p.name for p in run.iterdir()] if run.is_dir() else []
+        if not cfg.resume:
+            if has_record:
+                raise TrainError(f"'{run}' holds another run: pass --resume to continue it, or choose a new --out")
+            if contents:
+                raise TrainError(f"output directory '{run}' is not empty and holds no run: choose a new --out")
+            return
+        steps = complete_steps(run) if run.is_dir() else []
+        if has_record:
+            old = read_run_record(record)
+            now = self.cfg.to_dict()
+            for k in now:
+                if k in _MAY_CHANGE or k not in old:
+                    continue
+                if _comparable(k, old[k]) != _comparable(k, now[k]):
+                    raise TrainError(f"--resume with a different configuration ('{k}' was {old[k]!r}, now "
+                                     f"{now[k]!r}); use the original options or a new --out")
+        elif contents and not steps:
+            raise TrainError(f"output directory '{run}' is not empty and holds no run to resume: choose a new --out")
+        elif steps:
+            self.say(f"'{run}' has no run.json: resuming without checking the options against the original run's")
+        self.resumed = bool(steps)
+        if not steps:
+            why = "no run" if not has_record else "no complete checkpoint"
+            self.say(f"nothing to resume in '{run}' ({why}): starting from step 0")
+
+    def _claim_run_dir(self):
+        """Create ``--out`` (remembering what was created) and check that it takes files."""
+        if not self.acc.is_main_process:
+            return
+        run = self.run
+        missing = [p for p in [run, *run.parents] if not p.exists()]
+        self.claimed = True
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            self.created = missing[-1] if missing else None
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=run)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise TrainError(f"cannot write in '{run}': {exc.strerror or exc}; choose a writable --out") from None
+        if self.cfg.resume and not self.resumed:
+            self._remove_artefacts()  # of an earlier invocation that never reached a checkpoint
 
     def setup(self):
         import vlpet_fx
@@ -132,16 +245,17 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.batch_size % (self.acc.num_processes * cfg.grad_accum):
-            raise VlpetError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} processes × "
-                             f"{cfg.grad_accum} accumulation steps")
-        if cfg.precision not in ("no", "bf16", "fp16"):
-            raise VlpetError(f"unknown precision '{cfg.precision}': use no, bf16 or fp16")
+            raise TrainConfigError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} "
+                                   f"processes × {cfg.grad_accum} accumulation steps")
         self._check_run_dir()
         self.acc.wait_for_everyone()  # every process has checked before the main one writes anything
         train, self.problems = load_examples(cfg, "train")
         evals, _ = load_examples(cfg, "val")
         if not train:
             raise VlpetError("no training examples: the data file or task list gave no rows")
+        if not evals:
+            raise VlpetError("no evaluation examples: the evaluation data gave no rows")
+        self._claim_run_dir()
         texts = [_prefix(e.task, e.input) for e in train + evals] + [e.target for e in train + evals]
         if cfg.init_from:
             self.model, self.tok = load_backbone(Path(cfg.init_from), texts, trust_code=cfg.trust_code)
@@ -161,8 +275,6 @@ class Trainer:
             raise VlpetError(f"rule set '{cfg.rules}' leaves nothing trainable: add rules or `trainable:` entries")
         self.model.visual.eval()
         self.model.to(self.acc.device)
-        if self.acc.is_main_process:
-            self.run.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         # visual features: computed once (main process first, so the others read its cache)
         cache = FeatureCache(self.model, cfg.feature_cache)
@@ -184,27 +296,113 @@ class Trainer:
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-        params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() <= 1]
-        assert len(decay) + len(no_decay) == len(params)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
         from transformers import get_scheduler
 
         names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-        if cfg.schedule not in names:
-            raise VlpetError(f"unknown schedule '{cfg.schedule}': use linear, cosine or constant")
         self.sched = get_scheduler(names[cfg.schedule], self.opt, num_warmup_steps=int(cfg.warmup * self.total_steps),
                                    num_training_steps=self.total_steps)
-        self.start = 0
-        ckpt = latest_checkpoint(self.run) if cfg.resume else None
-        if ckpt is not None:
-            self.start = load_checkpoint(ckpt, self.model, self.opt, self.sched)
+        if self.resumed:
+            self.start = self._load_newest_checkpoint()
         self.ddp_model, self.opt_prepared = self.acc.prepare(self.model, self.opt)
+        self.log = self._open_log()
+
+    def _load_newest_checkpoint(self) -> int:
+        """The newest checkpoint that reads back whole; newer damaged ones are removed, saying so."""
+        import shutil
+
+        from .state import CheckpointError, complete_steps, load_checkpoint, remove_partial_checkpoints
+
         if self.acc.is_main_process:
-            (self.run / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            for name in remove_partial_checkpoints(self.run):
+                where = self.run / "checkpoints" / name if name.startswith(("step-", ".step-")) else self.run / name
+                self.say(f"removed the partial checkpoint '{where}' of an interrupted run" if "step-" in name
+                         else f"removed '{where}', left by an interrupted write")
+        self.acc.wait_for_everyone()
+        steps = complete_steps(self.run)
+        first_error = None
+        for step in reversed(steps):
+            path = self.run / "checkpoints" / f"step-{step}"
+            try:
+                start = load_checkpoint(path, self.model, self.opt, self.sched)
+            except CheckpointError as exc:
+                first_error = first_error or exc
+                if step != steps[0]:
+                    self.say(f"{exc}; falling back to the checkpoint before it")
+                continue
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                for newer in steps:
+                    if newer > step:
+                        shutil.rmtree(self.run / "checkpoints" / f"step-{newer}", ignore_errors=True)
+                        self.say(f"removed the damaged checkpoint step-{newer}")
+            self.say(f"resuming from step {start}")
+            return start
+        raise TrainError(f"no checkpoint of '{self.run}' can be read (newest: {first_error}); move "
+                         f"'{self.run / 'checkpoints'}' aside to start again from step 0")
+
+    def _open_log(self):
+        from .logs import MetricsLog
+
+        log = MetricsLog(self.run, enabled=self.acc.is_main_process, deferred=not self.resumed)
+        if self.resumed:
+            with writing(log.path):
+                # evaluation rows at the resumed step were logged before its checkpoint only by a periodic
+                # evaluation; the end-of-run evaluation of a run that finished there comes after it
+                periodic = bool(self.cfg.eval_every) and self.start % self.cfg.eval_every == 0
+                dropped = log.resume(self.start, keep_eval_at_step=periodic and self.start < self.total_steps)
+            if dropped:
+                self.say(f"cut '{log.path}' back to step {self.start} ({dropped} later or damaged lines dropped)")
+            self._write_record()
+            self.committed = True
+        return log
+
+    def _write_record(self):
+        """run.json (and the tokenizer): written at the first checkpoint or at the end, never before."""
+        from ..io import write_atomic
+
+        if not self.acc.is_main_process:
+            return
+        with writing(self.run / "run.json"):
+            write_atomic(self.run / "run.json", json.dumps(self.cfg.to_dict(), indent=1))
+        with writing(self.run / "tokenizer"):
             self.tok.save_pretrained(str(self.run / "tokenizer"))
+
+    def _commit(self):
+        if self.committed:
+            return
+        self._write_record()
+        with writing(self.log.path):
+            self.log.flush()
+        self.committed = True
+
+    def rollback(self) -> None:
+        """After a failure before this invocation's first checkpoint (or, without checkpoints, before the end of
+        the run): remove what it wrote (a fresh run only; a resumed run keeps its checkpoints)."""
+        import shutil
+
+        if not self.claimed or self.kept or self.resumed or not self.acc.is_main_process:
+            return
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        self._remove_artefacts()
+
+    def _remove_artefacts(self) -> None:
+        import shutil
+
+        if not self.run.is_dir():
+            return
+        for p in self.run.iterdir():
+            if p.name in _ARTEFACTS or p.name.startswith((".probe-", ".run.json.", ".metrics.", ".model.",
+                                                           ".report.json.", ".predictions.jsonl.")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _inputs(self, split: Split, idx: list[int]):
@@ -217,6 +415,8 @@ class Trainer:
         return dict(input_ids=ids, attention_mask=mask, visual_features=feats, visual_mask=vmask)
 
     def train_step(self, step: int) -> float:
+        """One optimizer step (``step`` counts from 0). A non-finite loss or gradient stops the run with
+        :class:`TrainError` before the optimizer changes any weight."""
         split = self.splits["train"]
         idx = step_indices(self.cfg, step, self.by_task, self.weights)
         labels_all, _ = _batch_text(self.tok, [split.targets[i] for i in idx], "cpu")
@@ -239,13 +439,31 @@ class Trainer:
                 # a token sum over the global token count (DDP averages over processes: scale back up)
                 self.acc.backward(part / n_tokens * self.acc.num_processes)
             loss_sum = loss_sum + part.detach()
+        total = float(self.acc.reduce(loss_sum, reduction="sum")) / n_tokens
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not math.isfinite(total):
+            self._stop(step + 1, "NaN" if math.isnan(total) else "infinite")
         if self.cfg.grad_clip:
-            self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+            norm = self.acc.clip_grad_norm_(trainable, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measures only: the factor is 1
+        # fp16: the gradient scaler skips steps whose scaled gradients overflow; that is not a failure
+        if self.cfg.precision != "fp16" and norm is not None and not math.isfinite(float(norm)):
+            self._stop(step + 1, "NaN", " (its gradient is not finite)")
         self.opt_prepared.step()
         self.sched.step()
         self.opt_prepared.zero_grad(set_to_none=True)
-        total = self.acc.reduce(loss_sum, reduction="sum")
-        return float(total) / n_tokens
+        return total
+
+    def _stop(self, step: int, what: str, detail: str = ""):
+        from .state import complete_steps
+
+        self.opt_prepared.zero_grad(set_to_none=True)
+        steps = complete_steps(self.run) if self.committed else []
+        kept = (f"the last good checkpoint (step {steps[-1]}) is kept, the run is not finished" if steps
+                else "no checkpoint was reached, so nothing is kept")
+        raise TrainError(f"loss became {what} at step {step}{detail}: {kept}; lower --lr or set --grad-clip and "
+                         "train into a new --out")
 
     # ---- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,10 +489,11 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        from .logs import MetricsLog, progress
+        from .logs import progress
+        from .state import save_checkpoint
 
         cfg = self.cfg
-        log = MetricsLog(self.run, enabled=self.acc.is_main_process)
+        log = self.log
         t0, last = time.perf_counter(), self.start
         with progress(self.console, self.total_steps, self.start, enabled=self.acc.is_main_process) as bar:
             for step in range(self.start, self.total_steps):
@@ -282,14 +501,17 @@ class Trainer:
                 done = step + 1
                 rate = (done - self.start) / max(time.perf_counter() - t0, 1e-9)
                 lr = self.sched.get_last_lr()[0]
-                log.write({"step": done, "loss": loss, "lr": lr, "steps_per_s": rate})
+                with writing(log.path):
+                    log.write({"step": done, "loss": loss, "lr": lr, "steps_per_s": rate})
                 bar.update(done, loss=loss, lr=lr, rate=rate)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
                     self._eval_and_log(log, done)
                 if cfg.save_every and done % cfg.save_every == 0:
                     self.acc.wait_for_everyone()
                     if self.acc.is_main_process:
+                        self._commit()
                         save_checkpoint(self.run, done, self.model, self.opt, self.sched, cfg.keep_checkpoints)
+                        self.kept = True
                     self.acc.wait_for_everyone()
                 last = done
         scores = self._eval_and_log(log, last)
@@ -299,29 +521,35 @@ class Trainer:
         scores = None
         if self.acc.is_main_process:
             scores = self.evaluate("val")
-            for task, s in scores.items():
-                log.write({"step": step, "eval": task, **s})
+            with writing(log.path):
+                for task, s in scores.items():
+                    log.write({"step": step, "eval": task, **s})
         self.acc.wait_for_everyone()
         return scores
 
     def _finish(self, log, scores) -> dict:
         from ..export import save_patched
-        from ..export.atomic import check_out_dir
+        from ..io import write_atomic
         from .logs import plot_curves
 
         report = {}
         if self.acc.is_main_process:
             from .metrics import main_score
 
+            self._commit()
             target = self.run / "model"
-            if target.exists():
+            if target.exists() or target.is_symlink():
                 import shutil
 
-                shutil.rmtree(target)
-            check_out_dir(target)
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
             save_patched(self.model, target, self.base_ref)
-            log.to_csv()
-            plot_curves(log, self.run / "curves.png")
+            with writing(log.path.with_suffix(".csv")):
+                log.to_csv()
+            with writing(self.run / "curves.png"):
+                plot_curves(log, self.run / "curves.png")
             report = {
                 "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
                 "trainable_params": self.summary.trainable, "total_params": self.summary.total,
@@ -329,10 +557,14 @@ class Trainer:
                 "bad_rows": self.problems,
             }
             report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
-            (self.run / "report.json").write_text(json.dumps(report, indent=1))
-            (self.run / "predictions.jsonl").write_text("".join(
-                json.dumps({"input": i, "prediction": p, "target": t}) + "\n"
-                for i, p, t in getattr(self, "last_predictions", [])))
+            with writing(self.run / "predictions.jsonl"):
+                write_atomic(self.run / "predictions.jsonl", "".join(
+                    json.dumps({"input": i, "prediction": p, "target": t}) + "\n"
+                    for i, p, t in getattr(self, "last_predictions", [])))
+            # report.json last: it marks the run finished
+            with writing(self.run / "report.json"):
+                write_atomic(self.run / "report.json", json.dumps(report, indent=1))
+            self.kept = True
         self.acc.wait_for_everyone()
         return report
 
@@ -398,6 +630,12 @@ def _features(cache, examples) -> list[torch.Tensor]:
 
 
 def train(cfg: TrainConfig, console=None) -> dict:
+    """Run the training ``cfg`` describes. If it fails before its first checkpoint, nothing it wrote is kept
+    (a fresh run's directory is as before); a later failure keeps the checkpoints, and the run can be resumed."""
     trainer = Trainer(cfg, console)
-    trainer.setup()
-    return trainer.fit()
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except BaseException:
+        trainer.rollback()
+        raise

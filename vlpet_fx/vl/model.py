@@ -23,14 +23,17 @@ def image_size_of(visual: nn.Module) -> int:
 
 
 def to_pixels(images: list, size: int, device=None) -> torch.Tensor:
-    """uint8 images (H, W) or (H, W, 3) → float (N, 3, size, size), scaled to [-1, 1]."""
+    """uint8 images (H, W) or (H, W, 3) → float (N, 3, size, size), scaled to [-1, 1].
+
+    Each image is resized on its own before the batch is stacked, so images of different sizes (and grey next
+    to colour) batch together; for equally sized images the result equals resizing the stacked batch."""
     out = []
     for im in images:
         t = torch.from_numpy(np.array(im, dtype=np.float32))
         t = t.unsqueeze(0).expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)[:3]
-        out.append(t)
-    x = torch.stack(out) / 127.5 - 1.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        t = t.unsqueeze(0) / 127.5 - 1.0
+        out.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0])
+    x = torch.stack(out)
     return x.to(device) if device is not None else x
 
 
