@@ -1,8 +1,11 @@
-"""Dataflow patterns on the captured graph: projections, attention cores, feed-forward blocks.
+"""Dataflow on the captured graph: projections, attention cores, feed-forward blocks, packed q/k/v slices.
 
-Nothing here looks at module or parameter *names*: projections are ops whose weight operand is a
-parameter, attention cores are scaled-dot-product-attention ops or matmul → softmax → matmul, and
-feed-forward blocks are projection → non-linearity → projection.
+Nothing here looks at module or parameter *names*. The building blocks are recognised by the registered
+patterns (:mod:`.patterns`): projections are ops whose weight operand is a parameter, attention cores are
+scaled-dot-product-attention ops or scores → softmax → values (matmul, bmm, baddbmm or einsum), feed-forward
+blocks are projection → non-linearity → projection (gated: two input projections meeting in a product). When
+one projection makes q, k and v, the channels each reads are found by replaying the shape ops between them
+on a tensor of channel indices (:meth:`Dataflow.channels`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Projection:
     path: str | None  # leaf module that executed the op and owns the weight (None: packed/borrowed weight)
     in_features: int
     out_features: int
+    pattern: str = ""  # the projection pattern that matched
 
 
 @dataclass(eq=False)
@@ -46,6 +50,7 @@ class Core:
     k: Node
     v: Node
     out: Node
+    pattern: str = ""  # the attention pattern that matched
 
 
 @dataclass(eq=False)
@@ -152,7 +157,7 @@ class Dataflow:
             leaf = self.leaf_modules is None or owner in self.leaf_modules
             if local is not None and "." not in local and leaf:
                 path = owner
-        p = Projection(node, x, param, whole, path, feats[0], feats[1])
+        p = Projection(node, x, param, whole, path, feats[0], feats[1], pattern.name)
         p._order = self.order[node]  # type: ignore[attr-defined]
         return p
 
@@ -207,6 +212,7 @@ class Dataflow:
                 if pat.anchors(n):
                     core = pat.match(n, self)
                     if core is not None:
+                        core.pattern = core.pattern or pat.name
                         out.append(core)
                         break
         return out
