@@ -123,6 +123,13 @@ def test_gated_ffn_roles_follow_the_activation():
                    "output": "layers.0.mlp"}
 
 
+def test_fused_gated_ffn_roles_are_slices():
+    m = build("alibi", depth=1, mlp="fused")
+    table = vlpet_fx.discover(m, m.example_inputs())
+    ffn = {s.role: (s.path, s.out_slice) for s in table.where(block="ffn", role=["gate", "up"])}
+    assert ffn == {"gate": ("layers.0.mlp.both", (64, 128)), "up": ("layers.0.mlp.both", (0, 64))}
+
+
 def test_plain_ffn_roles():
     m = build("alibi", depth=1, gated=False)
     table = vlpet_fx.discover(m, m.example_inputs())
@@ -147,7 +154,7 @@ def test_registry_lists_every_kind_and_refuses_non_patterns():
     assert names["projection"] == ["linear", "matmul", "addmm", "einsum"]
     assert names["product"] == ["matmul", "baddbmm", "einsum"]
     assert names["attention"] == ["sdpa", "softmax"]
-    assert names["ffn"] == ["gated", "plain"]
+    assert names["ffn"] == ["gated", "fused-gated", "plain"]
     with pytest.raises(TypeError):
         vlpet_fx.register_pattern(object())
     with pytest.raises(TypeError):

@@ -290,6 +290,30 @@ def test_packed_in_proj_slices_run_in_the_graph_back_end():
         torch.backends.mha.set_fastpath_enabled(True)
 
 
+def test_fused_gated_mlp_halves_are_slice_sites_and_patchable():
+    m = build("alibi", d=D, depth=2, mlp="fused")
+    (x,) = m.example_inputs()
+    table = vlpet_fx.discover(m, (x,))
+    ffn = {s.role: (s.path, s.out_slice) for s in table.where(layer=1, block="ffn")}
+    # chunk(2): the first half is multiplied as is (up), the second passes gelu (gate)
+    assert ffn == {"gate": ("layers.1.mlp.both", (64, 128)), "up": ("layers.1.mlp.both", (0, 64)),
+                   "out": ("layers.1.mlp.drop", None), "output": ("layers.1.mlp", None)}
+    r = rules("name: f\nmethods: {l: {type: lora, rank: 2}}\n"
+              "rules: [{select: {role: gate}, insert: l, placement: parallel}]")
+    eager = vlpet_fx.patch(copy.deepcopy(m), r, example_inputs=(x,))
+    assert torch.equal(eager(x), m(x))
+    perturb(eager)
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for layer in range(2):
+            pet = eager.get_submodule(f"layers.{layer}.mlp.both.pet_gate_64_128_parallel")
+            ref.layers[layer].mlp.both.weight[64:] += (pet.lora_B.weight @ pet.lora_A.weight) * pet.scaling
+    torch.testing.assert_close(eager(x), ref(x), rtol=1e-5, atol=1e-5)
+    graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=(x,))
+    copy_pets(eager, graph)
+    torch.testing.assert_close(graph(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
 # ---- refusals at plan time -----------------------------------------------------------------------------------
 
 def test_parallel_on_a_block_output_is_refused_when_planning():

@@ -5,7 +5,8 @@
 * :class:`FusedEncoder`    -- one ``nn.Linear`` makes q, k and v; split by reshape + unbind (timm-style)
 * :class:`Conv1DEncoder`   -- one Conv1D-style module (``addmm`` with an (in, out) weight) makes q, k, v (split)
 * :class:`InterleavedEncoder` -- fused q/k/v laid out per head ([q_h k_h v_h] for each head h)
-* every block has a gated MLP (``down(act(gate(x)) * up(x))``) or, with ``gated=False``, a plain one
+* every block has a gated MLP (``down(act(gate(x)) * up(x))``), with ``gated=False`` a plain one, with
+  ``mlp="fused"`` a gated one whose two halves come from one matrix
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         return self.drop(self.lift(x) * nn.functional.silu(self.switch(x)))
+
+
+class FusedGatedMLP(nn.Module):
+    """One matrix makes both halves; the first half is `up`, the second passes the activation (`gate`)."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.both = nn.Linear(d, 2 * f, bias=False)
+        self.drop = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        u, g = self.both(x).chunk(2, dim=-1)
+        return self.drop(u * nn.functional.gelu(g))
 
 
 class PlainMLP(nn.Module):
@@ -148,13 +162,16 @@ ATTENTION = {"einsum": EinsumAttention, "alibi": AlibiAttention, "fused": FusedA
              "conv1d": lambda d, h: FusedAttention(d, h, conv1d=True), "interleaved": InterleavedAttention}
 
 
+MLP = {"gated": GatedMLP, "plain": PlainMLP, "fused": FusedGatedMLP}
+
+
 class Layer(nn.Module):
-    def __init__(self, kind: str, d: int, h: int, gated: bool):
+    def __init__(self, kind: str, d: int, h: int, mlp: str):
         super().__init__()
         self.n1 = nn.LayerNorm(d)
         self.att = ATTENTION[kind](d, h)
         self.n2 = nn.LayerNorm(d)
-        self.mlp = GatedMLP(d, 2 * d) if gated else PlainMLP(d, 2 * d)
+        self.mlp = MLP[mlp](d, 2 * d)
 
     def forward(self, x):
         x = x + self.att(self.n1(x))
@@ -164,10 +181,12 @@ class Layer(nn.Module):
 class PatternEncoder(nn.Module):
     """An encoder of ``depth`` layers whose attention is of one ``kind`` (see ATTENTION)."""
 
-    def __init__(self, kind: str, d: int = 32, h: int = 4, depth: int = 2, vocab: int = 40, gated: bool = True):
+    def __init__(self, kind: str, d: int = 32, h: int = 4, depth: int = 2, vocab: int = 40, gated: bool = True,
+                 mlp: str | None = None):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Layer(kind, d, h, gated) for _ in range(depth))
+        mlp = mlp or ("gated" if gated else "plain")
+        self.layers = nn.ModuleList(Layer(kind, d, h, mlp) for _ in range(depth))
         self.head = nn.Linear(d, vocab)
         self.vocab = vocab
 

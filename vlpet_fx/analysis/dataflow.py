@@ -263,7 +263,7 @@ class Dataflow:
                 p = self.projection_into(val) if isinstance(val, Node) else None
                 if p is not None:
                     projs[role] = [p]
-            slices = self._qkv_slices(core, projs)
+            slices = self.shared_slices(projs, {"q": core.q, "k": core.k, "v": core.v})
             o = self.projection_from(core.out, exclude=set())
             if o is not None:
                 projs["o"] = [o]
@@ -281,58 +281,89 @@ class Dataflow:
         return blocks
 
     # -- fused (packed) projections: which output channels feed q, k and v -------------------
-    def _qkv_slices(self, core: Core, projs: dict[str, list[Projection]]) -> dict[str, tuple[int, ...]]:
-        """For q/k/v made by one projection, the output slice each reads; roles whose slice cannot be worked
-        out are dropped (a site must never be a value that a method cannot be added to)."""
+    def shared_slices(self, projs: dict[str, list[Projection]], values: dict[str, Node]) -> dict[str, tuple[int, ...]]:
+        """For roles made by one projection (q/k/v of a packed matrix, gate/up of a fused one), the output slice
+        each reads (``values[role]`` is the value the role stands for); roles whose slice cannot be worked out
+        are dropped from ``projs`` (a site must never be a value that a method cannot be added to)."""
         by_node: dict[Node, list[str]] = {}
-        for role, (p,) in projs.items():
-            by_node.setdefault(p.node, []).append(role)
+        for role, ps in projs.items():
+            if len(ps) == 1 and role in values:
+                by_node.setdefault(ps[0].node, []).append(role)
         slices: dict[str, tuple[int, ...]] = {}
         for node, roles in by_node.items():
             if len(roles) < 2:
                 continue
+            width = self.projections[node].out_features
+            found: dict[str, tuple[tuple[int, ...], set[int]]] = {}
             for role in roles:
-                value = {"q": core.q, "k": core.k, "v": core.v}[role]
-                spec = slice_of(self.channels(node, value), self.projections[node].out_features)
+                value = values[role]
+                chans = self.channels(node, value) if isinstance(value, Node) else None
+                spec = slice_of(chans, width)
                 if spec is None:
+                    del projs[role]
+                else:
+                    found[role] = (spec, set(chans))
+            # roles of one packed projection read disjoint channels; where two overlap (a selection that could
+            # not be replayed makes a role look like the whole output) the larger one is dropped
+            for role, (spec, chans) in list(found.items()):
+                if any(other != role and chans & c2 and len(chans) >= len(c2) for other, (_, c2) in found.items()):
                     del projs[role]
                 elif spec != WHOLE:
                     slices[role] = spec
         return slices
 
     def channels(self, src: Node, value: Node) -> list[int] | None:
-        """The output channels (last axis) of ``src`` that ``value`` is made of, found by replaying the shape
-        ops between them on a tensor of channel indices; ``None`` if the path holds an op that cannot be
-        replayed."""
-        parent: dict[Node, Node] = {}
-        queue, seen = deque([value]), {value}
-        while queue:
-            n = queue.popleft()
-            if n is src:
-                break
-            if n is not value and ops.is_heavy(n):
-                continue
-            for i in ops.tensor_inputs(n):
-                if i not in seen:
-                    seen.add(i)
-                    parent[i] = n
-                    queue.append(i)
+        """The output channels (last axis) of ``src`` that ``value`` is made of.
+
+        The shape ops after ``src`` (views, splits, slices, selects, permutes, and element-wise ops that keep the
+        shape) are replayed on a tensor of channel indices; ``value``'s channels are the union over the replayed
+        tensors it is computed from (through light ops: rotary embeddings, scaling, a concatenation of a
+        rotated and a passed-through part). ``None`` if ``value`` is not reached that way."""
+        closure = self._index_closure(src)
+        if value in closure:
+            found = [closure[value]]
         else:
+            hits = walk([value], backward, lambda n: not ops.is_heavy(n) and n not in closure)
+            found = [closure[h] for h in hits if h in closure]
+        tensors = [t for t in found if isinstance(t, torch.Tensor)]
+        if not tensors or len(tensors) != len(found):
             return None
+        return [int(c) for c in torch.unique(torch.cat([t.reshape(-1) for t in tensors]))]
+
+    def _constant(self, node: Node) -> torch.Tensor | None:
+        """The value of a constant tensor lifted into the graph (e.g. the index of a fixed gather), or None."""
+        while node.op == "call_function" and node.target in _PASS_THROUGH | ops._overloads(ops.aten.lift_fresh_copy):
+            node = node.args[0]
+        ep = self.cap.exported
+        if node.op != "placeholder" or ep is None:
+            return None
+        name = ep.graph_signature.inputs_to_lifted_tensor_constants.get(node.name)
+        value = ep.constants.get(name) if name is not None else None
+        return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
+
+    def _index_closure(self, src: Node) -> dict[Node, object]:
+        cache = self.__dict__.setdefault("_closures", {})
+        if src in cache:
+            return cache[src]
         ys = ops.shape(src)
-        if not ys:
-            return None
-        cur = torch.arange(ys[-1]).expand(ys).contiguous()
-        n, prev = src, src
-        while n is not value:
-            n = parent[n]
-            cur = _replay(n, prev, cur)
-            if cur is None:
-                return None
-            prev = n
-        if not isinstance(cur, torch.Tensor):
-            return None
-        return [int(c) for c in torch.unique(cur)]
+        closure: dict[Node, object] = {}
+        if ys:
+            closure[src] = torch.arange(ys[-1]).expand(ys).contiguous()
+            queue = deque(src.users)
+            while queue:
+                n = queue.popleft()
+                if n in closure or n.op != "call_function" or ops.is_heavy(n):
+                    continue
+                ins = [i for i in n.all_input_nodes if i in closure]
+                if len(ins) != 1:
+                    continue
+                out = _replay(n, ins[0], closure[ins[0]], self._constant)
+                if out is None:
+                    continue
+                closure[n] = out
+                queue.extend(n.users)
+        cache[src] = closure
+        return closure
 
     def _ffns(self, used: set[Node], barriers: set[Node]) -> list[Block]:
         """projection → (non-linearity) → projection, with the output back at the input's width."""
@@ -366,10 +397,15 @@ class Dataflow:
                                 key=lambda pa: self.order[pa[0].node])
             if not candidates:
                 continue
-            roles = next((r for pat in ffn_patterns if (r := pat.roles(candidates, o, self))), None)
-            if not roles:
+            found = next((r for pat in ffn_patterns if (r := pat.roles(candidates, o, self))), None)
+            if not found:
+                continue
+            roles, values = found if isinstance(found, tuple) else (found, {})
+            slices = self.shared_slices(roles, values)
+            if not roles.get("out"):
                 continue
             b = Block("ffn", roles)
+            b.extra["slices"] = slices
             b.residual_add, b.residual, b.output = self.residual_of(o)
             out.append(b)
         # a projection may be the "out" of one candidate and an "in" of another: keep disjoint blocks
@@ -391,22 +427,26 @@ _PASS_THROUGH = ops._overloads(ops.aten.to, ops.aten._to_copy, ops.aten.type_as,
                                ops.aten.detach, ops.aten.clone, ops.aten.contiguous)
 
 
-def _replay(n: Node, prev: Node, cur):
-    """The channel indices at ``n``'s output given those (``cur``) at its input ``prev``."""
+_GATHER = ops._overloads(ops.aten.index, ops.aten.index_select)
+
+
+def _replay(n: Node, prev: Node, cur, constant=lambda node: None):
+    """The channel indices at ``n``'s output given those (``cur``) at its input ``prev``; other tensor inputs
+    must be constants (``constant(node)`` gives their value)."""
     if n.op != "call_function":
         return None
     if n.target in _PASS_THROUGH:
         return cur.contiguous() if isinstance(cur, torch.Tensor) else cur
     if n.target in ops._overloads(ops.aten.native_dropout):
         return (cur, None)
-    if n.target in ops.SHAPE:
-        others = [a for a in n.all_input_nodes if a is not prev]
-        if others:
+    if n.target in ops.SHAPE or n.target in _GATHER:
+        consts = {a: constant(a) for a in n.all_input_nodes if a is not prev}
+        if any(v is None for v in consts.values()):
             return None
 
         def sub(a):
             if isinstance(a, Node):
-                return cur
+                return cur if a is prev else consts[a]
             if isinstance(a, (list, tuple)):
                 return type(a)(sub(x) for x in a)
             return a

@@ -57,6 +57,7 @@ SHAPE = _overloads(
     aten.unsqueeze, aten.squeeze, aten.expand, aten.unflatten, aten.flatten, aten.select, aten.slice,
     aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.clone, aten.to, aten._to_copy,
     aten.detach, aten.alias, aten.dropout, aten.native_dropout, aten.type_as, aten.narrow,
+    _maybe("numpy_T"), _maybe("mT"), _maybe("adjoint"), _maybe("swapaxes"), _maybe("movedim"),
 ) | frozenset({operator.getitem})
 
 HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT

@@ -11,8 +11,8 @@ Four kinds, each a list of registered objects tried in order (the first that mat
 * ``attention`` -- an attention core, anchored at one op: ``sdpa`` (q, k, v are its arguments) or ``softmax``
   (scores product → softmax → value product, through light ops).
 * ``ffn`` -- a feed-forward block's roles, given the candidate input projections (each with whether an activation
-  lies on its path to the output projection) and the output projection: ``gated`` (``gate``, ``up``, ``out``) and
-  ``plain`` (``in``, ``out``).
+  lies on its path to the output projection) and the output projection: ``gated`` (``gate``, ``up``, ``out``),
+  ``fused-gated`` (``gate`` and ``up`` are slices of one projection's output) and ``plain`` (``in``, ``out``).
 
 Users add their own with :func:`register_pattern` (see docs/PATTERNS.md). Nothing here knows a model family.
 """
@@ -84,11 +84,12 @@ class AttentionPattern(Pattern):
 class FfnPattern(Pattern):
     kind = "ffn"
 
-    def roles(self, ins: list[tuple["Projection", bool]], out: "Projection",
-              flow: "Dataflow") -> dict[str, list["Projection"]] | None:
+    def roles(self, ins: list[tuple["Projection", bool]], out: "Projection", flow: "Dataflow"):
         """Role -> projections for a candidate block, or ``None`` if the pattern does not apply.
 
-        ``ins`` are the input projections, each with whether an activation lies on its path to ``out``."""
+        ``ins`` are the input projections, each with whether an activation lies on its path to ``out``. When one
+        projection plays two roles (a fused gate/up matrix), return ``(roles, values)`` with ``values[role]`` the
+        node that role's slice of the output becomes; the dataflow works out the slices."""
         raise NotImplementedError
 
 
@@ -321,6 +322,49 @@ class GatedFfn(FfnPattern):
         return {"gate": [g], "up": [u], "out": [out]}
 
 
+def _activation_on_path(flow: "Dataflow", src: Node, value: Node) -> tuple[bool, Node | None]:
+    """Whether ``value`` is computed from ``src`` through light ops, and the activation on that path if any."""
+    stack, seen = [(value, None)], set()
+    reached, act = False, None
+    while stack:
+        n, a = stack.pop()
+        if n is src:
+            reached, act = True, act or a
+            continue
+        if n in seen or (n is not value and ops.is_heavy(n)):
+            continue
+        seen.add(n)
+        a2 = n if ops.is_kind(n, ops.ACTIVATION) else a
+        stack.extend((i, a2) for i in ops.tensor_inputs(n))
+    return reached, act
+
+
+@dataclass
+class FusedGatedFfn(FfnPattern):
+    """One projection makes both halves: ``out(act(g) ⊙ u)`` with ``g, u`` slices of its output (a fused
+    ``gate_up`` matrix). Roles ``gate`` and ``up`` are slice sites of the one projection."""
+
+    name: str = "fused-gated"
+
+    def roles(self, ins, out, flow):
+        if len(ins) != 1 or not ins[0][1]:
+            return None
+        p = ins[0][0]
+        for m in flow.light_reach(p.node):
+            if not ops.is_kind(m, ops.MUL) or len(m.args) < 2 or not all(isinstance(a, Node) for a in m.args[:2]):
+                continue
+            traced = [_activation_on_path(flow, p.node, a) for a in m.args[:2]]
+            if not all(r for r, _ in traced) or [act is not None for _, act in traced].count(True) != 1:
+                continue
+            gi = 0 if traced[0][1] is not None else 1
+            act = traced[gi][1]
+            gate_value = next((i for i in ops.tensor_inputs(act)), None)
+            if gate_value is None:
+                continue
+            return {"gate": [p], "up": [p], "out": [out]}, {"gate": gate_value, "up": m.args[1 - gi]}
+        return None
+
+
 @dataclass
 class PlainFfn(FfnPattern):
     """``out(act(in(x)))``; several activated input projections keep the role ``in`` (their keys differ)."""
@@ -336,5 +380,5 @@ class PlainFfn(FfnPattern):
 for _p in (LinearProjection(), MatmulProjection(), AddmmProjection(), EinsumProjection(),
            MatmulProduct(), BaddbmmProduct(), EinsumProduct(),
            SdpaAttention(), SoftmaxAttention(),
-           GatedFfn(), PlainFfn()):
+           GatedFfn(), FusedGatedFfn(), PlainFfn()):
     register_pattern(_p, first=False)
