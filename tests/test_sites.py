@@ -371,3 +371,76 @@ def test_gpt2_conv1d_c_attn_is_sliced_and_patchable():
     graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=inputs)
     copy_pets(eager, graph)
     torch.testing.assert_close(eager(**inputs[1]).logits, graph(**inputs[1]).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- tiny Hugging Face models built from configs (offline) -----------------------------------------------------
+
+def _hf(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return {
+        "umt5": lambda: tf.UMT5ForConditionalGeneration(tf.UMT5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=2)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common)),
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)),
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0)),
+    }[name]().eval()
+
+
+# family -> (site of layer 1 -> (path suffix, out_slice, out_features)); from the configs: d = 32, 4 heads of 8,
+# FFN width 64 (bloom: 4·d = 128, falcon: 4·d = 128)
+HF_SITES = {
+    "umt5": {"ffn.gate": ("DenseReluDense.wi_0", None, 64), "ffn.up": ("DenseReluDense.wi_1", None, 64)},
+    "llama": {"self_attn.k": ("self_attn.k_proj", None, 16),  # 2 kv heads
+              "ffn.gate": ("mlp.gate_proj", None, 64), "ffn.up": ("mlp.up_proj", None, 64)},
+    # per-head packing [q_h k_h v_h], rotary on a quarter of each head (partial rotary)
+    "gpt_neox": {"self_attn.q": ("attention.query_key_value", (0, 8, 24, 4), 32),
+                 "self_attn.v": ("attention.query_key_value", (16, 24, 24, 4), 32)},
+    # baddbmm with the ALiBi bias; per-head packing
+    "bloom": {"self_attn.q": ("self_attention.query_key_value", (0, 8, 24, 4), 32),
+              "self_attn.k": ("self_attention.query_key_value", (8, 16, 24, 4), 32)},
+    # multi-query: [q (4 heads) | k (1 head) | v (1 head)], k and v picked by a constant gather
+    "falcon": {"self_attn.q": ("self_attention.query_key_value", (0, 32), 32),
+               "self_attn.k": ("self_attention.query_key_value", (32, 40), 8),
+               "self_attn.v": ("self_attention.query_key_value", (40, 48), 8)},
+    # packed qkv and a fused gate_up matrix (chunk: gate first)
+    "phi3": {"self_attn.v": ("self_attn.qkv_proj", (64, 96), 32),
+             "ffn.gate": ("mlp.gate_up_proj", (0, 64), 64), "ffn.up": ("mlp.gate_up_proj", (64, 128), 64)},
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_SITES))
+def test_hf_patterns(family):
+    m = _hf(family)
+    inputs = None if family == "umt5" else ((), {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False})
+    table = vlpet_fx.discover(m, inputs, name=family)
+    stack = "encoder" if family == "umt5" else None
+    assert len(set(table.keys())) == len(table)
+    for what, (suffix, out_slice, width) in HF_SITES[family].items():
+        block, role = what.split(".")
+        found = [s for s in table.where(block=block, role=role) if (stack is None or s.stack == stack)
+                 and s.layer_path and s.layer_path.endswith(".1") and not s.layer_path.startswith("decoder")]
+        assert len(found) == 1, (family, what, [str(s) for s in found])
+        (s,) = found
+        assert s.path.endswith(suffix) and s.out_slice == out_slice and s.out_features == width, (family, str(s))
+
+
+def test_gpt_neox_interleaved_slices_agree_between_back_ends():
+    m = _hf("gpt_neox")
+    kw = {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
+    r = rules("name: n\nmethods: {l: {type: lora, rank: 2}, a: {type: adapter, reduction: 4}}\nrules:\n"
+              "  - {select: {role: q}, insert: l, placement: parallel}\n"
+              "  - {select: {role: v}, insert: a, placement: parallel}\n")
+    eager = vlpet_fx.patch(copy.deepcopy(m), r, example_inputs=((), kw))
+    assert torch.equal(eager(**kw).logits, m(**kw).logits)
+    perturb(eager)
+    graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=((), kw))
+    copy_pets(eager, graph)
+    out_e, out_g = eager(**kw).logits, graph(**kw).logits
+    assert not torch.allclose(out_e, m(**kw).logits, atol=1e-4)
+    torch.testing.assert_close(out_e, out_g, rtol=1e-5, atol=1e-5)
