@@ -176,8 +176,15 @@ rules:
 """
 
 
-def _forward(m, x):
-    return m(x)
+AFTER_RULES = """
+name: slices-after
+methods:
+  big: {type: vlpet, dim: 8, heads: 2, gate: large, gate_dim: 4}   # gate reads the block input X
+  ad: {type: adapter, reduction: 4}
+rules:
+  - {select: {role: q}, insert: big}
+  - {select: {role: v}, insert: ad}
+"""
 
 
 def test_slice_methods_are_identity_at_init_in_both_back_ends(packed):
@@ -191,12 +198,13 @@ def test_slice_methods_are_identity_at_init_in_both_back_ends(packed):
     torch.testing.assert_close(graph(x), base, rtol=0, atol=1e-6)
 
 
-def test_slice_methods_agree_between_back_ends_outputs_and_grads(packed):
+@pytest.mark.parametrize("text", [SLICE_RULES, AFTER_RULES], ids=["parallel", "after"])
+def test_slice_methods_agree_between_back_ends_outputs_and_grads(packed, text):
     kind, m, table = packed
     (x,) = m.example_inputs()
-    eager = vlpet_fx.patch(copy.deepcopy(m), rules(SLICE_RULES), example_inputs=(x,))
+    eager = vlpet_fx.patch(copy.deepcopy(m), rules(text), example_inputs=(x,))
     perturb(eager)
-    graph = vlpet_fx.patch(copy.deepcopy(m), rules(SLICE_RULES), backend="graph", example_inputs=(x,))
+    graph = vlpet_fx.patch(copy.deepcopy(m), rules(text), backend="graph", example_inputs=(x,))
     copy_pets(eager, graph)
     out_e, out_g = eager(x), graph(x)
     assert not torch.allclose(out_e, m(x), atol=1e-4)
@@ -204,7 +212,8 @@ def test_slice_methods_agree_between_back_ends_outputs_and_grads(packed):
     out_e.square().mean().backward()
     out_g.square().mean().backward()
     ge, gg = grads(eager), grads(graph)
-    assert sorted(ge) == sorted(gg) and len(ge) == 2 * (2 + 4 + 4)  # per layer: lora A,B; adapter; vlpet
+    # per layer: lora A,B + adapter down/up + vlpet down/up (4) ; or vlpet with its large gate (8) + adapter (4)
+    assert sorted(ge) == sorted(gg) and len(ge) == 2 * (10 if text is SLICE_RULES else 12)
     for k in ge:
         assert ge[k] is not None and ge[k].abs().sum() > 0, k
         torch.testing.assert_close(ge[k], gg[k], rtol=1e-4, atol=1e-7)

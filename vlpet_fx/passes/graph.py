@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..analysis import SiteTable
+from ..analysis import SiteTable, ops
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Plan
@@ -37,6 +37,16 @@ class _Apply(nn.Module):
 
     def forward(self, *tensors):
         return self._apply(*tensors)
+
+
+class _ApplyAsBlockInput(_Apply):
+    """``gated(X, y)`` where the op made ``y`` flattened to 2-D (``addmm``: HF Conv1D) while the block input ``X``
+    keeps its token axes: ``y`` is viewed with ``X``'s leading shape for the call (as the eager back end sees
+    the module's output) and flattened back."""
+
+    def forward(self, x, y):
+        out = self._apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
+        return out.reshape(y.shape[:-1] + out.shape[-1:])
 
 
 class GraphPatch(PassBase):
@@ -72,7 +82,11 @@ class GraphPatch(PassBase):
             elif getattr(pet, "needs_block_input", False):
                 if full.input_node not in nodes:
                     raise PlanError(f"no block input found in the graph for {s}")
-                wrapper, args = _Apply(pet, "gated", s.out_slice), (nodes[full.input_node], node)
+                x_in = nodes[full.input_node]
+                xs, ys = ops.shape(x_in), ops.shape(node)
+                same = xs is None or ys is None or xs[:-1] == ys[:-1]
+                wrapper = (_Apply if same else _ApplyAsBlockInput)(pet, "gated", s.out_slice)
+                args = (x_in, node)
             else:
                 wrapper, args = _Apply(pet, "after", s.out_slice), (node,)
             graph_module.add_submodule(name, wrapper)
