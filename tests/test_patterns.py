@@ -130,11 +130,12 @@ def test_fused_gated_ffn_roles_are_slices():
     assert ffn == {"gate": ("layers.0.mlp.both", (64, 128)), "up": ("layers.0.mlp.both", (0, 64))}
 
 
-def test_plain_ffn_roles():
-    m = build("alibi", depth=1, gated=False)
+@pytest.mark.parametrize("mlp", ["plain", "written-gelu"])
+def test_plain_ffn_roles(mlp):
+    m = build("alibi", depth=1, mlp=mlp)
     table = vlpet_fx.discover(m, m.example_inputs())
-    ffn = {s.role: s.path for s in table.where(block="ffn")}
-    assert ffn == {"in": "layers.0.mlp.a", "out": "layers.0.mlp.b", "output": "layers.0.mlp"}
+    ffn = {s.role: (s.path, s.out_slice) for s in table.where(block="ffn")}
+    assert ffn == {"in": ("layers.0.mlp.a", None), "out": ("layers.0.mlp.b", None), "output": ("layers.0.mlp", None)}
 
 
 # ---- the slice arithmetic --------------------------------------------------------------------------------

@@ -371,6 +371,9 @@ def test_gpt2_conv1d_c_attn_is_sliced_and_patchable():
     q, k, v = (table.get(table.stacks()[0], 1, "self_attn", r) for r in "qkv")
     assert {q.path, k.path, v.path} == {"transformer.h.1.attn.c_attn"}
     assert [q.out_slice, k.out_slice, v.out_slice] == [(0, 32), (32, 64), (64, 96)]
+    # c_fc → gelu_new written out (x · (1 + tanh(...))) → c_proj: a plain MLP, not a fused gate
+    assert {s.role: s.path for s in table.where(layer=1, block="ffn")} == {
+        "in": "transformer.h.1.mlp.c_fc", "out": "transformer.h.1.mlp.c_proj", "output": "transformer.h.1.mlp"}
     r = rules("name: g\nmethods: {l: {type: lora, rank: 4}}\n"
               "rules: [{select: {role: [q, v]}, insert: l, placement: parallel}]")
     base = m(**inputs[1]).logits

@@ -162,7 +162,16 @@ ATTENTION = {"einsum": EinsumAttention, "alibi": AlibiAttention, "fused": FusedA
              "conv1d": lambda d, h: FusedAttention(d, h, conv1d=True), "interleaved": InterleavedAttention}
 
 
-MLP = {"gated": GatedMLP, "plain": PlainMLP, "fused": FusedGatedMLP}
+class WrittenGeluMLP(PlainMLP):
+    """A plain MLP whose tanh-GELU is written out (GPT-2's gelu_new): ``h * (1 + tanh(...))`` is a product of the
+    projection's output with an activation of itself, not a gate."""
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0)))))
+
+
+MLP = {"gated": GatedMLP, "plain": PlainMLP, "fused": FusedGatedMLP, "written-gelu": WrittenGeluMLP}
 
 
 class Layer(nn.Module):

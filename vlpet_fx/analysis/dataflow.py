@@ -136,6 +136,7 @@ class Dataflow:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.projections: dict[Node, Projection] = {}
         self._products: dict[Node, patterns.ProductPattern | None] = {}
+        self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
 
     # -- projections -------------------------------------------------------------------------
@@ -342,7 +343,7 @@ class Dataflow:
         return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
 
     def _index_closure(self, src: Node) -> dict[Node, object]:
-        cache = self.__dict__.setdefault("_closures", {})
+        cache = self._closures
         if src in cache:
             return cache[src]
         ys = ops.shape(src)

@@ -359,9 +359,15 @@ class FusedGatedFfn(FfnPattern):
             gi = 0 if traced[0][1] is not None else 1
             act = traced[gi][1]
             gate_value = next((i for i in ops.tensor_inputs(act)), None)
+            up_value = m.args[1 - gi]
             if gate_value is None:
                 continue
-            return {"gate": [p], "up": [p], "out": [out]}, {"gate": gate_value, "up": m.args[1 - gi]}
+            # the two halves must read disjoint channels (x · act(x), e.g. a tanh-approximated GELU written
+            # out, is a plain MLP's activation, not a gate)
+            g_ch, u_ch = flow.channels(p.node, gate_value), flow.channels(p.node, up_value)
+            if not g_ch or not u_ch or set(g_ch) & set(u_ch):
+                continue
+            return {"gate": [p], "up": [p], "out": [out]}, {"gate": gate_value, "up": up_value}
         return None
 
 
