@@ -71,7 +71,8 @@ class Site:
 
     def __str__(self) -> str:
         where = self.path if self.path is not None else f"<{self.param or 'slice'}>"
-        return f"{self.key or self.base_key} ({where}{slice_text(self.out_slice)}: {self.in_features}->{self.out_features})"
+        shape = f"{self.in_features}->{self.out_features}"
+        return f"{self.key or self.base_key} ({where}{slice_text(self.out_slice)}: {shape})"
 
 
 def assign_keys(sites: Iterable[Site]) -> list[Site]:

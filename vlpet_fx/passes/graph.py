@@ -1,11 +1,12 @@
 """Graph back end: apply a plan to the captured torch.fx graph.
 
-The model is captured in full (every layer), the plan's sites are found again in that graph by their
-key (``Site.key``, checked to name the same projection), and each PET module is inserted as a ``call_module`` node right after the
-site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with ``x`` the
-projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block input X get the residual operand of the block's residual
-add. The graph is linted and recompiled. The result is a ``torch.fx.GraphModule`` that takes the same
-inputs as the model; sites that are not module outputs (packed ``in_proj_weight`` slices) are reachable here.
+The model is captured in full (every layer), the plan's sites are found again in that graph by their key
+(``Site.key``, checked to name the same projection), and each PET module is inserted as a ``call_module`` node
+right after the site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
+``x`` the projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block
+input X get the residual operand of the block's residual add. The graph is linted and recompiled. The result
+is a ``torch.fx.GraphModule`` that takes the same inputs as the model; sites that are not module outputs
+(packed ``in_proj_weight`` slices) are reachable here.
 """
 
 from __future__ import annotations
