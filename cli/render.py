@@ -9,7 +9,7 @@ from rich.tree import Tree
 from torch import nn
 
 from vlpet_fx.analysis import SiteTable
-from vlpet_fx.analysis.sites import Site
+from vlpet_fx.analysis.sites import Site, slice_text
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
@@ -52,6 +52,7 @@ def site_tree(model: nn.Module, table: SiteTable, title: str, hits: set[tuple] |
                     count = _site_params(model, s)
                     mark = "● " if s.key in hits else "  "
                     where = s.path if s.path is not None else f"(slice of {s.param})" if s.param else "(no module)"
+                    where += slice_text(s.out_slice)
                     line = Text(f"{mark}{s.role:<6} {where}  {s.in_features}→{s.out_features}")
                     if count is not None:
                         line.append(f"  {count:,} params", style="dim")

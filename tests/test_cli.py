@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vlpet_fx.cli.main import app
 
 runner = CliRunner()
-SITE_KEYS = {"stack", "layer", "block", "role", "path", "in_features", "out_features"}
+SITE_KEYS = {"key", "stack", "layer", "block", "role", "path", "in_features", "out_features", "out_slice"}
 
 
 def run(*args):
@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
 
 # ---- patch ----------------------------------------------------------------------------------------------------
 
-PLACEMENT_KEYS = {"rule", "method", "stack", "layer", "block", "role", "path", "params"}
+PLACEMENT_KEYS = {"rule", "method", "key", "stack", "layer", "block", "role", "path", "out_slice", "params"}
 
 
 @pytest.mark.parametrize("rules", ["vlpet_large", "vl_adapter"])

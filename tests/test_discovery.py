@@ -14,6 +14,7 @@ from toy import ToySeq2Seq
 from vlpet_fx.zoo import build_model
 
 HF = ["t5", "mt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "m2m100", "bert2bert"]
+GATED = {"mt5"}  # gated MLP (wi_0 through the activation, wi_1 not): roles gate, up, out
 
 
 def _hf_layers(model) -> dict:
@@ -62,8 +63,9 @@ def test_every_layer_has_its_blocks_and_roles(discovered):
             assert got == blocks[stack], (name, stack, layer, got)
             for block in got:
                 roles = {s.role for s in table.where(stack=stack, layer=layer, block=block)}
-                expect = {"q", "k", "v", "o", "output"} if block != "ffn" else {"in", "out", "output"}
-                assert expect <= roles, (name, stack, layer, block, roles)
+                ffn = {"gate", "up", "out", "output"} if name in GATED else {"in", "out", "output"}
+                expect = {"q", "k", "v", "o", "output"} if block != "ffn" else ffn
+                assert expect == roles, (name, stack, layer, block, roles)
 
 
 def test_paths_are_real_modules_with_matching_shapes(discovered):
@@ -91,7 +93,9 @@ SPOT = {
            ("decoder", 0, "cross_attn", "v", "decoder.block.0.layer.1.EncDecAttention.v"),
            ("encoder", 0, "ffn", "in", "encoder.block.0.layer.1.DenseReluDense.wi"),
            ("decoder", 1, "ffn", "out", "decoder.block.1.layer.2.DenseReluDense.wo")],
-    "mt5": [("encoder", 0, "ffn", "out", "encoder.block.0.layer.1.DenseReluDense.wo")],
+    "mt5": [("encoder", 0, "ffn", "out", "encoder.block.0.layer.1.DenseReluDense.wo"),
+            ("encoder", 1, "ffn", "gate", "encoder.block.1.layer.1.DenseReluDense.wi_0"),
+            ("decoder", 0, "ffn", "up", "decoder.block.0.layer.2.DenseReluDense.wi_1")],
     "bart": [("encoder", 0, "self_attn", "q", "model.encoder.layers.0.self_attn.q_proj"),
              ("decoder", 1, "cross_attn", "v", "model.decoder.layers.1.encoder_attn.v_proj"),
              ("decoder", 1, "ffn", "in", "model.decoder.layers.1.fc1")],
@@ -143,4 +147,7 @@ def test_json_contract_shape():
     d = table.to_dict()
     assert set(d) == {"model", "total_params", "sites"}
     assert d["total_params"] == sum(p.numel() for p in build_model("bart", "tiny").parameters())
-    assert all(set(s) == {"stack", "layer", "block", "role", "path", "in_features", "out_features"} for s in d["sites"])
+    assert all(set(s) == {"key", "stack", "layer", "block", "role", "path", "in_features", "out_features",
+                          "out_slice"} for s in d["sites"])
+    assert len({s["key"] for s in d["sites"]}) == len(d["sites"])
+    assert all(s["out_slice"] is None for s in d["sites"])  # BART has no packed projection

@@ -5,6 +5,7 @@ placements) → planner (rule → site → method) → passes (eager module surg
 """
 
 from .analysis import Site, SiteTable, count_params, discover
+from .analysis.patterns import register_pattern, unregister_pattern
 from .capture import Captured, capture, register_example_inputs
 from .errors import (CaptureError, DiscoveryError, ExportError, ModelSpecError, PlanError, RulesError,
                      VlpetError)
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "capture", "discover", "load_rules", "plan", "patch", "patch_graph", "summary", "load", "register_pet",
-    "register_example_inputs", "list_methods", "shipped_rule_names",
+    "register_example_inputs", "register_pattern", "unregister_pattern", "list_methods", "shipped_rule_names",
     "Captured", "Site", "SiteTable", "RuleSet", "Plan", "Placement", "PetModule", "Summary", "count_params",
     "VlpetError", "CaptureError", "DiscoveryError", "ModelSpecError", "RulesError", "PlanError", "ExportError",
     "MethodConfigError", "__version__",

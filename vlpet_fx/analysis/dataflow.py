@@ -1,8 +1,11 @@
-"""Dataflow patterns on the captured graph: projections, attention cores, feed-forward blocks.
+"""Dataflow on the captured graph: projections, attention cores, feed-forward blocks, packed q/k/v slices.
 
-Nothing here looks at module or parameter *names*: projections are ops whose weight operand is a
-parameter, attention cores are scaled-dot-product-attention ops or matmul → softmax → matmul, and
-feed-forward blocks are projection → non-linearity → projection.
+Nothing here looks at module or parameter *names*. The building blocks are recognised by the registered
+patterns (:mod:`.patterns`): projections are ops whose weight operand is a parameter, attention cores are
+scaled-dot-product-attention ops or scores → softmax → values (matmul, bmm, baddbmm or einsum), feed-forward
+blocks are projection → non-linearity → projection (gated: two input projections meeting in a product). When
+one projection makes q, k and v, the channels each reads are found by replaying the shape ops between them
+on a tensor of channel indices (:meth:`Dataflow.channels`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import torch
 import torch.fx
 
 from ..capture import Captured
-from . import ops
+from . import ops, patterns
 
 Node = torch.fx.Node
 SLICING = ops._overloads(
@@ -34,6 +38,7 @@ class Projection:
     path: str | None  # leaf module that executed the op and owns the weight (None: packed/borrowed weight)
     in_features: int
     out_features: int
+    pattern: str = ""  # the projection pattern that matched
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class Core:
     k: Node
     v: Node
     out: Node
+    pattern: str = ""  # the attention pattern that matched
 
 
 @dataclass(eq=False)
@@ -121,7 +127,7 @@ def _param_source(cap: Captured, node: Node) -> tuple[str, bool] | None:
 
 
 class Dataflow:
-    """Finds the transformer building blocks of one captured graph."""
+    """Finds the transformer building blocks of one captured graph (with the registered patterns)."""
 
     def __init__(self, cap: Captured, leaf_modules: set[str] | None = None):
         self.cap = cap
@@ -129,17 +135,21 @@ class Dataflow:
         self.nodes = list(cap.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.projections: dict[Node, Projection] = {}
+        self._products: dict[Node, patterns.ProductPattern | None] = {}
+        self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
 
     # -- projections -------------------------------------------------------------------------
-    def _make_projection(self, node: Node, x: Node, w: Node) -> Projection | None:
+    def _make_projection(self, node: Node, x: Node, w: Node, pattern: patterns.ProjectionPattern) -> Projection | None:
+        if not isinstance(x, Node) or not isinstance(w, Node):
+            return None
         src = _param_source(self.cap, w)
-        if src is None or not isinstance(x, Node):
+        if src is None or _param_source(self.cap, x) is not None:
+            return None
+        feats = pattern.features(node, x, w)
+        if not feats:
             return None
         param, whole = src
-        xs, ys = ops.shape(x), ops.shape(node)
-        if not xs or not ys:
-            return None
         owner = self.cap.module_path(node)
         path = None
         if whole and owner is not None:
@@ -148,25 +158,45 @@ class Dataflow:
             leaf = self.leaf_modules is None or owner in self.leaf_modules
             if local is not None and "." not in local and leaf:
                 path = owner
-        p = Projection(node, x, param, whole, path, xs[-1], ys[-1])
+        p = Projection(node, x, param, whole, path, feats[0], feats[1], pattern.name)
         p._order = self.order[node]  # type: ignore[attr-defined]
         return p
 
     def _find_projections(self) -> None:
+        pats = patterns.patterns("projection")
         for n in self.nodes:
             if n.op != "call_function":
                 continue
-            p = None
-            if n.target in ops.LINEAR:
-                p = self._make_projection(n, n.args[0], n.args[1])
-            elif n.target in ops.MATMUL and n.target not in ops._overloads(ops.aten.einsum):
-                a, b = (n.args[1], n.args[2]) if n.target in ops._overloads(ops.aten.addmm) else n.args[:2]
-                if isinstance(b, Node) and _param_source(self.cap, b) and not (
-                    isinstance(a, Node) and _param_source(self.cap, a)
-                ):
-                    p = self._make_projection(n, a, b)
-            if p is not None:
-                self.projections[n] = p
+            for pat in pats:
+                if not pat.anchors(n):
+                    continue
+                xw = pat.operands(n)
+                p = self._make_projection(n, xw[0], xw[1], pat) if xw else None
+                if p is not None:
+                    self.projections[n] = p
+                    break
+
+    def product(self, n: Node) -> patterns.ProductPattern | None:
+        """The product pattern (attention scores or values) ``n`` matches; projections are not products."""
+        if n not in self._products:
+            found = None
+            if n.op == "call_function" and n not in self.projections:
+                found = next((p for p in patterns.patterns("product") if p.anchors(n) and p.factors(n)), None)
+            self._products[n] = found
+        return self._products[n]
+
+    def light_reach(self, start: Node) -> list[Node]:
+        """Nodes reachable forward from ``start`` through light ops (the light ones and the first heavy ones)."""
+        seen: dict[Node, None] = {}
+        queue = deque(start.users)
+        while queue:
+            n = queue.popleft()
+            if n in seen:
+                continue
+            seen[n] = None
+            if not ops.is_heavy(n):
+                queue.extend(n.users)
+        return list(seen)
 
     def is_projection(self, n: Node) -> bool:
         return n in self.projections
@@ -177,29 +207,16 @@ class Dataflow:
     # -- attention ---------------------------------------------------------------------------
     def cores(self) -> list[Core]:
         out: list[Core] = []
+        pats = patterns.patterns("attention")
         for n in self.nodes:
-            if ops.is_kind(n, ops.SDPA):
-                val = n.meta.get("val")
-                res = n
-                if isinstance(val, (tuple, list)):
-                    res = next((u for u in n.users if u.target is ops.operator.getitem and u.args[1] == 0), n)
-                out.append(Core(n, n.args[0], n.args[1], n.args[2], res))
-            elif ops.is_kind(n, ops.SOFTMAX):
-                core = self._matmul_softmax_matmul(n)
-                if core is not None:
-                    out.append(core)
+            for pat in pats:
+                if pat.anchors(n):
+                    core = pat.match(n, self)
+                    if core is not None:
+                        core.pattern = core.pattern or pat.name
+                        out.append(core)
+                        break
         return out
-
-    def _matmul_softmax_matmul(self, sm: Node) -> Core | None:
-        is_mm = lambda n: ops.is_kind(n, ops.MATMUL) and n not in self.projections  # noqa: E731
-        before = [h for h in walk([sm], backward, self._light) if is_mm(h)]
-        after = [h for h in walk([sm], forward, self._light) if is_mm(h)]
-        if not before or not after:
-            return None
-        m1, m2 = before[0], after[0]
-        if len(m1.args) < 2 or len(m2.args) < 2:
-            return None
-        return Core(m2, m1.args[0], m1.args[1], m2.args[1], m2)
 
     def projection_into(self, value: Node) -> Projection | None:
         """The nearest projection upstream of ``value`` through light ops."""
@@ -242,17 +259,19 @@ class Dataflow:
         blocks: list[Block] = []
         used: set[Node] = set()
         for core in self.cores():
-            projs = {}
+            projs: dict[str, list[Projection]] = {}
             for role, val in (("q", core.q), ("k", core.k), ("v", core.v)):
-                p = self.projection_into(val)
+                p = self.projection_into(val) if isinstance(val, Node) else None
                 if p is not None:
                     projs[role] = [p]
+            slices = self.shared_slices(projs, {"q": core.q, "k": core.k, "v": core.v})
             o = self.projection_from(core.out, exclude=set())
             if o is not None:
                 projs["o"] = [o]
-            if "o" not in projs and not projs:
+            if not projs:
                 continue
             b = Block("attn", projs, core=core)
+            b.extra["slices"] = slices
             used.update(p.node for p in b.all_projections())
             blocks.append(b)
         for b in blocks:
@@ -261,6 +280,91 @@ class Dataflow:
         blocks.extend(self._ffns(used, barriers))
         blocks.sort(key=lambda b: self.order[b.first().node])
         return blocks
+
+    # -- fused (packed) projections: which output channels feed q, k and v -------------------
+    def shared_slices(self, projs: dict[str, list[Projection]], values: dict[str, Node]) -> dict[str, tuple[int, ...]]:
+        """For roles made by one projection (q/k/v of a packed matrix, gate/up of a fused one), the output slice
+        each reads (``values[role]`` is the value the role stands for); roles whose slice cannot be worked out
+        are dropped from ``projs`` (a site must never be a value that a method cannot be added to)."""
+        by_node: dict[Node, list[str]] = {}
+        for role, ps in projs.items():
+            if len(ps) == 1 and role in values:
+                by_node.setdefault(ps[0].node, []).append(role)
+        slices: dict[str, tuple[int, ...]] = {}
+        for node, roles in by_node.items():
+            if len(roles) < 2:
+                continue
+            width = self.projections[node].out_features
+            found: dict[str, tuple[tuple[int, ...], set[int]]] = {}
+            for role in roles:
+                value = values[role]
+                chans = self.channels(node, value) if isinstance(value, Node) else None
+                spec = slice_of(chans, width)
+                if spec is None:
+                    del projs[role]
+                else:
+                    found[role] = (spec, set(chans))
+            # roles of one packed projection read disjoint channels; where two overlap (a selection that could
+            # not be replayed makes a role look like the whole output) the larger one is dropped
+            for role, (spec, chans) in list(found.items()):
+                if any(other != role and chans & c2 and len(chans) >= len(c2) for other, (_, c2) in found.items()):
+                    del projs[role]
+                elif spec != WHOLE:
+                    slices[role] = spec
+        return slices
+
+    def channels(self, src: Node, value: Node) -> list[int] | None:
+        """The output channels (last axis) of ``src`` that ``value`` is made of.
+
+        The shape ops after ``src`` (views, splits, slices, selects, permutes, and element-wise ops that keep the
+        shape) are replayed on a tensor of channel indices; ``value``'s channels are the union over the replayed
+        tensors it is computed from (through light ops: rotary embeddings, scaling, a concatenation of a
+        rotated and a passed-through part). ``None`` if ``value`` is not reached that way."""
+        closure = self._index_closure(src)
+        if value in closure:
+            found = [closure[value]]
+        else:
+            hits = walk([value], backward, lambda n: not ops.is_heavy(n) and n not in closure)
+            found = [closure[h] for h in hits if h in closure]
+        tensors = [t for t in found if isinstance(t, torch.Tensor)]
+        if not tensors or len(tensors) != len(found):
+            return None
+        return [int(c) for c in torch.unique(torch.cat([t.reshape(-1) for t in tensors]))]
+
+    def _constant(self, node: Node) -> torch.Tensor | None:
+        """The value of a constant tensor lifted into the graph (e.g. the index of a fixed gather), or None."""
+        while node.op == "call_function" and node.target in _PASS_THROUGH | ops._overloads(ops.aten.lift_fresh_copy):
+            node = node.args[0]
+        ep = self.cap.exported
+        if node.op != "placeholder" or ep is None:
+            return None
+        name = ep.graph_signature.inputs_to_lifted_tensor_constants.get(node.name)
+        value = ep.constants.get(name) if name is not None else None
+        return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
+
+    def _index_closure(self, src: Node) -> dict[Node, object]:
+        cache = self._closures
+        if src in cache:
+            return cache[src]
+        ys = ops.shape(src)
+        closure: dict[Node, object] = {}
+        if ys:
+            closure[src] = torch.arange(ys[-1]).expand(ys).contiguous()
+            queue = deque(src.users)
+            while queue:
+                n = queue.popleft()
+                if n in closure or n.op != "call_function" or ops.is_heavy(n):
+                    continue
+                ins = [i for i in n.all_input_nodes if i in closure]
+                if len(ins) != 1:
+                    continue
+                out = _replay(n, ins[0], closure[ins[0]], self._constant)
+                if out is None:
+                    continue
+                closure[n] = out
+                queue.extend(n.users)
+        cache[src] = closure
+        return closure
 
     def _ffns(self, used: set[Node], barriers: set[Node]) -> list[Block]:
         """projection → (non-linearity) → projection, with the output back at the input's width."""
@@ -284,17 +388,25 @@ class Dataflow:
                 act2 = act or ops.is_kind(m, ops.ACTIVATION)
                 queue.extend((u, act2) for u in m.users)
         out = []
+        ffn_patterns = patterns.patterns("ffn")
         for o_node, ins in groups.items():
             o = self.projections[o_node]
-            in_projs = {}
+            in_projs: dict[Node, list] = {}
             for p, act in ins:
                 in_projs.setdefault(p.node, [p, False])[1] |= act
-            if not any(a for _, a in in_projs.values()):
+            candidates = sorted(((p, a) for p, a in in_projs.values() if p.in_features == o.out_features),
+                                key=lambda pa: self.order[pa[0].node])
+            if not candidates:
                 continue
-            ins_ok = [p for p, _ in in_projs.values() if p.in_features == o.out_features]
-            if not ins_ok:
+            found = next((r for pat in ffn_patterns if (r := pat.roles(candidates, o, self))), None)
+            if not found:
                 continue
-            b = Block("ffn", {"in": sorted(ins_ok, key=lambda p: self.order[p.node]), "out": [o]})
+            roles, values = found if isinstance(found, tuple) else (found, {})
+            slices = self.shared_slices(roles, values)
+            if not roles.get("out"):
+                continue
+            b = Block("ffn", roles)
+            b.extra["slices"] = slices
             b.residual_add, b.residual, b.output = self.residual_of(o)
             out.append(b)
         # a projection may be the "out" of one candidate and an "in" of another: keep disjoint blocks
@@ -307,3 +419,81 @@ class Dataflow:
             taken |= nodes
             final.append(b)
         return final
+
+
+# -- replaying shape ops on channel indices -----------------------------------------------------------------
+
+WHOLE = ("whole",)
+_PASS_THROUGH = ops._overloads(ops.aten.to, ops.aten._to_copy, ops.aten.type_as, ops.aten.dropout, ops.aten.alias,
+                               ops.aten.detach, ops.aten.clone, ops.aten.contiguous)
+
+
+_GATHER = ops._overloads(ops.aten.index, ops.aten.index_select)
+
+
+def _replay(n: Node, prev: Node, cur, constant=lambda node: None):
+    """The channel indices at ``n``'s output given those (``cur``) at its input ``prev``; other tensor inputs
+    must be constants (``constant(node)`` gives their value)."""
+    if n.op != "call_function":
+        return None
+    if n.target in _PASS_THROUGH:
+        return cur.contiguous() if isinstance(cur, torch.Tensor) else cur
+    if n.target in ops._overloads(ops.aten.native_dropout):
+        return (cur, None)
+    if n.target in ops.SHAPE or n.target in _GATHER:
+        consts = {a: constant(a) for a in n.all_input_nodes if a is not prev}
+        if any(v is None for v in consts.values()):
+            return None
+
+        def sub(a):
+            if isinstance(a, Node):
+                return cur if a is prev else consts[a]
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(x) for x in a)
+            return a
+
+        args, kwargs = sub(list(n.args)), {k: sub(v) for k, v in n.kwargs.items()}
+        try:
+            return n.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - e.g. a view of a tensor whose strides the replay does not share
+            pass
+        if isinstance(cur, torch.Tensor) and n.target in ops._overloads(ops.aten.view, ops.aten._unsafe_view):
+            try:
+                return cur.reshape(args[1])
+            except Exception:  # noqa: BLE001
+                return None
+        return None
+    # element-wise arithmetic (scaling, rotary, bias): each output element stays where its channel was
+    ys = ops.shape(n)
+    if ys is None or not isinstance(cur, torch.Tensor):
+        return None
+    if tuple(cur.shape) == ys:
+        return cur
+    try:
+        return torch.broadcast_to(cur, ys)
+    except RuntimeError:
+        return None
+
+
+def slice_of(channels: list[int] | None, width: int) -> tuple[int, ...] | None:
+    """Channels → ``WHOLE``, ``(start, stop)`` (one range) or ``(start, stop, period, count)`` (one range in each
+    of ``count`` blocks of ``period`` channels, as per-head packing lays q, k and v out); ``None`` otherwise."""
+    if not channels:
+        return None
+    if channels == list(range(width)):
+        return WHOLE
+    runs: list[list[int]] = []
+    for c in channels:
+        if runs and c == runs[-1][1]:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    if len(runs) == 1:
+        return (runs[0][0], runs[0][1])
+    w = runs[0][1] - runs[0][0]
+    period = runs[1][0] - runs[0][0]
+    start, count = runs[0][0], len(runs)
+    regular = all(r[1] - r[0] == w and r[0] == start + j * period for j, r in enumerate(runs))
+    if regular and count * period == width and start + w <= period:
+        return (start, start + w, period, count)
+    return None

@@ -65,20 +65,23 @@ def _is_noop_alias(node) -> bool:
     return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype
 
 
+def spec_width(spec: tuple[int, ...]) -> int:
+    return (spec[1] - spec[0]) * (spec[3] if len(spec) == 4 else 1)
+
+
 def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
                      input_node=b.residual.name if b.residual is not None else None)
-        share: dict = {}
-        for p in b.all_projections():
-            share[p.node] = share.get(p.node, 0) + 1
+        slices = b.extra.get("slices", {})
         for role, projs in b.projections.items():
             for p in projs:
-                out = p.out_features if p.whole and share[p.node] == 1 else p.out_features // share[p.node]
+                spec = slices.get(role)
+                out = spec_width(spec) if spec else p.out_features
                 sites.append(
-                    Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out,
-                         node=p.node.name, param=p.param, **where)
+                    Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out, spec,
+                         node=p.node.name, param=p.param, x_node=p.x.name, **where)
                 )
         first, last = b.first(), b.last()
         sites.append(
@@ -95,7 +98,7 @@ def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> S
         return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
 
     return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
-                   layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None)
+                   layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None, x_node=None)
 
 
 def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:

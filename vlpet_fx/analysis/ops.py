@@ -51,14 +51,22 @@ ACTIVATION = _overloads(
     aten.glu, aten.hardswish, aten.softplus, aten.selu, aten.celu,
 )
 ADD = _overloads(aten.add, aten.add_)
+MUL = _overloads(aten.mul, aten.mul_)
 SHAPE = _overloads(
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.t, aten.permute, aten.contiguous,
     aten.unsqueeze, aten.squeeze, aten.expand, aten.unflatten, aten.flatten, aten.select, aten.slice,
     aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.clone, aten.to, aten._to_copy,
     aten.detach, aten.alias, aten.dropout, aten.native_dropout, aten.type_as, aten.narrow,
+    _maybe("numpy_T"), _maybe("mT"), _maybe("adjoint"), _maybe("swapaxes"), _maybe("movedim"),
 ) | frozenset({operator.getitem})
 
 HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT
+_EXTRA_HEAVY: set = set()  # ops of user-registered patterns (vlpet_fx.analysis.patterns.register_pattern)
+
+
+def add_heavy(targets) -> None:
+    """Treat ``targets`` as heavy: analysis walks stop at them (as at projections and attention ops)."""
+    _EXTRA_HEAVY.update(t for t in targets if t is not None)
 
 
 def target(node: torch.fx.Node):
@@ -70,7 +78,7 @@ def is_kind(node: torch.fx.Node, kind: frozenset) -> bool:
 
 
 def is_heavy(node: torch.fx.Node) -> bool:
-    return node.op != "call_function" or node.target in HEAVY
+    return node.op != "call_function" or node.target in HEAVY or node.target in _EXTRA_HEAVY
 
 
 def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:

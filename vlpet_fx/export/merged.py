@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..analysis.sites import slice_channels
 from ..errors import ExportError
 from ..modules.base import get_method
 from ..planner.plan import Placement
@@ -55,7 +56,12 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for p, pet in detach_pets(model):
             target = model.get_submodule(p.site.path)
-            target.weight.add_(pet.delta_weight().to(target.weight.dtype))
+            delta = pet.delta_weight().to(target.weight.dtype)
+            if p.site.out_slice:  # a slice of a packed projection: only its rows of the weight change
+                rows = torch.tensor(slice_channels(p.site.out_slice), device=target.weight.device)
+                target.weight.index_add_(0, rows, delta)
+            else:
+                target.weight.add_(delta)
     return model
 
 

@@ -27,6 +27,10 @@ def _check(model: nn.Module) -> str:
                           "use --format adapters")
     if not plan.placements:
         raise ExportError("--format peft needs at least one LoRA placement")
+    sliced = [p for p in plan.placements if p.site.out_slice]
+    if sliced:
+        raise ExportError(f"PEFT's LoRA changes a whole module, but {sliced[0].site.key} is a slice of the packed "
+                          f"{sliced[0].site.path}: use --format adapters or merged")
     extra = set(plan.trainable)
     if not extra:
         return "none"

@@ -44,7 +44,8 @@ def build_pet(p: Placement, *, seed: int = 0, device=None, dtype=None) -> nn.Mod
     """Instantiate the PET module of a placement. Its initial weights depend only on (seed, site, placement),
     so the eager and the graph back ends build identical modules."""
     cls = get_method(p.method).module
-    key = f"{seed}:{p.site.stack}:{p.site.layer}:{p.site.block}:{p.site.role}:{p.placement}"
+    # the site's key (with ':' for '.', which keeps the seeds of the unqualified keys of earlier versions)
+    key = f"{seed}:{p.site.key.replace('.', ':')}:{p.placement}"
     with _seeded(zlib.crc32(key.encode())):
         mod = cls(p.site.in_features, p.site.out_features, p.config, placement=p.placement)
     if device is not None or dtype is not None:
@@ -57,3 +58,43 @@ def site_device_dtype(module: nn.Module):
         if t.is_floating_point():
             return t.device, t.dtype
     return None, None
+
+
+# -- sites that are a slice of a packed projection's output --------------------------------------------------
+
+def take_slice(y: torch.Tensor, out_slice: tuple[int, ...]) -> torch.Tensor:
+    """The channels ``out_slice`` names (last axis of ``y``), in order."""
+    a, b = out_slice[0], out_slice[1]
+    if len(out_slice) == 2:
+        return y.narrow(-1, a, b - a)
+    period, count = out_slice[2], out_slice[3]
+    return y.unflatten(-1, (count, period)).narrow(-1, a, b - a).flatten(-2)
+
+
+def put_slice(y: torch.Tensor, out_slice: tuple[int, ...], v: torch.Tensor) -> torch.Tensor:
+    """``y`` with the channels ``out_slice`` names replaced by ``v`` (out of place: autograd sees both)."""
+    a, b = out_slice[0], out_slice[1]
+    if len(out_slice) == 2:
+        return torch.cat([y.narrow(-1, 0, a), v, y.narrow(-1, b, y.shape[-1] - b)], dim=-1)
+    period, count = out_slice[2], out_slice[3]
+    yb = y.unflatten(-1, (count, period))
+    vb = v.unflatten(-1, (count, b - a))
+    return torch.cat([yb.narrow(-1, 0, a), vb, yb.narrow(-1, b, period - b)], dim=-1).flatten(-2)
+
+
+class SiteApply:
+    """How a placement changes its site's value ``y`` (the whole output of the site's op or module):
+    ``pet.<method>(*extra, y)``, or for a slice site ``put(y, pet.<method>(*extra, take(y)))``. Both back ends
+    use it, so they compute the same thing. The choice is made here, once (no branching per call)."""
+
+    def __init__(self, pet: nn.Module, method: str, out_slice: tuple[int, ...] | None):
+        self.fn = getattr(pet, method)
+        self.out_slice = tuple(out_slice) if out_slice else None
+        self.apply = self._whole if self.out_slice is None else self._sliced
+
+    def _whole(self, *tensors):
+        return self.fn(*tensors)
+
+    def _sliced(self, *tensors):
+        *extra, y = tensors
+        return put_slice(y, self.out_slice, self.fn(*extra, take_slice(y, self.out_slice)))

@@ -3,6 +3,8 @@
 Each PET module becomes a child of its site's module (``<site module>.pet_<role>_<placement>``), so the base
 model's own parameter names and ``state_dict`` keys do not change, and is called from a forward hook on that
 module: ``after`` replaces the module's output ``y`` by ``pet.after(y)``; ``parallel`` by ``pet.parallel(x, y)``.
+On a slice site (q, k or v of a packed projection, ``Site.out_slice``) the method sees and changes only its
+slice of ``y`` (``pet_<role>_<slice>_<placement>``); the other channels pass unchanged.
 A method that reads the block input X (VL-PET's gates) gets it from a forward pre-hook on the module that
 receives X (``Site.input_path``, found from the dataflow). Hooks survive ``generate()`` with the KV cache,
 ``.to()``, autocast and gradient checkpointing, and ``torch.compile`` traces them.
@@ -18,7 +20,7 @@ from .._text import shown
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Placement, Plan
-from .base import ModulePass, build_pet, site_device_dtype
+from .base import ModulePass, SiteApply, build_pet, site_device_dtype
 
 
 def _first(output):
@@ -42,23 +44,25 @@ def _input_of(args, kwargs):
 
 
 class AfterHook:
-    """forward hook: y -> pet.after(y)."""
+    """forward hook: y -> pet.after(y) (on the site's slice of y, for a slice site)."""
 
-    def __init__(self, pet: nn.Module):
+    def __init__(self, pet: nn.Module, out_slice=None):
         self.pet = pet
+        self.apply = SiteApply(pet, "after", out_slice).apply
 
     def __call__(self, module, args, output):
-        return _replace_first(output, self.pet.after(_first(output)))
+        return _replace_first(output, self.apply(_first(output)))
 
 
 class ParallelHook:
-    """forward hook (with kwargs): y -> pet.parallel(x, y)."""
+    """forward hook (with kwargs): y -> pet.parallel(x, y) (on the site's slice of y, for a slice site)."""
 
-    def __init__(self, pet: nn.Module):
+    def __init__(self, pet: nn.Module, out_slice=None):
         self.pet = pet
+        self.apply = SiteApply(pet, "parallel", out_slice).apply
 
     def __call__(self, module, args, kwargs, output):
-        return _replace_first(output, self.pet.parallel(_input_of(args, kwargs), _first(output)))
+        return _replace_first(output, self.apply(_input_of(args, kwargs), _first(output)))
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -128,9 +132,9 @@ class EagerPatch(ModulePass):
                 added.append((owner, name))
                 attached[full] = p
                 if p.placement == "after":
-                    handles.append(target.register_forward_hook(AfterHook(pet)))
+                    handles.append(target.register_forward_hook(AfterHook(pet, p.site.out_slice)))
                 else:
-                    handles.append(target.register_forward_hook(ParallelHook(pet), with_kwargs=True))
+                    handles.append(target.register_forward_hook(ParallelHook(pet, p.site.out_slice), with_kwargs=True))
                 if getattr(pet, "needs_block_input", False):
                     src = module.get_submodule(p.site.input_path) if p.site.input_path else module
                     handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))

@@ -1,36 +1,53 @@
 """Graph back end: apply a plan to the captured torch.fx graph.
 
-The model is captured in full (every layer), the plan's sites are found again in that graph by their
-(stack, layer, block, role), and each PET module is inserted as a ``call_module`` node right after the
-site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with ``x`` the
-linear op's input). Methods that read the block input X get the residual operand of the block's residual
-add. The graph is linted and recompiled. The result is a ``torch.fx.GraphModule`` that takes the same
-inputs as the model; sites that are not module outputs (packed ``in_proj_weight`` slices) are reachable here.
+The model is captured in full (every layer), the plan's sites are found again in that graph by their key
+(``Site.key``, checked to name the same projection), and each PET module is inserted as a ``call_module`` node
+right after the site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
+``x`` the projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block
+input X get the residual operand of the block's residual add. The graph is linted and recompiled. The result
+is a ``torch.fx.GraphModule`` that takes the same inputs as the model; sites that are not module outputs
+(packed ``in_proj_weight`` slices) are reachable here.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..analysis import SiteTable
+from ..analysis import SiteTable, ops
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Plan
-from .base import build_pet, site_device_dtype
+from .base import SiteApply, build_pet, site_device_dtype
+
+_SAFE = re.compile(r"[^0-9A-Za-z_]")
 
 
 class _Apply(nn.Module):
-    """A ``call_module`` target: one of the PET module's placement methods (``after``, ``gated``, ``parallel``)."""
+    """A ``call_module`` target: one of the PET module's placement methods (``after``, ``gated``, ``parallel``),
+    on the site's slice of the value for a slice site (the same :class:`SiteApply` as the eager back end)."""
 
-    def __init__(self, pet: nn.Module, method: str):
+    def __init__(self, pet: nn.Module, method: str, out_slice=None):
         super().__init__()
         self.pet = pet
         self.method = method
+        self._apply = SiteApply(pet, method, out_slice).apply
 
     def forward(self, *tensors):
-        return getattr(self.pet, self.method)(*tensors)
+        return self._apply(*tensors)
+
+
+class _ApplyAsBlockInput(_Apply):
+    """``gated(X, y)`` where the op made ``y`` flattened to 2-D (``addmm``: HF Conv1D) while the block input ``X``
+    keeps its token axes: ``y`` is viewed with ``X``'s leading shape for the call (as the eager back end sees
+    the module's output) and flattened back."""
+
+    def forward(self, x, y):
+        out = self._apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
+        return out.reshape(y.shape[:-1] + out.shape[-1:])
 
 
 class GraphPatch(PassBase):
@@ -49,27 +66,30 @@ class GraphPatch(PassBase):
             if not get_method(p.method).module.inserts_module:
                 continue
             s = p.site
-            try:
-                full = table.get(s.stack, s.layer, s.block, s.role)
-            except KeyError:
-                raise PlanError(f"site {s} is not in the full capture's graph") from None
+            full = table[s.key] if s.key in table else None
+            if full is None or full.public() != s.public():
+                raise PlanError(f"site {s} is not in the full capture's graph: plan against this model's own sites")
             node = nodes.get(full.node)
             if node is None:
                 raise PlanError(f"graph node '{full.node}' of site {s} is missing from the graph module")
             device, dtype = site_device_dtype(graph_module)
             pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
-            name = f"vlpet_{i}_{p.site.stack}_{p.site.layer}_{p.site.block}_{p.site.role}_{p.placement}"
+            name = "vlpet_{}_{}_{}".format(i, _SAFE.sub("_", s.key), p.placement)
             if p.placement == "parallel":
-                x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+                x = nodes.get(full.x_node) if full.x_node else None
                 if x is None or s.role == "output":
-                    raise PlanError(f"a parallel placement needs the input of a linear site; {s} has none in the graph")
-                wrapper, args = _Apply(pet, "parallel"), (x, node)
+                    raise PlanError(f"a parallel placement needs the input of a projection; {s} has none in the graph")
+                wrapper, args = _Apply(pet, "parallel", s.out_slice), (x, node)
             elif getattr(pet, "needs_block_input", False):
                 if full.input_node not in nodes:
                     raise PlanError(f"no block input found in the graph for {s}")
-                wrapper, args = _Apply(pet, "gated"), (nodes[full.input_node], node)
+                x_in = nodes[full.input_node]
+                xs, ys = ops.shape(x_in), ops.shape(node)
+                same = xs is None or ys is None or xs[:-1] == ys[:-1]
+                wrapper = (_Apply if same else _ApplyAsBlockInput)(pet, "gated", s.out_slice)
+                args = (x_in, node)
             else:
-                wrapper, args = _Apply(pet, "after"), (node,)
+                wrapper, args = _Apply(pet, "after", s.out_slice), (node,)
             graph_module.add_submodule(name, wrapper)
             with graph_module.graph.inserting_after(node):
                 new = graph_module.graph.call_module(name, args)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._text import shown
 from ..analysis import SiteTable, discover
-from ..analysis.sites import Site
+from ..analysis.sites import Site, slice_text
 from ..errors import PlanError, RulesError
 from ..modules.base import MethodConfig, MethodConfigError, get_method
 from ..rules import RuleSet, load_rules
@@ -58,23 +58,43 @@ class Placement:
     params: int
 
     @property
-    def key(self) -> tuple:
-        return (self.site.stack, self.site.layer, self.site.block, self.site.role, self.placement)
+    def key(self) -> tuple[str, str]:
+        """``(site key, placement)``: at most one placement per key in a plan."""
+        return (self.site.key, self.placement)
 
     @property
     def attach_name(self) -> str:
-        """Name of the PET child module on the site's module (unique per role and placement)."""
-        return f"pet_{self.site.role}_{self.placement}"
+        """Name of the PET child module on the site's module: ``pet_<role>[_<slice>]_<placement>`` (a packed
+        module holds one per slice; the planner refuses two placements with one name on one module)."""
+        return f"pet_{self.site.role}{_slice_tag(self.site.out_slice)}_{self.placement}"
 
     def public(self) -> dict:
         s = self.site
-        return {"rule": self.rule, "method": self.method, "stack": s.stack, "layer": s.layer, "block": s.block,
-                "role": s.role, "path": s.path, "params": self.params}
+        return {"rule": self.rule, "method": self.method, "key": s.key, "stack": s.stack, "layer": s.layer,
+                "block": s.block, "role": s.role, "path": s.path,
+                "out_slice": list(s.out_slice) if s.out_slice else None, "params": self.params}
 
     def to_dict(self) -> dict:
         return {**self.public(), "alias": self.alias, "placement": self.placement, "rule_index": self.rule_index,
                 "in_features": self.site.in_features, "out_features": self.site.out_features,
                 "config": dataclasses.asdict(self.config)}
+
+
+def _slice_tag(out_slice: tuple[int, ...] | None) -> str:
+    return "_" + "_".join(str(int(v)) for v in out_slice) if out_slice else ""
+
+
+def check_placement(cls, site: Site, placement: str) -> str | None:
+    """Why ``cls`` cannot be placed ``placement`` on ``site`` (one line), or ``None``. Shape checks are the
+    method's own (``check_fits``); these are the ones every method shares."""
+    if placement == "parallel" and site.role == "output":
+        return ("a block's `output` is not one projection, so it has no input to run a parallel module on: "
+                "use `placement: after`, or select a projection role (q, k, v, o, in, gate, up, out)")
+    if site.out_slice and not cls.inserts_module:
+        return (f"method '{cls.name}' trains the module's own weight, but this site is a slice "
+                f"({slice_text(site.out_slice)}) of a packed projection, whose weight also makes the other slices: "
+                "insert a module instead (lora, adapter, vlpet), or train the packed module with `trainable:`")
+    return None
 
 
 @dataclass
@@ -160,11 +180,15 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
         if rule.skip:
             for s in sites:
                 for pl in ("after", "parallel"):
-                    chosen.pop((s.stack, s.layer, s.block, s.role, pl), None)
+                    chosen.pop((s.key, pl), None)
             continue
         alias, mtype, cfg = rs.method_for(i)
         cls = get_method(mtype).module
         for s in sites:
+            why = check_placement(cls, s, rule.placement)
+            if why:
+                raise RulesError(f"{rs.where('rules', i)}: rule '{rs.rule_name(i)}' cannot place {mtype} "
+                                 f"'{rule.placement}' on {s.key}: {why}")
             try:
                 cls.check_fits(s.in_features, s.out_features, rule.placement, cfg)
             except MethodConfigError as exc:
@@ -200,10 +224,26 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             for n_ in _params_of(model, named, [p.site.path], "all"):
                 trainable.setdefault(n_, named[n_].numel())
                 sources.setdefault(n_, p.rule)
+    _check_attach_names(chosen.values(), rs)
     order = {id(s): i for i, s in enumerate(table)}
     placements = sorted(chosen.values(), key=lambda p: (p.rule_index, order[id(p.site)], p.placement))
     total = sum(p.numel() for p in model.parameters())
     return Plan(table.model, rs, table, placements, trainable, sources, total, unmatched, model_signature(model))
+
+
+def _check_attach_names(placements, rs: RuleSet) -> None:
+    """Two PET modules may not share a name on one module (e.g. the same role twice on one packed module)."""
+    seen: dict[tuple, Placement] = {}
+    for p in placements:
+        if p.site.path is None or not get_method(p.method).module.inserts_module:
+            continue
+        k = (p.site.path, p.attach_name)
+        if k in seen:
+            q = seen[k]
+            raise RulesError(f"{rs.where('rules', p.rule_index)}: rule '{p.rule}' places a module on {p.site.key}, "
+                             f"which would share the name {p.site.path}.{p.attach_name} with {q.site.key} (rule "
+                             f"'{q.rule}'): select one of the two sites")
+        seen[k] = p
 
 
 def _params_of(model: nn.Module, named: dict, paths: list[str], which: str) -> list[str]:

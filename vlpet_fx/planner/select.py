@@ -21,7 +21,19 @@ def _layers_for(sel: Selector, stack: str, n: int) -> set[int] | None:
     return resolve_layers(sel.layers, n, f"the {stack}")
 
 
+# a selector role that also selects finer roles: `in` is every input projection of a feed-forward block
+# (the plain `in`, or a gated MLP's `gate` and `up`)
+ROLE_GROUPS = {"in": ("in", "gate", "up")}
+
+
+def _roles(sel: Selector) -> set[str] | None:
+    if sel.role is None:
+        return None
+    return {r for role in sel.role for r in ROLE_GROUPS.get(role, (role,))}
+
+
 def match_sites(sel: Selector, table: SiteTable, modules: dict[str, nn.Module]) -> list[Site]:
+    roles = _roles(sel)
     counts = table.num_layers()
     layer_sets: dict[str, set[int] | None] = {}  # resolved for the stacks the other fields reach
     path_re = compile_pattern(sel.path_regex) if sel.path_regex else None
@@ -32,7 +44,7 @@ def match_sites(sel: Selector, table: SiteTable, modules: dict[str, nn.Module]) 
             continue
         if sel.block is not None and s.block not in sel.block:
             continue
-        if sel.role is not None and s.role not in sel.role:
+        if roles is not None and s.role not in roles:
             continue
         if s.stack not in layer_sets:
             layer_sets[s.stack] = _layers_for(sel, s.stack, counts.get(s.stack, 0))
