@@ -10,8 +10,9 @@ from torch import nn
 
 from ..capture import Captured, capture
 from ..capture.reduce import Reduction, reduced
-from ..errors import DiscoveryError
+from ..errors import DiscoveryError, VlpetError
 from .dataflow import Block, Dataflow
+from .norms import norm_modules
 from .sites import Site, SiteTable
 from .streams import assign_streams
 
@@ -25,7 +26,7 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     flow = Dataflow(cap, leaves)
     blocks = flow.blocks()
     assign_streams(flow, blocks, model)
-    return blocks
+    return [b for b in blocks if not b.extra.get("off_stream")]
 
 
 def input_path_of(cap: Captured | None, b: Block) -> str | None:
@@ -141,23 +142,57 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
     sites = None
     graph_nodes = 0
     method = "export"
+    norms: list[str] = []
     if captured is None and fast:
         with reduced(model) as red:
             if red:
                 cap = capture(model, example_inputs)
-                sites = expand_reduced(sites_of(_checked_blocks(model, cap), cap), red)
+                sites = expand_reduced(_analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap)), red)
+                norms = expand_paths(norm_modules(cap), red)
                 graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
-        sites = sites_of(_checked_blocks(model, cap), cap)
+        sites = _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap))
+        norms = norm_modules(cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()
     return SiteTable(
         sites,
         model=name or type(model).__name__,
         total_params=count_params(model),
-        meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method},
+        meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method, "norms": norms},
     )
+
+
+def _analysed(model: nn.Module, cap: Captured, run):
+    """Run the analysis; an unexpected exception becomes one DiscoveryError line naming it (never a traceback)."""
+    try:
+        return run()
+    except VlpetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- reported as one line with its type
+        first = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")[:160]
+        raise DiscoveryError(
+            f"cannot analyse {type(model).__name__}: {type(exc).__name__}: {first} -- its graph has a pattern the "
+            "analysis does not handle yet: register one (vlpet_fx patterns) or report it with this line"
+        ) from exc
+
+
+def expand_paths(paths: list[str], red: Reduction) -> list[str]:
+    """Module paths inside shortened layer lists, repeated for the layers the reduction dropped."""
+    out: dict[str, None] = dict.fromkeys(paths)
+    for list_path, reps in red.representative.items():
+        prefix = list_path + "."
+        for path in paths:
+            if not path.startswith(prefix):
+                continue
+            index, _, rest = path[len(prefix):].partition(".")
+            if not index.isdigit():
+                continue
+            for j, rep in sorted(reps.items()):
+                if rep == int(index):
+                    out.setdefault(f"{prefix}{j}" + (f".{rest}" if rest else ""), None)
+    return list(out)
 
 
 def _checked_blocks(model: nn.Module, cap: Captured) -> list[Block]:
