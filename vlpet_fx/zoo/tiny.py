@@ -115,4 +115,9 @@ def tiny_config(model_type: str):
     import transformers as tf
 
     config = tf.AutoConfig.for_model(model_type)
-    return shrink(config)
+    config = shrink(config)
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        # saved checkpoints name the decoder's first token; a bare config may not
+        pad = getattr(config, "pad_token_id", None)
+        config.decoder_start_token_id = pad if isinstance(pad, int) else 0
+    return config
