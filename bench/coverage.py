@@ -102,21 +102,24 @@ def run_family(mapping: str, model_type: str) -> dict:
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         return rec
 
-    # 1. build
+    tmp = tempfile.TemporaryDirectory()
+    # 1. build (and save: a config that does not validate is not buildable either)
     try:
         torch.manual_seed(0)
         config = tiny_config(model_type)
+        if mapping == "causal" and getattr(config, "is_decoder", None) is False:
+            config.is_decoder = True  # the causal-LM heads of encoder families (BERT ...) need it, as their docs say
         model = getattr(tf, AUTO[mapping]).from_config(config).eval()
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["model_class"] = type(model).__name__
+        model.save_pretrained(tmp.name)
     except Exception as exc:  # noqa: BLE001
         return failed("build", exc)
 
     # 2. sites, the way `vlpet-fx inspect DIR` finds them
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            net, _ = load_model(tmp, weights=False)
+        with tmp:
+            net, _ = load_model(tmp.name, weights=False)
             table = vlpet_fx.discover(net, name=model_type)
         rec["layers"] = table.num_layers()
         rec["sites"] = len(table)
@@ -270,6 +273,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="model types to run (default: all)")
     ap.add_argument("--limit", type=int, default=120, help="seconds per family")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--markdown", type=Path, default=ROOT / "docs" / "COVERAGE.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -282,6 +286,9 @@ def main() -> None:
         return
     if args.fresh and jsonl.exists():
         jsonl.unlink()
+    if args.redo_failed and jsonl.exists():
+        kept = [r for r in _done(jsonl).values() if r["status"] != "fail"]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
     t0 = time.time()
     while True:

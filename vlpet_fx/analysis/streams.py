@@ -133,6 +133,26 @@ def _down_light(n: Node) -> list[Node]:
     return walk([n], forward, lambda x: not ops.is_heavy(x)) + [n]
 
 
+def _stream_key(flow: Dataflow, node: Node, barriers: set[Node]) -> tuple:
+    """Which stream a value comes from: the latest residual add upstream of it (through any op; e.g. past a
+    partial rotary embedding's concatenation), and the model inputs reached before any residual add."""
+    names = set(flow.cap.user_inputs)
+    seen, todo, hits, inputs = set(), [node], [], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in barriers and n is not node:
+            hits.append(n)
+            continue
+        if n.op == "placeholder" and n.name in names:
+            inputs.add(n)
+        todo.extend(n.all_input_nodes)
+    latest = max(hits, key=flow.order.__getitem__) if hits else None
+    return latest, frozenset(inputs)
+
+
 def _stream_input(b: Block) -> Node:
     """The residual-stream value a block reads (its residual operand, or its first input)."""
     return b.residual if b.residual is not None else b.first().x
@@ -187,7 +207,8 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         k = b.projections.get("k", [None])[0]
         q_in = q.x if q is not None else b.core.q
         k_in = k.x if k is not None else b.core.k
-        same = q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+        same = (q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+                or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set))
         b.block = "self_attn" if same else "cross_attn"
         b.extra["causal"] = is_causal(b)
 

@@ -187,6 +187,29 @@ def _image_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[di
     return None
 
 
+def _rows_from(get, inputs: dict) -> int | None:
+    """Embeddings per example that ``get`` (a model's ``get_audio_features``) makes of ``inputs``."""
+    if not callable(get):
+        return None
+    import inspect
+
+    try:
+        names = set(inspect.signature(get).parameters)
+        given = {k: v for k, v in inputs.items() if k in names} if not names & {"kwargs"} else {
+            k: v for k, v in inputs.items() if k != "use_cache"}
+        with torch.no_grad():
+            return _rows_per_image(get(**given), BATCH)
+    except Exception:  # noqa: BLE001 -- no count: the builder declines
+        return None
+
+
+def _wrapped(cfg, modality: str, tokens: list[int]) -> list[int]:
+    """Placeholder tokens between the config's start/end (or bos/eos) tokens of that modality, if it has them."""
+    start = _find(cfg, f"{modality}_start_token_id", f"{modality}_bos_token_id")
+    end = _find(cfg, f"{modality}_end_token_id", f"{modality}_eos_token_id")
+    return ([start] if start is not None else []) + tokens + ([end] if end is not None else [])
+
+
 @register_example_inputs("hf-auto", first=False)
 def _hf_auto(model: nn.Module):
     """Hugging Face models of every kind, from the forward signature and the config.
@@ -208,8 +231,9 @@ def _hf_auto(model: nn.Module):
     kwargs: dict[str, Any] = {}
     avoid = _special_ids(cfg)
     n_vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else _find(cfg, "vocab_size")
+    placeholders: list[int] = []  # image/audio placeholder tokens that go before the text
     if "input_features" in params:
-        mel = _find(cfg, "num_mel_bins", "feature_size", "n_mels") or 80
+        mel = _find(cfg, "num_mel_bins", "feature_size", "n_mels", "input_dim") or 80
         positions = _find(cfg, "max_source_positions")
         stride = 1
         for m in model.modules():
@@ -218,25 +242,33 @@ def _hf_auto(model: nn.Module):
         frames = positions * stride if positions else 64
         g = torch.Generator().manual_seed(0)
         kwargs["input_features"] = torch.randn(BATCH, mel, frames, generator=g).to(device, dtype)
-    image_tokens = 0
+        for name in params:  # a mask over the audio frames, under whatever name the forward gives it
+            if "feature" in name and "mask" in name:
+                kwargs[name] = torch.ones(BATCH, frames, dtype=torch.bool, device=device)
+        audio_id = _find(cfg, "audio_token_id", "audio_token_index")
+        if audio_id is not None:  # an audio-LLM: as many audio tokens as the audio encoder makes
+            rows = _rows_from(getattr(model, "get_audio_features", None), kwargs)
+            if not rows:
+                return None
+            placeholders += _wrapped(cfg, "audio", [audio_id] * rows)
     if "pixel_values" in params and getattr(cfg, "vision_config", None) is not None:
         found = _image_inputs(model, params, device, dtype)
         if found is None:
             return None
         pixels, image_tokens = found
         kwargs.update(pixels)
-    if "input_ids" in params and n_vocab:
-        ids = _text_ids(n_vocab, (BATCH, SOURCE_LEN), device, avoid)
         if image_tokens:
             image_id = _find(cfg, "image_token_id", "image_token_index")
             if image_id is None:
                 return None
-            start, end = _find(cfg, "vision_start_token_id"), _find(cfg, "vision_end_token_id")
-            block = [image_id] * image_tokens
-            block = ([start] if start is not None else []) + block + ([end] if end is not None else [])
-            ids = torch.cat([torch.tensor([block] * BATCH, device=device), ids], dim=1)
+            placeholders += _wrapped(cfg, "vision", [image_id] * image_tokens)
+    if "input_ids" in params and n_vocab:
+        ids = _text_ids(n_vocab, (BATCH, SOURCE_LEN), device, avoid)
+        if placeholders:
+            ids = torch.cat([torch.tensor([placeholders] * BATCH, device=device), ids], dim=1)
         kwargs["input_ids"] = ids
-        if "mm_token_type_ids" in params and image_tokens:  # which tokens are image placeholders (1) or text (0)
+        if "mm_token_type_ids" in params and placeholders:  # which tokens are image placeholders (1) or text (0)
+            image_id = _find(cfg, "image_token_id", "image_token_index")
             kwargs["mm_token_type_ids"] = (ids == image_id).long()
         if "attention_mask" in params or var_kw:
             kwargs["attention_mask"] = torch.ones_like(ids)

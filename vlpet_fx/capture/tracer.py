@@ -95,7 +95,12 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
-    """Run the forward once without torch.export: an exception here is the real cause of a capture failure."""
+    """Run the forward once without torch.export: an exception here is the real cause of a capture failure.
+
+    Not on the meta device, where data-dependent Python (``.item()``) fails for reasons of its own."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        return None
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             model(*args, **kwargs)

@@ -110,12 +110,31 @@ def shrink(config) -> Any:
     return config
 
 
+# widths of a vision/audio sub-model's output that feed the language model: set to the text width (the bare
+# config classes' defaults do not always agree; published checkpoints do). ``hidden_size`` is such an output
+# width only in a sub-config whose own width is ``embed_dim``.
+_TO_TEXT = ("out_hidden_size", "text_hidden_size")
+
+
+def _subconfigs(config) -> list:
+    return [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+
+
 def tiny_config(model_type: str):
     """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
     import transformers as tf
 
     config = tf.AutoConfig.for_model(model_type)
+    text = getattr(config, "text_config", None) or config
+    old_text = getattr(text, "hidden_size", None)
+    linked = [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
+              for k in _TO_TEXT + (("hidden_size",) if isinstance(getattr(c, "embed_dim", None), int) else ())
+              if isinstance(getattr(c, k, None), int)]
+    linked += [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
+               for k in ("projection_dim", "output_dim", "text_embed_dim") if getattr(c, k, None) == old_text]
     config = shrink(config)
+    for c, k in linked:  # e.g. a vision merger's output width = the language model's width
+        setattr(c, k, text.hidden_size)
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         # saved checkpoints name the decoder's first token; a bare config may not
         pad = getattr(config, "pad_token_id", None)
