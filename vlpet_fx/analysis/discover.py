@@ -146,10 +146,16 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
     if captured is None and fast:
         with reduced(model) as red:
             if red:
-                cap = capture(model, example_inputs)
-                sites = expand_reduced(_analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap)), red)
-                norms = expand_paths(norm_modules(cap), red)
-                graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
+                try:
+                    cap = capture(model, example_inputs)
+                    sites = expand_reduced(
+                        _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap)), red)
+                    norms = expand_paths(norm_modules(cap), red)
+                    graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
+                except VlpetError:
+                    # some forwards depend on the full depth (e.g. hidden states indexed by the config's layer
+                    # count): capture the whole model instead, which reports its own error if it fails too
+                    sites = None
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
         sites = _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap))
