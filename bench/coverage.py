@@ -152,7 +152,7 @@ def run_family(mapping: str, model_type: str) -> dict:
 
     # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
     try:
-        vlpet_fx.patch(base, "lora")
+        vlpet_fx.patch(base, "lora", table=plan.table)  # the same module paths: no second capture
         with torch.no_grad():
             diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
         rec["lora_max_diff"] = diff
@@ -273,6 +273,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="model types to run (default: all)")
     ap.add_argument("--limit", type=int, default=120, help="seconds per family")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (each single-threaded)")
+    ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
     ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--markdown", type=Path, default=ROOT / "docs" / "COVERAGE.md")
@@ -291,21 +293,30 @@ def main() -> None:
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
     t0 = time.time()
-    while True:
-        done = _done(jsonl)
-        left = [f for f in todo if f not in done]
-        if not left:
-            break
-        proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(f"{m}:{t}" for m, t in left),
-                               "--limit", str(args.limit), "--out", str(args.out)])
-        if proc.returncode != 0:  # the worker died (e.g. a crash inside a C extension): record and go on
-            after = _done(jsonl)
-            crashed = next((f for f in left if f not in after), None)
-            if crashed is not None:
-                with jsonl.open("a") as fh:
-                    fh.write(json.dumps({"mapping": crashed[0], "model_type": crashed[1], "status": "fail",
-                                         "step": "crash", "reason": f"worker exited with {proc.returncode}",
-                                         "clear": False}) + "\n")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_share(share: list[tuple[str, str]]) -> None:
+        """One worker process per share, restarted after a crash (the family it died on is recorded)."""
+        while True:
+            done = _done(jsonl)
+            left = [f for f in share if f not in done]
+            if not left:
+                return
+            proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(f"{m}:{t}" for m, t in left),
+                                   "--limit", str(args.limit), "--out", str(args.out)])
+            if proc.returncode != 0:  # e.g. a crash inside a C extension: record it and go on
+                after = _done(jsonl)
+                crashed = next((f for f in left if f not in after), None)
+                if crashed is not None:
+                    with jsonl.open("a") as fh:
+                        fh.write(json.dumps({"mapping": crashed[0], "model_type": crashed[1], "status": "fail",
+                                             "step": "crash", "reason": f"worker exited with {proc.returncode}",
+                                             "clear": False}) + "\n")
+
+    if not args.report_only:
+        shares = [todo[i::args.workers] for i in range(args.workers)]
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(run_share, shares))
     done = _done(jsonl)
     records = [done[f] for f in families() if f in done]
     import platform
@@ -315,7 +326,7 @@ def main() -> None:
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "command": "nice -n 10 .venv/bin/python bench/coverage.py", "wall_seconds": round(time.time() - t0)}
+            "command": "nice -n 10 .venv/bin/python bench/coverage.py --workers 3", "wall_seconds": round(time.time() - t0)}
     (args.out / "coverage.json").write_text(json.dumps({"meta": meta, "summary": summarise(records),
                                                         "families": records}, indent=1) + "\n")
     write_markdown(records, meta, args.markdown)
