@@ -1,13 +1,13 @@
 """Coverage: every model type of transformers' causal-LM and seq2seq mappings (+ VLM and speech families),
 built from a tiny config offline, through the whole compiler.
 
-Per family: build (``vlpet_fx.zoo.tiny``: the config class's defaults, shrunk generically), sites per
-stack/block/role found the way ``vlpet-fx inspect DIR`` finds them (``save_pretrained`` to a temporary
-directory, loaded back on the meta device), patch with a VL-PET rule set + forward + backward, LoRA
+Per family: build (``vlpet_fx.zoo.tiny``: the config class's defaults, shrunk generically) and
+``save_pretrained`` to a temporary directory, sites per stack/block/role, patch with a VL-PET rule set + forward + backward, LoRA
 identical to the unpatched model at init, and for generative models ``generate()`` with the KV cache equal to
-``generate()`` without it after patching. A family fails on the first step that fails, with one line.
+``generate()`` without it after patching. A family fails on the first step that fails, with one line; for a
+failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not).
 
-    nice -n 10 .venv/bin/python bench/coverage.py                 # all (about an hour on 2 cores)
+    nice -n 10 .venv/bin/python bench/coverage.py                 # all (about an hour on 2 busy cores with --workers 3)
     .venv/bin/python bench/coverage.py --only llama gpt2 whisper  # a few
 
 Families run in a worker process (restarted if it dies) with a per-family time limit; results are appended
@@ -116,18 +116,30 @@ def run_family(mapping: str, model_type: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         return failed("build", exc)
 
-    # 2. sites, the way `vlpet-fx inspect DIR` finds them
+    def failed_here(step: str, exc: BaseException) -> dict:
+        """A failure after the build: also record what `vlpet-fx inspect DIR` says about the saved directory."""
+        rec = failed(step, exc)
+        try:
+            with tmp:
+                net, _ = load_model(tmp.name, weights=False)
+                vlpet_fx.discover(net, name=model_type)
+            rec["inspect_dir"] = "ok"
+        except VlpetError as err:
+            rec["inspect_dir"] = "one line" if "\n" not in str(err).strip() else "several lines"
+        except Exception as err:  # noqa: BLE001
+            rec["inspect_dir"] = f"not a VlpetError: {_line(err)}"
+        return rec
+
+    # 2. sites (the saved directory loads as the same class: `vlpet-fx inspect DIR` sees the same model)
     try:
-        with tmp:
-            net, _ = load_model(tmp.name, weights=False)
-            table = vlpet_fx.discover(net, name=model_type)
+        table = vlpet_fx.discover(model, name=model_type)
         rec["layers"] = table.num_layers()
         rec["sites"] = len(table)
         rec["roles"] = {f"{s}.{b}": sorted(Counter(x.role for x in table.where(stack=s, layer=0, block=b)).items())
                         for s in table.stacks() for b in sorted({x.block for x in table.where(stack=s)})}
         rec["norms"] = len(table.meta.get("norms") or ())
     except Exception as exc:  # noqa: BLE001
-        return failed("inspect-dir", exc)
+        return failed_here("discover", exc)
 
     # 3. patch + forward + backward with a VL-PET rule set
     try:
@@ -138,7 +150,7 @@ def run_family(mapping: str, model_type: str) -> dict:
         with torch.no_grad():
             reference = _first_float(model(*args, **kwargs)).detach()
         base = copy.deepcopy(model)
-        plan = vlpet_fx.plan(model, RULES[mapping])
+        plan = vlpet_fx.plan(model, RULES[mapping], table=table)
         rec["placements"] = len(plan.placements)
         rec["trainable"] = plan.trainable_params
         vlpet_fx.patch(model, plan)
@@ -148,7 +160,7 @@ def run_family(mapping: str, model_type: str) -> dict:
         if not grads or any(g is None or not torch.isfinite(g).all() for g in grads):
             raise RuntimeError("a trainable parameter got no finite gradient")
     except Exception as exc:  # noqa: BLE001
-        return failed("patch-fwd-bwd", exc)
+        return failed_here("patch-fwd-bwd", exc)
 
     # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
     try:
@@ -159,7 +171,7 @@ def run_family(mapping: str, model_type: str) -> dict:
         if not diff <= 1e-5 * max(1.0, reference.abs().max().item()):
             raise RuntimeError(f"LoRA at init changes the output by {diff:.3g}")
     except Exception as exc:  # noqa: BLE001
-        return failed("lora-identity", exc)
+        return failed_here("lora-identity", exc)
 
     # 5. generate() with the KV cache == without, after patching
     if getattr(model, "can_generate", lambda: False)():
@@ -172,10 +184,11 @@ def run_family(mapping: str, model_type: str) -> dict:
                 raise RuntimeError("generate() with the KV cache differs from generate() without it")
             rec["generate"] = "equal"
         except Exception as exc:  # noqa: BLE001
-            return failed("generate", exc)
+            return failed_here("generate", exc)
     else:
         rec["generate"] = "not generative"
     rec["seconds"] = round(time.perf_counter() - t0, 2)
+    tmp.cleanup()
     return rec
 
 
@@ -240,12 +253,13 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} (torch {meta['torch']}, "
              f"transformers {meta['transformers']}); raw records: `docs/bench/coverage/coverage.json`.", "",
              "Each family is built from its config class's defaults shrunk by `vlpet_fx.zoo.tiny` (2 layers, 4 heads "
-             "of the default head width, FFN 128, vocabulary 512), then: sites found as `vlpet-fx inspect DIR` finds "
-             "them (saved and reloaded on the meta device), a VL-PET rule set patched in (`vlpet_causal_lm` for "
+             "of the default head width, FFN 128, vocabulary 512) and saved with `save_pretrained`, then: sites per "
+             "stack, block and role, a VL-PET rule set patched in (`vlpet_causal_lm` for "
              "causal LMs and VLMs, `vlpet_large` for seq2seq and speech) with a forward and a backward, LoRA "
              "(zero-initialised B) identical to the unpatched model, and `generate()` with the KV cache equal to "
-             "`generate()` without it after patching. A family fails at its first failing step; *clear* says the "
-             "failure is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) rather than another exception.",
+             "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
+             "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
+             "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",
              "", "| mapping | families | buildable | pass | pass rate of buildable |", "|---|---:|---:|---:|---:|"]
     for m, s in summary.items():
         rate = f"{s['pass_rate']:.1f} %" if s["pass_rate"] is not None else "-"
@@ -263,6 +277,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
             why = f"{r.get('step', '')}: {r.get('reason', '')}".replace("|", "\\|")
             if r["status"] == "fail" and not r.get("clear"):
                 why = "(not a VlpetError) " + why
+            if r.get("inspect_dir"):
+                why += f" (inspect DIR: {r['inspect_dir']})"
         lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
                      f"{roles} | {r.get('norms', '')} | {why} |")
     path.write_text("\n".join(lines) + "\n")
