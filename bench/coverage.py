@@ -45,9 +45,9 @@ RULES = {"seq2seq": "vlpet_large", "speech": "vlpet_large", "causal": "vlpet_cau
 def families() -> list[tuple[str, str]]:
     from transformers.models.auto import modeling_auto as ma
 
-    out = [("seq2seq", t) for t in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES]
+    out = [(m, t) for m, ts in EXTRA.items() for t in ts]
+    out += [("seq2seq", t) for t in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES]
     out += [("causal", t) for t in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-    out += [(m, t) for m, ts in EXTRA.items() for t in ts]
     return out
 
 

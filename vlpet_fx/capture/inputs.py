@@ -68,7 +68,16 @@ def normalise(example_inputs: Any) -> tuple[tuple, dict]:
 def build_example_inputs(model: nn.Module) -> tuple[str, tuple, dict] | None:
     """Return ``(builder name, args, kwargs)`` from the first builder that accepts the model."""
     for name, fn in _BUILDERS:
-        out = fn(model)
+        try:
+            out = fn(model)
+        except Exception as exc:  # noqa: BLE001 -- one line naming the builder and the cause, never a traceback
+            from ..errors import CaptureError
+
+            first = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")[:160]
+            raise CaptureError(
+                f"the example-input builder '{name}' failed for {type(model).__name__}: {type(exc).__name__}: "
+                f"{first} -- fix: pass example_inputs= (args or a dict of keyword arguments) yourself"
+            ) from exc
         if out is not None:
             return name, out[0], out[1]
     return None
