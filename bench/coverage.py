@@ -39,7 +39,16 @@ OUT = ROOT / "docs" / "bench" / "coverage"
 EXTRA = {"vlm": ["llava", "paligemma", "idefics3", "smolvlm", "qwen2_vl"], "speech": ["whisper"]}
 AUTO = {"seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM", "vlm": "AutoModelForImageTextToText",
         "speech": "AutoModelForSpeechSeq2Seq"}
-RULES = {"seq2seq": "vlpet_large", "speech": "vlpet_large", "causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm"}
+
+
+def rules_for(table) -> str:
+    """The shipped VL-PET rule set that fits the stacks found: the paper's for encoder-decoders (cross-attention),
+    the causal-LM extension for a language model without cross-attention, VL-Adapter's for anything else."""
+    if len(table.where(block="cross_attn")):
+        return "vlpet_large"
+    if "decoder" in table.stacks():
+        return "vlpet_causal_lm"
+    return "vl_adapter"
 
 
 def families() -> list[tuple[str, str]]:
@@ -150,7 +159,8 @@ def run_family(mapping: str, model_type: str) -> dict:
         with torch.no_grad():
             reference = _first_float(model(*args, **kwargs)).detach()
         base = copy.deepcopy(model)
-        plan = vlpet_fx.plan(model, RULES[mapping], table=table)
+        rec["rules"] = rules_for(table)
+        plan = vlpet_fx.plan(model, rec["rules"], table=table)
         rec["placements"] = len(plan.placements)
         rec["trainable"] = plan.trainable_params
         vlpet_fx.patch(model, plan)
@@ -254,8 +264,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              f"transformers {meta['transformers']}); raw records: `docs/bench/coverage/coverage.json`.", "",
              "Each family is built from its config class's defaults shrunk by `vlpet_fx.zoo.tiny` (2 layers, 4 heads "
              "of the default head width, FFN 128, vocabulary 512) and saved with `save_pretrained`, then: sites per "
-             "stack, block and role, a VL-PET rule set patched in (`vlpet_causal_lm` for "
-             "causal LMs and VLMs, `vlpet_large` for seq2seq and speech) with a forward and a backward, LoRA "
+             "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
+             "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
              "(zero-initialised B) identical to the unpatched model, and `generate()` with the KV cache equal to "
              "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "

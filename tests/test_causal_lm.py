@@ -231,3 +231,25 @@ def test_train_refuses_a_causal_lm_in_one_line(tmp_path, llama):
     assert res.exit_code == 2
     errors = [line for line in res.output.splitlines() if "error:" in line]  # (a weight-loading bar may precede it)
     assert len(errors) == 1 and "not train those yet" in errors[0] and "Traceback" not in res.output
+
+
+def test_a_failing_input_builder_is_one_line():
+    from vlpet_fx.capture import inputs
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x
+
+    def broken(model):
+        if isinstance(model, Odd):
+            raise KeyError("no such setting")
+        return None
+
+    inputs.register_example_inputs("broken-test-builder")(broken)
+    try:
+        with pytest.raises(vlpet_fx.CaptureError) as info:
+            vlpet_fx.capture(Odd())
+    finally:
+        inputs._BUILDERS[:] = [b for b in inputs._BUILDERS if b[0] != "broken-test-builder"]
+    msg = str(info.value)
+    assert "broken-test-builder" in msg and "KeyError" in msg and "\n" not in msg

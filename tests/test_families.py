@@ -36,7 +36,8 @@ CASES = {
     "gemma": ("causal", "gemma", {}, {"gated"}, {"roles": GATED}),
     "olmo": ("causal", "olmo", {}, {"gated"}, {"roles": GATED}),
     "granite": ("causal", "granite", {}, {"gated"}, {"roles": GATED}),
-    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": GATED}),  # partial rotary (concatenation)
+    # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
+    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": GATED + " and k through partial rotary's concat (h4)"}),
     # causal LMs: plain MLPs, learned / sinusoidal positions, post- and pre-LN
     "opt": ("causal", "opt", {}, set(), {}),
     "opt-eager": ("causal", "opt", {"attn_implementation": "eager"}, set(), {}),
