@@ -315,7 +315,8 @@ def main() -> None:
     if args.fresh and jsonl.exists():
         jsonl.unlink()
     if args.redo_failed and jsonl.exists():
-        kept = [r for r in _done(jsonl).values() if r["status"] != "fail"]
+        kept = [r for r in _done(jsonl).values()
+                if r["status"] != "fail" or (args.only is not None and r["model_type"] not in args.only)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
     t0 = time.time()

@@ -29,29 +29,75 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     return [b for b in blocks if not b.extra.get("off_stream")]
 
 
+def block_input(b: Block):
+    """The residual-stream value X a block reads: its residual operand, or for parallel blocks
+    (``x + attn(x) + ffn(x)``, where the residual operand is the other block's output) the stream value."""
+    return b.extra.get("stream_x", b.residual)
+
+
 def input_path_of(cap: Captured | None, b: Block) -> str | None:
     """The module whose call receives the block's input X (the residual-stream operand of its residual add).
 
     It is the outermost module that consumes X but did not produce it, inside the block's layer. PET methods
     that read X (VL-PET's gates) take it from that module's first input.
     """
-    if cap is None or b.residual is None or b.layer_path is None:
+    x = block_input(b)
+    if cap is None or x is None or b.layer_path is None:
         return None
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
     # to the op that really made X, and consider the users of every alias
-    chain = [b.residual]
+    chain = [x]
     while _is_noop_alias(chain[-1]):
         chain.append(chain[-1].args[0])
     made_in = set(cap.module_stack(chain[-1]))
+    x_shape = _shape(chain[0])
     best: str | None = None
     for user in [u for n in chain for u in n.users if u not in chain]:
         for path in cap.module_stack(user):
             if path in made_in or not (path == b.layer_path or path.startswith(b.layer_path + ".")):
                 continue
+            # the module's first input must be X: skip a module that also takes activations of another shape
+            # (BERT's output sub-module takes the FFN's hidden state first and X second)
+            if any(shape != x_shape for shape in _outside_inputs(cap).get(path, ())):
+                continue
             if best is None or len(path) < len(best):
                 best = path
             break
     return best
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    try:
+        return tuple(int(d) for d in val.shape) if val is not None and hasattr(val, "shape") else None
+    except Exception:  # noqa: BLE001 -- symbolic sizes
+        return None
+
+
+def _outside_inputs(cap: Captured) -> dict[str, set]:
+    """For every module path: the shapes of the float activations (>= 2-D, not parameters or buffers) its
+    graph nodes read from outside the module. Cached on the captured graph."""
+    cached = getattr(cap, "_outside_inputs", None)
+    if cached is not None:
+        return cached
+    weights = set(cap.param_names) | set(cap.buffer_names)
+    out: dict[str, set] = {}
+    for n in cap.graph.nodes:
+        if n.op != "call_function":
+            continue
+        inside = cap.module_stack(n)
+        for a in n.all_input_nodes:
+            if a.name in weights:
+                continue
+            val = a.meta.get("val")
+            if val is None or not hasattr(val, "dtype") or not val.dtype.is_floating_point or val.dim() < 2:
+                continue
+            theirs = set(cap.module_stack(a))
+            for path in inside:
+                if path not in theirs:
+                    out.setdefault(path, set()).add(_shape(a))
+    object.__setattr__(cap, "_outside_inputs", out)
+    return out
 
 
 def _is_noop_alias(node) -> bool:
@@ -70,7 +116,7 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
-                     input_node=b.residual.name if b.residual is not None else None)
+                     input_node=block_input(b).name if block_input(b) is not None else None)
         share: dict = {}
         for p in b.all_projections():
             share[p.node] = share.get(p.node, 0) + 1

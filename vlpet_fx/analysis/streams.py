@@ -197,6 +197,11 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             j = last_of.get(h)
             if j is not None and j != i and b.residual is not None:
                 parent[find(i)] = find(j)
+                # the stream value X both read is the other operand of the add after theirs
+                users = list(b.residual_add.users) if b.residual_add is not None else []
+                if len(users) == 1 and ops.is_tensor_add(users[0]):
+                    nxt = users[0]
+                    b.extra["stream_x"] = nxt.args[1] if nxt.args[0] is b.residual_add else nxt.args[0]
 
     # 2. self vs cross attention
     for b in blocks:
