@@ -15,6 +15,7 @@ Medians over --repeats runs. Prints rich tables; --json writes the figures, --pl
     python bench/capture.py                                  # everything (about 10 minutes on 2 cores)
     python bench/capture.py --quick                          # tiny/small/base of 4 families + short sweeps
     python bench/capture.py --families t5 bart --sizes base --repeats 5
+    python bench/capture.py --lm                             # causal LMs / VLMs at published shapes (Llama-2-7B ...)
 """
 
 from __future__ import annotations
@@ -86,6 +87,49 @@ def sweep_model(family: str, layers: int, width: int):
         return cls(cfg).eval()
 
 
+# causal LMs and VLMs at their published shapes (meta device: no weights are allocated)
+LM_SHAPES = {
+    "llama-2-7b": ("LlamaConfig", "AutoModelForCausalLM",
+                   dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
+    "mistral-7b": ("MistralConfig", "AutoModelForCausalLM",
+                   dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=32000)),
+    "gpt2": ("GPT2Config", "AutoModelForCausalLM", dict()),
+    "qwen2-0.5b": ("Qwen2Config", "AutoModelForCausalLM",
+                   dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                        num_key_value_heads=2, vocab_size=151936)),
+    "llava-1.5-7b": ("LlavaConfig", "AutoModelForImageTextToText",
+                     dict(text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                           num_hidden_layers=32, num_attention_heads=32, vocab_size=32064),
+                          vision_config=dict(model_type="clip_vision_model", hidden_size=1024,
+                                             intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                             image_size=336, patch_size=14, projection_dim=768),
+                          image_token_index=32000, image_seq_length=576)),
+}
+LM_RULES = "vlpet_causal_lm"
+
+
+def lm_model(name: str):
+    config_cls, auto, kwargs = LM_SHAPES[name]
+    cfg = getattr(tf, config_cls)(**kwargs)
+    with torch.device("meta"):
+        return getattr(tf, auto).from_config(cfg).eval()
+
+
+def measure_lm(name: str, repeats: int, full: bool) -> dict:
+    model = lm_model(name)
+    fast_s, table = median_time(lambda: vlpet_fx.discover(model, fast=True), repeats)
+    row = dict(model=name, params=sum(p.numel() for p in model.parameters()), sites=len(table),
+               layers=table.num_layers(), fast_s=fast_s, full_s=None)
+    plan_s, the_plan = median_time(lambda: vlpet_fx.plan(model, LM_RULES, table=table), repeats)
+    row.update(plan_s=plan_s, placements=len(the_plan.placements), trainable=the_plan.trainable_params)
+    if full:
+        full_s, full_table = median_time(lambda: vlpet_fx.discover(model, fast=False), 1)
+        row.update(full_s=full_s, same_table=[s.public() for s in full_table] == [s.public() for s in table])
+    return row
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -133,6 +177,9 @@ def main() -> None:
     ap.add_argument("--widths", nargs="+", type=int, default=[256, 512, 1024, 2048])
     ap.add_argument("--sweep-families", nargs="+", default=["t5", "bart"])
     ap.add_argument("--quick", action="store_true", help="4 families up to base, short sweeps, 1 repeat")
+    ap.add_argument("--lm", nargs="*", default=None, metavar="NAME",
+                    help=f"only the causal-LM/VLM shapes ({', '.join(LM_SHAPES)}; none given: all) on the meta device")
+    ap.add_argument("--lm-full", action="store_true", help="with --lm: also time one full (unreduced) capture")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
     ap.add_argument("--plot", default=None, help="write a PNG here")
     args = ap.parse_args()
@@ -146,6 +193,27 @@ def main() -> None:
     entries = {e.name: e for e in list_models()}
 
     vlpet_fx.discover(build_model("t5", "tiny", device="meta"))  # warm-up: imports and torch.export's first call
+    if args.lm is not None:
+        names = args.lm or list(LM_SHAPES)
+        lm_rows = []
+        t = Table(title=f"causal LMs / VLMs, meta device, fast path (discover) + plan ({LM_RULES}), median of "
+                        f"{args.repeats}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+        for col in ("model", "params", "layers", "sites", "fast path (s)", "plan (s)", "fast + plan (s)",
+                    "placements", "trainable", "full capture+analysis (s)"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for name in names:
+            r = measure_lm(name, args.repeats, args.lm_full)
+            lm_rows.append(r)
+            t.add_row(name, f"{r['params'] / 1e9:.2f} B", ", ".join(f"{k} {v}" for k, v in r["layers"].items()),
+                      str(r["sites"]), f"{r['fast_s']:.2f}", f"{r['plan_s']:.2f}", f"{r['fast_s'] + r['plan_s']:.2f}",
+                      str(r["placements"]), f"{r['trainable']:,}", fmt(r["full_s"]))
+        console.print(t)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"lm_rows": lm_rows, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
+                           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                           "transformers": tf.__version__}, fh, indent=1)
+        return
     rows = []
     for fam in args.families:
         seen_params = set()

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..capture import Captured, capture
 from ..capture.reduce import Reduction, reduced
-from ..errors import DiscoveryError
+from ..errors import DiscoveryError, VlpetError
 from .dataflow import Block, Dataflow
+from .norms import norm_modules
 from .sites import Site, SiteTable
 from .streams import assign_streams
 
@@ -25,7 +26,13 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     flow = Dataflow(cap, leaves)
     blocks = flow.blocks()
     assign_streams(flow, blocks, model)
-    return blocks
+    return [b for b in blocks if not b.extra.get("off_stream")]
+
+
+def block_input(b: Block):
+    """The residual-stream value X a block reads: its residual operand, or for parallel blocks
+    (``x + attn(x) + ffn(x)``, where the residual operand is the other block's output) the stream value."""
+    return b.extra.get("stream_x", b.residual)
 
 
 def input_path_of(cap: Captured | None, b: Block) -> str | None:
@@ -34,23 +41,63 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
     It is the outermost module that consumes X but did not produce it, inside the block's layer. PET methods
     that read X (VL-PET's gates) take it from that module's first input.
     """
-    if cap is None or b.residual is None or b.layer_path is None:
+    x = block_input(b)
+    if cap is None or x is None or b.layer_path is None:
         return None
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
     # to the op that really made X, and consider the users of every alias
-    chain = [b.residual]
+    chain = [x]
     while _is_noop_alias(chain[-1]):
         chain.append(chain[-1].args[0])
     made_in = set(cap.module_stack(chain[-1]))
+    x_shape = _shape(chain[0])
     best: str | None = None
     for user in [u for n in chain for u in n.users if u not in chain]:
         for path in cap.module_stack(user):
             if path in made_in or not (path == b.layer_path or path.startswith(b.layer_path + ".")):
                 continue
+            # the module's first input must be X: skip a module that also takes activations of another shape
+            # (BERT's output sub-module takes the FFN's hidden state first and X second)
+            if any(shape != x_shape for shape in _outside_inputs(cap).get(path, ())):
+                continue
             if best is None or len(path) < len(best):
                 best = path
             break
     return best
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    try:
+        return tuple(int(d) for d in val.shape) if val is not None and hasattr(val, "shape") else None
+    except Exception:  # noqa: BLE001 -- symbolic sizes
+        return None
+
+
+def _outside_inputs(cap: Captured) -> dict[str, set]:
+    """For every module path: the shapes of the float activations (>= 2-D, not parameters or buffers) its
+    graph nodes read from outside the module. Cached on the captured graph."""
+    cached = getattr(cap, "_outside_inputs", None)
+    if cached is not None:
+        return cached
+    weights = set(cap.param_names) | set(cap.buffer_names)
+    out: dict[str, set] = {}
+    for n in cap.graph.nodes:
+        if n.op != "call_function":
+            continue
+        inside = cap.module_stack(n)
+        for a in n.all_input_nodes:
+            if a.name in weights:
+                continue
+            val = a.meta.get("val")
+            if val is None or not hasattr(val, "dtype") or not val.dtype.is_floating_point or val.dim() < 2:
+                continue
+            theirs = set(cap.module_stack(a))
+            for path in inside:
+                if path not in theirs:
+                    out.setdefault(path, set()).add(_shape(a))
+    object.__setattr__(cap, "_outside_inputs", out)
+    return out
 
 
 def _is_noop_alias(node) -> bool:
@@ -73,7 +120,7 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
-                     input_node=b.residual.name if b.residual is not None else None)
+                     input_node=block_input(b).name if block_input(b) is not None else None)
         slices = b.extra.get("slices", {})
         for role, projs in b.projections.items():
             for p in projs:
@@ -144,23 +191,63 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
     sites = None
     graph_nodes = 0
     method = "export"
+    norms: list[str] = []
     if captured is None and fast:
         with reduced(model) as red:
             if red:
-                cap = capture(model, example_inputs)
-                sites = expand_reduced(sites_of(_checked_blocks(model, cap), cap), red)
-                graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
+                try:
+                    cap = capture(model, example_inputs)
+                    sites = expand_reduced(
+                        _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap)), red)
+                    norms = expand_paths(norm_modules(cap), red)
+                    graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
+                except VlpetError:
+                    # some forwards depend on the full depth (e.g. hidden states indexed by the config's layer
+                    # count): capture the whole model instead, which reports its own error if it fails too
+                    sites = None
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
-        sites = sites_of(_checked_blocks(model, cap), cap)
+        sites = _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap))
+        norms = norm_modules(cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()
     return SiteTable(
         sites,
         model=name or type(model).__name__,
         total_params=count_params(model),
-        meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method},
+        meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method, "norms": norms},
     )
+
+
+def _analysed(model: nn.Module, cap: Captured, run):
+    """Run the analysis; an unexpected exception becomes one DiscoveryError line naming it (never a traceback)."""
+    try:
+        return run()
+    except VlpetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- reported as one line with its type
+        first = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")[:160]
+        raise DiscoveryError(
+            f"cannot analyse {type(model).__name__}: {type(exc).__name__}: {first} -- its graph has a pattern the "
+            "analysis does not handle yet: register one (vlpet_fx patterns) or report it with this line"
+        ) from exc
+
+
+def expand_paths(paths: list[str], red: Reduction) -> list[str]:
+    """Module paths inside shortened layer lists, repeated for the layers the reduction dropped."""
+    out: dict[str, None] = dict.fromkeys(paths)
+    for list_path, reps in red.representative.items():
+        prefix = list_path + "."
+        for path in paths:
+            if not path.startswith(prefix):
+                continue
+            index, _, rest = path[len(prefix):].partition(".")
+            if not index.isdigit():
+                continue
+            for j, rep in sorted(reps.items()):
+                if rep == int(index):
+                    out.setdefault(f"{prefix}{j}" + (f".{rest}" if rest else ""), None)
+    return list(out)
 
 
 def _checked_blocks(model: nn.Module, cap: Captured) -> list[Block]:

@@ -96,7 +96,7 @@ def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     if isinstance(val, torch.Tensor):
         try:
             return tuple(int(s) for s in val.shape)
-        except TypeError:  # symbolic sizes
+        except Exception:  # noqa: BLE001 -- symbolic or data-dependent sizes have no int value
             return None
     return None
 

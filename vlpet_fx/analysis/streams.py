@@ -3,7 +3,10 @@
 * Two blocks are consecutive in a stack when the residual operand of the later one reaches the residual
   add of the earlier one through light ops only (no projection, matmul, attention or concatenation).
 * An attention block is *cross* attention when its keys come from a different stream than its queries.
-* A stack with cross attention is a decoder; a stack fed only by image inputs is visual; others encode.
+* A stack with cross attention is a decoder; a stack fed only by image inputs is visual (float inputs, no
+  token ids, and either a 4-D input or a convolution with a 2-D/3-D kernel on the way); a stack whose
+  self-attention is causal (its mask compares query positions with key positions, or SDPA's ``is_causal``)
+  is a decoder (a causal LM, the language model of a VLM); others encode.
 * Blocks are grouped into layers by the module that holds them as an element of a homogeneous
   ``ModuleList`` / ``Sequential`` (all elements of one class: a structural fact, not a name); layers are
   ordered along the residual stream. Without such a container a new layer starts when a block kind repeats.
@@ -14,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import ops
-from .dataflow import Block, Dataflow, Node, backward, walk
+from .dataflow import Block, Dataflow, Node, backward, forward, walk
 
 
 def _frontier(flow: Dataflow, start: Node, barriers: set[Node]) -> frozenset[Node]:
@@ -35,6 +38,119 @@ def _user_inputs_reaching(flow: Dataflow, node: Node) -> list[Node]:
             found.append(n)
         stack.extend(n.all_input_nodes)
     return found
+
+
+_COMPARE = ops._overloads(ops.aten.le, ops.aten.lt, ops.aten.ge, ops.aten.gt)
+_TRIANGLE = ops._overloads(ops.aten.tril, ops.aten.triu)
+_ARANGE = ops._overloads(ops.aten.arange)
+
+
+def _light_closure(start: list[Node]) -> list[Node]:
+    """``start`` and every node upstream of it through light ops (stops at heavy ops and placeholders)."""
+    seen: set[Node] = set()
+    todo = [n for n in start if isinstance(n, Node)]
+    out = []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        if n.op == "call_function" and not ops.is_heavy(n):
+            todo.extend(n.all_input_nodes)
+    return out
+
+
+def _from_positions(node: Node) -> bool:
+    return any(ops.is_kind(n, _ARANGE) for n in _light_closure([node]))
+
+
+def is_causal(b: Block) -> bool:
+    """Whether an attention core masks keys by position: SDPA's ``is_causal``, a triangular mask, or a mask
+    that compares two position ranges (``kv_idx <= q_idx``) — a fact of the dataflow, not of names."""
+    core = b.core
+    if core is None:
+        return False
+    n = core.node
+    if ops.is_kind(n, ops.SDPA):
+        if n.kwargs.get("is_causal") is True or (len(n.args) > 5 and n.args[5] is True):
+            return True
+        mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        start = [mask] if isinstance(mask, Node) else []
+    else:  # matmul -> softmax -> matmul: the mask is added to the scores before the softmax
+        hits = walk([n], backward, lambda x: not ops.is_heavy(x))
+        sm = next((h for h in hits if ops.is_kind(h, ops.SOFTMAX)), None)
+        start = list(sm.all_input_nodes) if sm is not None else []
+    for m in _light_closure(start):
+        if ops.is_kind(m, _TRIANGLE):
+            return True
+        if ops.is_kind(m, _COMPARE):
+            tensors = [a for a in m.args[:2] if isinstance(a, Node)]
+            if len(tensors) == 2 and all(_from_positions(t) for t in tensors):
+                return True
+    return False
+
+
+def _upstream(node: Node) -> set[Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_visual(flow: Dataflow, node: Node) -> bool:
+    """Fed by float inputs only (no token ids) that are images: a 4-D+ input or a 2-D/3-D convolution upstream."""
+    names = set(flow.cap.user_inputs)
+    up = _upstream(node)
+    inputs = [n for n in up if n.op == "placeholder" and n.name in names]
+    vals = [n.meta.get("val") for n in inputs]
+    tensors = [v for v in vals if hasattr(v, "dtype")]
+    floats = [v for v in tensors if v.dtype.is_floating_point]
+    if not floats:
+        return False
+    # integer inputs that are not token ids (e.g. an image grid) may be there; token ids reach an embedding
+    for n in inputs:
+        v = n.meta.get("val")
+        if hasattr(v, "dtype") and not v.dtype.is_floating_point and any(
+                ops.is_kind(u, ops.EMBEDDING) for u in _down_light(n)):
+            return False
+    if any(ops.is_float_image(n) for n in inputs):
+        return True
+    for n in up:
+        if ops.is_kind(n, ops.CONV) and len(n.args) > 1 and isinstance(n.args[1], Node):
+            w = ops.shape(n.args[1])
+            if w is not None and len(w) >= 4:
+                return True
+    return False
+
+
+def _down_light(n: Node) -> list[Node]:
+    """``n``'s users through light ops, with the first heavy op on each path."""
+    return walk([n], forward, lambda x: not ops.is_heavy(x)) + [n]
+
+
+def _stream_key(flow: Dataflow, node: Node, barriers: set[Node]) -> tuple:
+    """Which stream a value comes from: the latest residual add upstream of it (through any op; e.g. past a
+    partial rotary embedding's concatenation), and the model inputs reached before any residual add."""
+    names = set(flow.cap.user_inputs)
+    seen, todo, hits, inputs = set(), [node], [], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in barriers and n is not node:
+            hits.append(n)
+            continue
+        if n.op == "placeholder" and n.name in names:
+            inputs.add(n)
+        todo.extend(n.all_input_nodes)
+    latest = max(hits, key=flow.order.__getitem__) if hits else None
+    return latest, frozenset(inputs)
 
 
 def _stream_input(b: Block) -> Node:
@@ -68,11 +184,24 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             i = parent[i]
         return i
 
+    last_of = {bl.last().node: j for j, bl in enumerate(blocks)}
     for i, b in enumerate(blocks):
-        hits = [h for h in _frontier(flow, _stream_input(b), bar_set) if h in barriers]
+        front = _frontier(flow, _stream_input(b), bar_set)
+        hits = [h for h in front if h in barriers]
         if hits:
             pred = barriers[max(hits, key=flow.order.__getitem__)]
             parent[find(i)] = find(index[id(pred)])
+        # parallel blocks (attention and FFN read the same input, x + attn(x) + ffn(x)): the residual
+        # operand of one is the other's output; they belong to the same stream
+        for h in front:
+            j = last_of.get(h)
+            if j is not None and j != i and b.residual is not None:
+                parent[find(i)] = find(j)
+                # the stream value X both read is the other operand of the add after theirs
+                users = list(b.residual_add.users) if b.residual_add is not None else []
+                if len(users) == 1 and ops.is_tensor_add(users[0]):
+                    nxt = users[0]
+                    b.extra["stream_x"] = nxt.args[1] if nxt.args[0] is b.residual_add else nxt.args[0]
 
     # 2. self vs cross attention
     for b in blocks:
@@ -83,8 +212,10 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         k = b.projections.get("k", [None])[0]
         q_in = q.x if q is not None else b.core.q
         k_in = k.x if k is not None else b.core.k
-        same = q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+        same = (q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+                or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set))
         b.block = "self_attn" if same else "cross_attn"
+        b.extra["causal"] = is_causal(b)
 
     # 3. stack kinds
     groups: dict[int, list[Block]] = {}
@@ -94,9 +225,12 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         members.sort(key=lambda b: flow.order[b.first().node])
         if any(b.block == "cross_attn" for b in members):
             kind = "decoder"
+        elif _is_visual(flow, _stream_input(members[0])):
+            kind = "visual"
+        elif any(b.extra.get("causal") for b in members if b.block == "self_attn"):
+            kind = "decoder"
         else:
-            inputs = _user_inputs_reaching(flow, _stream_input(members[0]))
-            kind = "visual" if inputs and all(ops.is_float_image(n) for n in inputs) else "encoder"
+            kind = "encoder"
         for b in members:
             b.stack = kind
 
@@ -108,6 +242,9 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         b.block_path = common[-1] if common else ""
         b.layer_path = _layer_container(b.block_path, modules)
         b.output_path = _output_path(cap, b, common)
+        # a feed-forward map on no residual stream and in no repeated layer (a projector between two towers)
+        # is not a layer of a stack
+        b.extra["off_stream"] = b.kind == "ffn" and b.residual_add is None and b.layer_path is None
 
     # 5. layers, numbered per stack kind along the stream
     by_kind: dict[str, list[list[Block]]] = {}
@@ -118,6 +255,8 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         for members in stacks:
             current_key, current_kinds = object(), set()
             for b in members:
+                if b.extra.get("off_stream"):
+                    continue
                 key = b.layer_path
                 new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
                 if new:

@@ -62,10 +62,26 @@ def _plan(model: nn.Module) -> dict[str, tuple[int, dict[int, int]]]:
     return plans
 
 
+def _install_lazy_hooks(model: nn.Module) -> None:
+    """transformers (5.x) installs its output-capturing forward hooks once, lazily, on the first call: install
+    them on the full-depth model first, or the layers dropped during the reduced capture would never get them
+    (and e.g. ``hidden_states[-2]`` of a vision tower would be ``None`` afterwards)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            maybe_install_capturing_hooks(m)
+
+
 @contextlib.contextmanager
 def reduced(model: nn.Module) -> Iterator[Reduction]:
     """Shorten repeated layer lists in place for the duration of the block."""
     plans = _plan(model)
+    if plans:
+        _install_lazy_hooks(model)
     red = Reduction()
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:

@@ -51,6 +51,16 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
     mha = getattr(torch.backends, "mha", None)
     fast = mha.get_fastpath_enabled() if mha is not None else None
     model.train(train)
+    # a key/value cache is state, not a graph output: switch it off in the config (and its sub-configs)
+    caching = []
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        from .inputs import _configs
+
+        for c in _configs(cfg):
+            if getattr(c, "use_cache", None):
+                caching.append(c)
+                c.use_cache = False
     if mha is not None:
         mha.set_fastpath_enabled(False)
     # torch.export logs its own failure reports; we turn failures into one CaptureError line instead
@@ -64,6 +74,8 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
         model.train(was_training)
+        for c in caching:
+            c.use_cache = True
         if mha is not None:
             mha.set_fastpath_enabled(fast)
 
@@ -72,6 +84,60 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = next((t.strip() for t in text if t.strip()), type(exc).__name__)
     return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
+    """Run the forward once without torch.export: an exception here is the real cause of a capture failure.
+
+    Not on the meta device, where data-dependent Python (``.item()``) fails for reasons of its own."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        return None
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 -- reported as the cause
+        return exc
+    return None
+
+
+def fix_for(exc: BaseException) -> str:
+    """The fix that fits a capture failure, decided from the exception (and its causes), not guessed."""
+    chain = _chain(exc)
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    if "cache" in text and ("pytree" in text or "not a known type" in text or "in output" in text):
+        return ("the forward returns a cache object: capture with use_cache=False (pass it in example_inputs, "
+                "or set model.config.use_cache = False)")
+    if "not a known type" in text or "pytree" in text:
+        return ("the forward returns or takes an object torch.export cannot flatten: register it with "
+                "torch.utils._pytree.register_pytree_node, or wrap the model so it returns tensors")
+    if (names & {"GuardOnDataDependentSymNode", "UserError", "DataDependentOutputException"}
+            or "data-dependent" in text or "data dependent" in text):
+        return ("remove data-dependent Python control flow from that forward (use torch.where / torch.cond), "
+                "or pass example_inputs that match it")
+    if "TypeError" in names and ("argument" in text or "keyword" in text or "positional" in text):
+        return ("the example inputs do not fit the forward's signature: pass example_inputs with the arguments "
+                "it takes (or register a builder with vlpet_fx.register_example_inputs)")
+    if "out of memory" in text or "OutOfMemoryError" in names:
+        return "build the model on the meta device (weights are not needed to capture) or use a smaller config"
+    if names & {"ValueError", "IndexError", "RuntimeError"} and any(
+            w in text for w in ("shape", "size", "dimension", "match", "expected", "index", "mat1", "token")):
+        return ("the example inputs' shapes or values do not fit the model: pass example_inputs the forward "
+                "accepts when called eagerly (or register a builder with vlpet_fx.register_example_inputs)")
+    if names & {"NotImplementedError", "Unsupported"} or "not supported" in text or "unsupported" in text:
+        return ("an operation in that forward cannot be traced by torch.export: replace it with a traceable "
+                "torch equivalent, or capture a sub-module that avoids it")
+    return ("check that the model runs eagerly with the same example inputs; if it does, the failure is in "
+            "torch.export: capture a sub-module or pass example_inputs that avoid that path")
 
 
 def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False) -> Captured:
@@ -106,10 +172,16 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
             where_txt = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else (
                 f"the top-level forward of {type(model).__name__}"
             )
+            eager = _eager_failure(model, args, kwargs)
+            if eager is not None:
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__}: it fails on the example inputs even without "
+                    f"torch.export: {type(eager).__name__}: {_first_line(eager)} -- fix: pass example_inputs "
+                    "that its forward accepts (or register a builder with vlpet_fx.register_example_inputs)"
+                ) from exc
             raise CaptureError(
                 f"cannot capture {type(model).__name__}: torch.export failed in {where_txt}: "
-                f"{type(exc).__name__}: {_first_line(exc)} -- fix: remove data-dependent Python control "
-                "flow from that forward (use torch.where / torch.cond), or pass example_inputs that match it"
+                f"{type(exc).__name__}: {_first_line(exc)} -- fix: {fix_for(exc)}"
             ) from exc
 
     sig = exported.graph_signature

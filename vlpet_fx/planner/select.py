@@ -39,6 +39,8 @@ def match_sites(sel: Selector, table: SiteTable, modules: dict[str, nn.Module]) 
     path_re = compile_pattern(sel.path_regex) if sel.path_regex else None
     type_re = compile_pattern(sel.module_type) if sel.module_type else None
     out = []
+    if sel.norms:  # normalisation layers are modules, not insertion sites
+        return out
     for s in table:
         if sel.stack is not None and s.stack not in sel.stack:
             continue
@@ -101,7 +103,8 @@ def match_modules(sel: Selector, table: SiteTable, model: nn.Module) -> list[str
     scopes: list[str] | None = None
     if sel.role is not None or sel.block is not None or sel.layers is not None:
         # the site-level part of the selector scopes the search; type/path filters apply to modules below
-        found = match_sites(sel.model_copy(update={"path_regex": None, "module_type": None}), table, modules)
+        found = match_sites(sel.model_copy(update={"path_regex": None, "module_type": None, "norms": None}),
+                            table, modules)
         if sel.role is not None:
             scopes = [s.path for s in found if s.path is not None]
         elif sel.block is not None:
@@ -115,15 +118,18 @@ def match_modules(sel: Selector, table: SiteTable, model: nn.Module) -> list[str
         scopes = [roots[k] for k in sel.stack if k in roots]
     path_re = compile_pattern(sel.path_regex) if sel.path_regex else None
     type_re = compile_pattern(sel.module_type) if sel.module_type else None
+    norms = set(table.meta.get("norms") or ()) if sel.norms else None
     out = []
     for path, mod in modules.items():
         if scopes is not None and not any(_under(path, sc) for sc in scopes):
+            continue
+        if norms is not None and path not in norms:
             continue
         if path_re is not None and not path_re.search(path):
             continue
         if type_re is not None and not type_re.fullmatch(type(mod).__name__):
             continue
-        if scopes is None and path_re is None and type_re is None and path != "":
+        if scopes is None and path_re is None and type_re is None and norms is None and path != "":
             continue  # an empty selector means the whole model (path "")
         out.append(path)
     return out

@@ -67,6 +67,7 @@ class Selector(BaseModel):
     role: list[Literal["q", "k", "v", "o", "in", "gate", "up", "out", "output"]] | None = None
     path_regex: str | None = None
     module_type: str | None = None
+    norms: bool | None = None  # `trainable:` only: the normalisation modules (found by computation) in scope
 
     @field_validator("stack", "block", "role", mode="before")
     @classmethod

@@ -107,6 +107,11 @@ def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-
     tower, feat_dim = _ENCODERS[visual](visual_size)
     txt, _ = load_model(text, size, seed=seed, allow_factory=allow_factory)
     if not getattr(txt.config, "is_encoder_decoder", False):
+        if getattr(txt, "can_generate", lambda: False)() or getattr(txt.config, "is_decoder", False):
+            raise ModelSpecError(
+                f"'{text}' is a decoder-only (causal) language model: `vlpet-fx train` does not train those yet "
+                "(it trains encoder-decoders: t5, bart, ...); patch it with `vlpet-fx patch --rules "
+                "vlpet_causal_lm` and train it with your own loop")
         raise ModelSpecError(f"'{text}' is not an encoder-decoder text model: give t5, bart, ... or such a directory")
     if vocab_size is not None and vocab_size != txt.get_input_embeddings().num_embeddings:
         txt.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -37,7 +37,9 @@ def _load_hf_dir(path: Path, *, weights: bool, device: str | None) -> nn.Module:
         config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise ModelSpecError(f"cannot load the config in '{path}': {str(exc).splitlines()[0]}") from exc
-    auto = tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else tf.AutoModel
+    from .hf_auto import auto_class_for
+
+    auto = auto_class_for(config)
     try:
         if not weights:
             with torch.device(device or "meta"):

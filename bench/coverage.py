@@ -1,0 +1,364 @@
+"""Coverage: every model type of transformers' causal-LM and seq2seq mappings (+ VLM and speech families),
+built from a tiny config offline, through the whole compiler.
+
+Per family: build (``vlpet_fx.zoo.tiny``: the config class's defaults, shrunk generically) and
+``save_pretrained`` to a temporary directory, sites per stack/block/role, patch with a VL-PET rule set + forward + backward, LoRA
+identical to the unpatched model at init, and for generative models ``generate()`` with the KV cache equal to
+``generate()`` without it after patching. A family fails on the first step that fails, with one line; for a
+failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not).
+
+    nice -n 10 .venv/bin/python bench/coverage.py                 # all (about an hour on 2 busy cores with --workers 3)
+    .venv/bin/python bench/coverage.py --only llama gpt2 whisper  # a few
+
+Families run in a worker process (restarted if it dies) with a per-family time limit; results are appended
+to ``docs/bench/coverage/coverage.jsonl`` as they come (a re-run skips families already there unless
+``--fresh``), then ``docs/bench/coverage/coverage.json`` and ``docs/COVERAGE.md`` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench" / "coverage"
+# the VLM and speech families of issue 12 (built with the image-text-to-text / speech seq2seq auto classes)
+EXTRA = {"vlm": ["llava", "paligemma", "idefics3", "smolvlm", "qwen2_vl"], "speech": ["whisper"]}
+AUTO = {"seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM", "vlm": "AutoModelForImageTextToText",
+        "speech": "AutoModelForSpeechSeq2Seq"}
+
+
+def rules_for(table) -> str:
+    """The shipped VL-PET rule set that fits the stacks found: the paper's for encoder-decoders (cross-attention),
+    the causal-LM extension for a language model without cross-attention, VL-Adapter's for anything else."""
+    if len(table.where(block="cross_attn")):
+        return "vlpet_large"
+    if "decoder" in table.stacks():
+        return "vlpet_causal_lm"
+    return "vl_adapter"
+
+
+def families() -> list[tuple[str, str]]:
+    from transformers.models.auto import modeling_auto as ma
+
+    out = [(m, t) for m, ts in EXTRA.items() for t in ts]
+    out += [("seq2seq", t) for t in ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES]
+    out += [("causal", t) for t in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    return out
+
+
+def _line(exc: BaseException) -> str:
+    text = next((t.strip() for t in str(exc).splitlines() if t.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(_sig, _frame):
+    raise Timeout("over the per-family time limit")
+
+
+def _first_float(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if hasattr(out, "values") else (out if isinstance(out, (tuple, list)) else [])
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    raise RuntimeError("the forward returned no float tensor")
+
+
+def run_family(mapping: str, model_type: str) -> dict:
+    """All steps for one family; never raises (the record says where and why it stopped)."""
+    import torch
+    import transformers as tf
+
+    import vlpet_fx
+    from vlpet_fx.capture.inputs import build_example_inputs
+    from vlpet_fx.errors import VlpetError
+    from vlpet_fx.zoo import load_model
+    from vlpet_fx.zoo.tiny import tiny_config
+
+    rec: dict = {"mapping": mapping, "model_type": model_type, "status": "pass", "steps": {}}
+    t0 = time.perf_counter()
+
+    def failed(step: str, exc: BaseException) -> dict:
+        rec["status"] = "not buildable" if step == "build" else "fail"
+        rec["step"] = step
+        rec["reason"] = _line(exc)
+        rec["clear"] = isinstance(exc, VlpetError) and "\n" not in str(exc).strip()
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        return rec
+
+    tmp = tempfile.TemporaryDirectory()
+    # 1. build (and save: a config that does not validate is not buildable either)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config(model_type)
+        if mapping == "causal" and getattr(config, "is_decoder", None) is False:
+            config.is_decoder = True  # the causal-LM heads of encoder families (BERT ...) need it, as their docs say
+        model = getattr(tf, AUTO[mapping]).from_config(config).eval()
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        rec["model_class"] = type(model).__name__
+        model.save_pretrained(tmp.name)
+    except Exception as exc:  # noqa: BLE001
+        return failed("build", exc)
+
+    def failed_here(step: str, exc: BaseException) -> dict:
+        """A failure after the build: also record what `vlpet-fx inspect DIR` says about the saved directory."""
+        rec = failed(step, exc)
+        try:
+            with tmp:
+                net, _ = load_model(tmp.name, weights=False)
+                vlpet_fx.discover(net, name=model_type)
+            rec["inspect_dir"] = "ok"
+        except VlpetError as err:
+            rec["inspect_dir"] = "one line" if "\n" not in str(err).strip() else "several lines"
+        except Exception as err:  # noqa: BLE001
+            rec["inspect_dir"] = f"not a VlpetError: {_line(err)}"
+        return rec
+
+    # 2. sites (the saved directory loads as the same class: `vlpet-fx inspect DIR` sees the same model)
+    try:
+        table = vlpet_fx.discover(model, name=model_type)
+        rec["layers"] = table.num_layers()
+        rec["sites"] = len(table)
+        rec["roles"] = {f"{s}.{b}": sorted(Counter(x.role for x in table.where(stack=s, layer=0, block=b)).items())
+                        for s in table.stacks() for b in sorted({x.block for x in table.where(stack=s)})}
+        rec["norms"] = len(table.meta.get("norms") or ())
+    except Exception as exc:  # noqa: BLE001
+        return failed_here("discover", exc)
+
+    # 3. patch + forward + backward with a VL-PET rule set
+    try:
+        built = build_example_inputs(model)
+        if built is None:
+            raise vlpet_fx.CaptureError("no example inputs for this model")
+        _, args, kwargs = built
+        with torch.no_grad():
+            reference = _first_float(model(*args, **kwargs)).detach()
+        base = copy.deepcopy(model)
+        rec["rules"] = rules_for(table)
+        plan = vlpet_fx.plan(model, rec["rules"], table=table)
+        rec["placements"] = len(plan.placements)
+        rec["trainable"] = plan.trainable_params
+        vlpet_fx.patch(model, plan)
+        out = _first_float(model(*args, **kwargs))
+        out.float().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        if not grads or any(g is None or not torch.isfinite(g).all() for g in grads):
+            raise RuntimeError("a trainable parameter got no finite gradient")
+    except Exception as exc:  # noqa: BLE001
+        return failed_here("patch-fwd-bwd", exc)
+
+    # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
+    try:
+        vlpet_fx.patch(base, "lora", table=plan.table)  # the same module paths: no second capture
+        with torch.no_grad():
+            diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
+        rec["lora_max_diff"] = diff
+        if not diff <= 1e-5 * max(1.0, reference.abs().max().item()):
+            raise RuntimeError(f"LoRA at init changes the output by {diff:.3g}")
+    except Exception as exc:  # noqa: BLE001
+        return failed_here("lora-identity", exc)
+
+    # 5. generate() with the KV cache == without, after patching
+    if getattr(model, "can_generate", lambda: False)():
+        try:
+            extra = {k: v for k, v in kwargs.items() if k not in ("use_cache", "decoder_input_ids")}
+            with torch.no_grad():
+                cached = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=True)
+                plain = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=False)
+            if cached.shape != plain.shape or not bool((cached == plain).all()):
+                raise RuntimeError("generate() with the KV cache differs from generate() without it")
+            rec["generate"] = "equal"
+        except Exception as exc:  # noqa: BLE001
+            return failed_here("generate", exc)
+    else:
+        rec["generate"] = "not generative"
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    tmp.cleanup()
+    return rec
+
+
+def worker(todo: list[tuple[str, str]], jsonl: Path, limit: int) -> None:
+    import logging
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    signal.signal(signal.SIGALRM, _alarm)
+    for mapping, model_type in todo:
+        signal.alarm(limit)
+        try:
+            rec = run_family(mapping, model_type)
+        except Timeout as exc:
+            rec = {"mapping": mapping, "model_type": model_type, "status": "fail", "step": "time",
+                   "reason": _line(exc), "clear": False}
+        finally:
+            signal.alarm(0)
+        with jsonl.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(f"{mapping:8s} {model_type:28s} {rec['status']:14s} {rec.get('step', '')} {rec.get('reason', '')[:120]}",
+              flush=True)
+
+
+def _done(jsonl: Path) -> dict[tuple[str, str], dict]:
+    out = {}
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[(r["mapping"], r["model_type"])] = r
+    return out
+
+
+def summarise(records: list[dict]) -> dict:
+    by: dict[str, dict] = {}
+    for r in records:
+        s = by.setdefault(r["mapping"], {"families": 0, "buildable": 0, "pass": 0})
+        s["families"] += 1
+        s["buildable"] += r["status"] != "not buildable"
+        s["pass"] += r["status"] == "pass"
+    for s in by.values():
+        s["pass_rate"] = round(100.0 * s["pass"] / s["buildable"], 1) if s["buildable"] else None
+    return by
+
+
+def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
+    summary = summarise(records)
+    lines = ["# Coverage: every causal-LM and seq2seq family of transformers, tiny configs, offline", "",
+             f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} (torch {meta['torch']}, "
+             f"transformers {meta['transformers']}); raw records: `docs/bench/coverage/coverage.json`.", "",
+             "Each family is built from its config class's defaults shrunk by `vlpet_fx.zoo.tiny` (2 layers, 4 heads "
+             "of the default head width, FFN 128, vocabulary 512) and saved with `save_pretrained`, then: sites per "
+             "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
+             "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
+             "(zero-initialised B) identical to the unpatched model, and `generate()` with the KV cache equal to "
+             "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
+             "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
+             "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",
+             "", "| mapping | families | buildable | pass | pass rate of buildable |", "|---|---:|---:|---:|---:|"]
+    for m, s in summary.items():
+        rate = f"{s['pass_rate']:.1f} %" if s["pass_rate"] is not None else "-"
+        lines.append(f"| {m} | {s['families']} | {s['buildable']} | {s['pass']} | {rate} |")
+    steps = Counter(r.get("step") for r in records if r["status"] == "fail")
+    lines += ["", "Failures by step: " + ", ".join(f"{k} {v}" for k, v in steps.most_common()) if steps else "", ""]
+    lines += ["| mapping | family | status | layers | sites | roles in layer 0 | norms | step / reason |",
+              "|---|---|---|---|---:|---|---:|---|"]
+    for r in records:
+        layers = ", ".join(f"{k} {v}" for k, v in (r.get("layers") or {}).items())
+        roles = "; ".join(f"{k}: " + " ".join(f"{role}{'×' + str(n) if n > 1 else ''}" for role, n in v)
+                          for k, v in (r.get("roles") or {}).items())
+        why = ""
+        if r["status"] != "pass":
+            why = f"{r.get('step', '')}: {r.get('reason', '')}".replace("|", "\\|")
+            if r["status"] == "fail" and not r.get("clear"):
+                why = "(not a VlpetError) " + why
+            if r.get("inspect_dir"):
+                why += f" (inspect DIR: {r['inspect_dir']})"
+        lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
+                     f"{roles} | {r.get('norms', '')} | {why} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", help="model types to run (default: all)")
+    ap.add_argument("--limit", type=int, default=120, help="seconds per family")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (each single-threaded)")
+    ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
+    ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--markdown", type=Path, default=ROOT / "docs" / "COVERAGE.md")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out / "coverage.jsonl"
+    if args.worker:
+        todo = [tuple(x.split(":", 1)) for x in args.worker.split(",")]
+        worker(todo, jsonl, args.limit)
+        return
+    if args.fresh and jsonl.exists():
+        jsonl.unlink()
+    if args.redo_failed and jsonl.exists():
+        kept = [r for r in _done(jsonl).values()
+                if r["status"] != "fail" or (args.only is not None and r["model_type"] not in args.only)]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    todo = [f for f in families() if args.only is None or f[1] in args.only]
+    t0 = time.time()
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_share(share: list[tuple[str, str]]) -> None:
+        """One worker process per share, restarted after a crash (the family it died on is recorded)."""
+        while True:
+            done = _done(jsonl)
+            left = [f for f in share if f not in done]
+            if not left:
+                return
+            proc = subprocess.run([sys.executable, __file__, "--worker", ",".join(f"{m}:{t}" for m, t in left),
+                                   "--limit", str(args.limit), "--out", str(args.out)])
+            if proc.returncode != 0:  # e.g. a crash inside a C extension: record it and go on
+                after = _done(jsonl)
+                crashed = next((f for f in left if f not in after), None)
+                if crashed is not None:
+                    with jsonl.open("a") as fh:
+                        fh.write(json.dumps({"mapping": crashed[0], "model_type": crashed[1], "status": "fail",
+                                             "step": "crash", "reason": f"worker exited with {proc.returncode}",
+                                             "clear": False}) + "\n")
+
+    if not args.report_only:
+        shares = [todo[i::args.workers] for i in range(args.workers)]
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(run_share, shares))
+    done = _done(jsonl)
+    records = [done[f] for f in families() if f in done]
+    import platform
+
+    import torch
+    import transformers
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "command": "nice -n 10 .venv/bin/python bench/coverage.py --workers 3", "wall_seconds": round(time.time() - t0)}
+    (args.out / "coverage.json").write_text(json.dumps({"meta": meta, "summary": summarise(records),
+                                                        "families": records}, indent=1) + "\n")
+    write_markdown(records, meta, args.markdown)
+    print(json.dumps(summarise(records)))
+
+
+if __name__ == "__main__":
+    main()

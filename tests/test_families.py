@@ -1,0 +1,202 @@
+"""Families of every kind through discovery and patching (a table-driven subset of bench/coverage.py).
+
+Each row is a transformers model type built from its tiny config (``vlpet_fx.zoo.tiny``) and what the row
+spans: gated or plain MLP, fused or separate q/k/v, Conv1D, SDPA or eager attention, pre- or post-LN,
+relative or rotary positions, MoE. Expectations come from the config (layer counts) and from the model's
+own module classes (norm layers), never from running discovery. Rows that need a pattern of issue 12's
+registry (h4) are marked ``xfail(strict=True)`` on the tests they fail, so they flip when it lands.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vlpet_fx
+from vlpet_fx.capture.inputs import build_example_inputs
+from vlpet_fx.zoo.tiny import tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+GATED = "needs pattern gated-mlp roles gate/up (h4)"
+FUSED = "needs pattern fused-qkv slice sites (h4)"
+MOE = "needs pattern MoE experts held as one batched parameter (not in issue 12's registry yet)"
+
+# name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
+AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",
+        "speech": "AutoModelForSpeechSeq2Seq"}
+CASES = {
+    # causal LMs: rotary + gated MLP (SDPA and eager), GQA, biases on q/k/v, (1 + w) RMSNorm
+    "llama": ("causal", "llama", {}, {"gated"}, {"roles": GATED}),
+    "llama-eager": ("causal", "llama", {"attn_implementation": "eager"}, {"gated"}, {"roles": GATED}),
+    "mistral": ("causal", "mistral", {}, {"gated"}, {"roles": GATED}),
+    "qwen2": ("causal", "qwen2", {}, {"gated"}, {"roles": GATED}),
+    "gemma": ("causal", "gemma", {}, {"gated"}, {"roles": GATED}),
+    "olmo": ("causal", "olmo", {}, {"gated"}, {"roles": GATED}),
+    "granite": ("causal", "granite", {}, {"gated"}, {"roles": GATED}),
+    # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
+    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": GATED + " and k through partial rotary's concat (h4)"}),
+    # causal LMs: plain MLPs, learned / sinusoidal positions, post- and pre-LN
+    "opt": ("causal", "opt", {}, set(), {}),
+    "opt-eager": ("causal", "opt", {"attn_implementation": "eager"}, set(), {}),
+    "xglm": ("causal", "xglm", {}, set(), {}),
+    "biogpt": ("causal", "biogpt", {}, set(), {}),
+    "gpt_neo": ("causal", "gpt_neo", {}, set(), {}),
+    "starcoder2": ("causal", "starcoder2", {}, set(), {}),
+    # fused q/k/v: HF Conv1D (GPT-2), query_key_value (GPT-NeoX, parallel attention + FFN)
+    "gpt2": ("causal", "gpt2", {}, {"fused"}, {"patch": FUSED}),
+    "gpt_neox": ("causal", "gpt_neox", {}, {"fused"}, {"patch": FUSED}),
+    # MoE
+    "mixtral": ("causal", "mixtral", {}, {"moe"}, {"stacks": MOE, "patch": MOE}),
+    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {"roles": GATED, "patch": MOE}),
+    # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
+    "t5": ("seq2seq", "t5", {}, set(), {}),
+    "mt5": ("seq2seq", "mt5", {}, {"gated"}, {"roles": GATED}),
+    "umt5": ("seq2seq", "umt5", {}, {"gated"}, {"roles": GATED}),
+    "bart": ("seq2seq", "bart", {}, set(), {}),
+    "mbart": ("seq2seq", "mbart", {}, set(), {}),
+    "pegasus": ("seq2seq", "pegasus", {}, set(), {}),
+    "marian": ("seq2seq", "marian", {}, set(), {}),
+    "m2m_100": ("seq2seq", "m2m_100", {}, set(), {}),
+    # VLMs (vision tower -> projector -> causal LM) and speech
+    "llava": ("vlm", "llava", {}, {"gated"}, {"roles": GATED}),
+    "paligemma": ("vlm", "paligemma", {}, {"gated"}, {"roles": GATED}),
+    "whisper": ("speech", "whisper", {}, set(), {}),
+}
+RULES = {"causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm", "seq2seq": "vlpet_large", "speech": "vlpet_large"}
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "decoder_layers", "depth")
+ENC_KEYS = ("encoder_layers", "num_layers", "num_hidden_layers")
+DEC_KEYS = ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers")
+
+
+def _count(cfg, keys) -> int:
+    for k in keys:
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    raise KeyError(keys)
+
+
+def expected_layers(kind: str, cfg) -> dict[str, int]:
+    """Layer counts per stack from the config alone."""
+    if kind == "causal":
+        return {"decoder": _count(cfg, LAYER_KEYS)}
+    if kind == "vlm":
+        return {"visual": _count(cfg.vision_config, LAYER_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
+    return {"encoder": _count(cfg, ENC_KEYS), "decoder": _count(cfg, DEC_KEYS)}
+
+
+def expected_blocks(kind: str, stack: str) -> set[str]:
+    if stack == "decoder" and kind in ("seq2seq", "speech"):
+        return {"self_attn", "cross_attn", "ffn"}
+    return {"self_attn", "ffn"}
+
+
+def _marks(name: str, test: str):
+    reason = CASES[name][4].get(test)
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+
+def cases_for(test: str):
+    return [pytest.param(n, marks=_marks(n, test), id=n) for n in CASES]
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def built(name: str):
+    """(kind, model, table) per family, built once for the whole module."""
+    if name not in _BUILT:
+        kind, model_type, overrides, _traits, _ = CASES[name]
+        cfg = tiny_config(model_type)
+        for k, v in overrides.items():
+            setattr(cfg, k if k != "attn_implementation" else "_attn_implementation", v)
+        torch.manual_seed(0)
+        model = getattr(transformers, AUTO[kind]).from_config(cfg).eval()
+        _BUILT[name] = (kind, model, vlpet_fx.discover(model, name=name))
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_models():
+    yield
+    _BUILT.clear()
+
+
+@pytest.mark.parametrize("name", cases_for("stacks"))
+def test_stacks_and_layers_from_the_dataflow(name):
+    kind, model, table = built(name)
+    assert table.num_layers() == expected_layers(kind, model.config), name
+    for stack in table.stacks():
+        for layer in range(table.num_layers()[stack]):
+            got = {s.block for s in table.where(stack=stack, layer=layer)}
+            assert got == expected_blocks(kind, stack), (name, stack, layer, got)
+
+
+@pytest.mark.parametrize("name", cases_for("roles"))
+def test_roles_of_every_block(name):
+    kind, model, table = built(name)
+    gated = "gated" in CASES[name][3]
+    for stack, layer, block in table.blocks():
+        roles = {s.role for s in table.where(stack=stack, layer=layer, block=block)}
+        if block == "ffn":
+            if stack == "visual" or not gated:
+                assert {"in", "out", "output"} <= roles, (name, stack, layer, roles)
+            else:  # the projection whose output passes the activation before the product is the gate
+                assert {"gate", "up", "out", "output"} <= roles, (name, stack, layer, roles)
+        else:
+            assert {"q", "k", "v", "o", "output"} <= roles, (name, stack, layer, block, roles)
+
+
+@pytest.mark.parametrize("name", cases_for("norms"))
+def test_norms_found_by_computation(name):
+    """Every normalisation module of the layers (by its class: the independent reference) is found."""
+    kind, model, table = built(name)
+    found = set(table.meta["norms"])
+    layer_paths = {s.layer_path for s in table if s.layer_path}
+    named = {p for p, m in model.named_modules() if type(m).__name__.endswith("Norm")
+             and any(p.startswith(lp + ".") for lp in layer_paths)}
+    assert named, name
+    assert named <= found, (name, sorted(named - found)[:3])
+    modules = dict(model.named_modules())
+    assert all(p in modules for p in found), name
+
+
+def _first_float(out):
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out[0]
+
+
+@pytest.mark.parametrize("name", cases_for("patch"))
+def test_patch_forward_backward_lora_identity_and_generate(name):
+    kind, model, table = built(name)
+    _, args, kwargs = build_example_inputs(model)
+    with torch.no_grad():
+        reference = _first_float(model(*args, **kwargs))
+    lora = copy.deepcopy(model)
+    vlpet_fx.patch(lora, "lora", table=table)
+    with torch.no_grad():
+        torch.testing.assert_close(_first_float(lora(*args, **kwargs)), reference, rtol=1e-5, atol=1e-5)
+    patched = copy.deepcopy(model)
+    plan = vlpet_fx.plan(patched, RULES[kind], table=table)
+    assert plan.placements, name
+    vlpet_fx.patch(patched, plan)
+    out = _first_float(patched(*args, **kwargs))
+    assert not torch.allclose(out, reference), name  # VL-PET modules (non-zero init) change the output
+    out.float().sum().backward()
+    trainable = [p for p in patched.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable), name
+    if kind in ("causal", "vlm"):
+        extra = {k: v for k, v in kwargs.items() if k != "use_cache"}
+        with torch.no_grad():
+            cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
+            plain = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert torch.equal(cached, plain), name
+
+
+def test_the_table_spans_the_patterns():
+    traits = set().union(*(c[3] for c in CASES.values()))
+    assert {"gated", "fused", "moe"} <= traits
+    assert len(CASES) >= 25
+    assert {c[0] for c in CASES.values()} == set(AUTO)
