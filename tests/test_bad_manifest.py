@@ -660,22 +660,30 @@ def test_hf_directory_code_and_pickles(tmp_path, monkeypatch, hf_dir, name, dama
         with pytest.raises(vlpet_fx.ModelSpecError) as info:
             load_model(str(d))
         assert phrase in str(info.value) and "weights_only" not in str(info.value), str(info.value)
+        assert "\n" not in str(info.value)
     assert not marker.exists()
 
 
 # ---- open_clip checkpoints ------------------------------------------------------------------------------------
 
-def test_pickled_open_clip_checkpoint_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("content, phrase", [
+    ("evil-pickle", "holds pickled Python objects besides tensors, which vlpet-fx never unpickles"),
+    ("garbage", "cannot be read as a tensor checkpoint"),
+])
+def test_bad_open_clip_checkpoint_is_one_clear_line(tmp_path, content, phrase):
     from vlpet_fx.vl.build import _any_open_clip
 
     marker = tmp_path / "marker"
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": {}, "extra": Evil(str(marker))}, ckpt)
+    if content == "garbage":
+        ckpt.write_bytes(b"garbage bytes, not a checkpoint")
+    else:
+        torch.save({"state_dict": {}, "extra": Evil(str(marker))}, ckpt)
     with pytest.raises(vlpet_fx.ModelSpecError) as info:
         _any_open_clip(f"RN50@{ckpt}")
     message = str(info.value)
-    assert "pickled Python objects" in message and "safetensors" in message, message
-    assert "weights_only=False" not in message and "\n" not in message
+    assert phrase in message and "safetensors" in message, message
+    assert "weights_only" not in message and "\n" not in message
     assert not marker.exists()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..errors import ModelSpecError
 from ..zoo import build_model, load_model
+from ..zoo.resolve import unpickling_refusal
 from .model import VLModel
 
 # name -> builder(size) -> (image encoder, feature dim)
@@ -80,19 +80,27 @@ def _any_open_clip(spec: str):
         raise ModelSpecError(f"open_clip knows no architecture '{arch}' (see open_clip.list_models())")
     if ckpt and not Path(ckpt).is_file():
         raise ModelSpecError(f"open_clip checkpoint '{ckpt}' does not exist")
-    try:  # open_clip reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
-        model = open_clip.create_model(arch, pretrained=ckpt or None)
-    except pickle.UnpicklingError:
-        raise ModelSpecError(f"open_clip checkpoint '{ckpt}' holds pickled Python objects besides tensors, which "
-                             "vlpet-fx never unpickles: convert it to a plain state dict in .safetensors") from None
-    except Exception as exc:  # a damaged file, or weights of another architecture
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise ModelSpecError(f"cannot load open_clip checkpoint '{ckpt}' for {arch}: {first[:300]}") from None
+    if not ckpt:
+        model = open_clip.create_model(arch)  # random weights
+    else:
+        model = _open_clip_from_checkpoint(open_clip, arch, ckpt)
     tower = model.visual
     if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
         tower.output_tokens = True
         return tower, int(tower.transformer.width)
     return tower, int(tower.output_dim)
+
+
+def _open_clip_from_checkpoint(open_clip, arch: str, ckpt: str):
+    try:  # open_clip reads .safetensors with safetensors and anything else with torch.load(weights_only=True)
+        return open_clip.create_model(arch, pretrained=ckpt)
+    except Exception as exc:  # a pickle with objects, a damaged file, or weights of another architecture
+        refusal = unpickling_refusal(exc, f"open_clip checkpoint '{ckpt}'",
+                                     "convert it to a plain state dict in .safetensors")
+        if refusal:
+            raise ModelSpecError(refusal) from None
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ModelSpecError(f"cannot load open_clip checkpoint '{ckpt}' for {arch}: {first[:300]}") from None
 
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",

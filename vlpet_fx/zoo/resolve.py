@@ -17,6 +17,17 @@ from ..errors import ModelSpecError
 from .registry import _MODELS, build_model
 
 
+def unpickling_refusal(exc: BaseException, what: str, fix: str) -> str | None:
+    """One line for torch's restricted unpickler refusing a file (instead of torch's advice to set
+    ``weights_only=False``, which would let the file run code); None for other errors."""
+    text = str(exc)
+    if "allowed global" in text or "Unsupported global" in text:
+        return f"{what} holds pickled Python objects besides tensors, which vlpet-fx never unpickles: {fix}"
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return f"{what} cannot be read as a tensor checkpoint (damaged, or not a torch or safetensors file): {fix}"
+    return None
+
+
 def _load_hf_dir(path: Path, *, weights: bool, device: str | None) -> nn.Module:
     """A save_pretrained() directory. Its code is never run (trust_remote_code stays off); weights are read by
     transformers through safetensors or torch.load(weights_only=True)."""
@@ -46,10 +57,10 @@ def _load_hf_dir(path: Path, *, weights: bool, device: str | None) -> nn.Module:
                 return auto.from_config(config).eval()
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
-            raise ModelSpecError(f"the weights in '{path}' are a pickle holding Python objects besides tensors, "
-                                 "which vlpet-fx never unpickles: save the model with save_pretrained() as "
-                                 "model.safetensors") from None
+        refusal = unpickling_refusal(exc, f"the weights file in '{path}'", "save the model with save_pretrained() as "
+                                     "model.safetensors")
+        if refusal:
+            raise ModelSpecError(refusal) from None
         raise ModelSpecError(f"cannot load the model in '{path}': {str(exc).splitlines()[0]}") from None
     return model.to(device).eval() if device else model.eval()
 
