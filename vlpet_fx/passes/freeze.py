@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..errors import PlanError
 from ..planner.plan import Plan
 from .base import ModulePass
 
@@ -25,4 +26,7 @@ class Freeze(ModulePass):
     def ensures(self, module: nn.Module) -> None:
         want = self.plan.trainable_params
         have = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        assert have == want, f"freeze: {have} trainable parameters, the plan says {want}"
+        if have != want:  # e.g. a parameter the plan counted is shared with, or hidden behind, another name
+            raise PlanError(f"after patching {have:,} parameters train but the plan counted {want:,}: the model changed "
+                            "since it was planned, or shares weights between selected and unselected modules; "
+                            "plan the model as it is patched")

@@ -185,9 +185,9 @@ class Trainer:
         if cfg.epochs is not None:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() > 1]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() <= 1]
-        assert len(decay) + len(no_decay) == len(params)
+        # weight decay on matrices only (biases and norm weights are 1-d): a partition of `params` by construction
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
         from transformers import get_scheduler
