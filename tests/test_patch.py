@@ -296,15 +296,32 @@ def test_gradient_checkpointing_and_autocast():
     assert all(p.dtype == torch.float64 for n, p in m.named_parameters() if ".pet_" in n)
 
 
+COMPILE_BACKEND = "aot_eager"  # inductor's CPU code generation takes minutes per model here: see BENCHMARKS.md
+
+
+@pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_torch_compile_fullgraph(family):
-    m = build_model(family, "tiny")
-    vlpet_fx.patch(m, "vlpet_large")
-    ids = torch.randint(3, 256, (2, 8))
-    ref = m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    out = compiled(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+def test_torch_compile_fullgraph(family, backend):
+    """Both back ends compile as one graph (fullgraph=True: any graph break is an error), forward and backward,
+    with the uncompiled model's outputs and gradients."""
+    from vlpet_fx.capture.inputs import build_example_inputs
+
+    base = build_model(family, "tiny").eval()
+    m = vlpet_fx.patch(base, "vlpet_large", backend=backend)
+    assert isinstance(m, torch.fx.GraphModule) == (backend == "graph")
+    _, _, kw = build_example_inputs(base)
+    ref = m(**kw).logits
+    ref.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend=COMPILE_BACKEND)
+    out = compiled(**kw).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 # ---- round trip through a patched-model directory ------------------------------------------------------------
