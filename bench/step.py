@@ -7,7 +7,8 @@ A variant is written ``KIND[/RULES][+compile]``:
     full                      every parameter trains (the unpatched model)
     eager/vlpet_large         vlpet_fx.patch(model, "vlpet_large")            (eager back end)
     graph/vlpet_large         vlpet_fx.patch(..., backend="graph")             (graph back end, static shapes)
-    hand/vlpet_large          the same plan's modules placed by plain wrapper modules (no compiler, no hooks)
+    hand/vlpet_large          the same method written into T5/BART by hand (bench/hand.py: its own modules and
+                              layer forwards, no compiler); checked against eager/vlpet_large at set-up
     peft-lora/vlpet_large     PEFT LoRA on q and v, rank chosen so the trainable count equals the rule set's
     peft-lora-sites/vlpet_large  PEFT LoRA on the Linear that produces each of the rule set's sites (attention
                               output o, FFN wo, cross-attention v), rank for the same trainable count
@@ -50,69 +51,14 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vlpet_fx  # noqa: E402
-from vlpet_fx.passes.base import build_pet  # noqa: E402
 from vlpet_fx.zoo import build_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hand import hand_reference, pet_state  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = ["full", "eager/vlpet_large", "graph/vlpet_large", "hand/vlpet_large", "peft-lora/vlpet_large",
             "eager/lora-peft"]
-
-
-class _Stash(nn.Module):
-    """Hand-written: run the wrapped module after handing its input to the PET module."""
-
-    def __init__(self, inner, pet):
-        super().__init__()
-        self.inner, self.pet = inner, pet
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.pet.block_input = hidden_states
-        return self.inner(hidden_states, *args, **kwargs)
-
-
-class _After(nn.Module):
-    def __init__(self, inner, pet):
-        super().__init__()
-        self.inner, self.pet = inner, pet
-
-    def forward(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (self.pet.after(out[0]),) + out[1:]
-        return self.pet.after(out)
-
-
-class _Parallel(nn.Module):
-    def __init__(self, inner, pet):
-        super().__init__()
-        self.inner, self.pet = inner, pet
-
-    def forward(self, x):
-        return self.pet.parallel(x, self.inner(x))
-
-
-def hand_reference(base: nn.Module, rules) -> nn.Module:
-    """A rule set's modules placed by hand: the plan's PET modules inside plain wrapper modules (no hooks)."""
-    model = copy.deepcopy(base)
-    plan = vlpet_fx.plan(model, rules)
-    model.requires_grad_(False)
-    keep = [prm for n, prm in model.named_parameters() if n in plan.trainable]  # before wrapping renames them
-    stashes = []
-    for p in plan.placements:
-        pet = build_pet(p)
-        parent_path, _, child = p.site.path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        inner = getattr(parent, child)
-        setattr(parent, child, _After(inner, pet) if p.placement == "after" else _Parallel(inner, pet))
-        if getattr(pet, "needs_block_input", False):
-            stashes.append((p.site.input_path, pet))
-    for path, pet in sorted(stashes, key=lambda t: -t[0].count(".")):  # innermost first: paths stay valid
-        xp, _, xc = path.rpartition(".")
-        xparent = model.get_submodule(xp) if xp else model
-        setattr(xparent, xc, _Stash(getattr(xparent, xc), pet))
-    for prm in keep:
-        prm.requires_grad_(True)
-    return model
 
 
 def qv_targets(base: nn.Module) -> list[str]:
@@ -188,13 +134,47 @@ def make(variant: str, base: nn.Module, inputs: dict, budget_rules: str) -> nn.M
         # the graph is captured at this batch's shapes (static shapes), with the model's own kwargs
         return vlpet_fx.patch(copy.deepcopy(base), rules, backend="graph", example_inputs=dict(inputs, use_cache=False))
     if kind == "hand":
-        return hand_reference(base, rules)
+        model = hand_reference(base, rules)
+        check_hand(model, base, rules, inputs)
+        return model
     budget = vlpet_fx.plan(base, rules)  # peft-lora and peft-lora-sites: LoRA with this plan's trainable count
     if kind == "peft-lora":
         return peft_lora(base, lora_rank(base, budget.trainable_params))
     targets = site_targets(base, budget)
     per_rank = sum(m.in_features + m.out_features for m in map(base.get_submodule, targets))
     return peft_lora(base, max(1, round(budget.trainable_params / per_rank)), targets)
+
+
+def check_hand(hand: nn.Module, base: nn.Module, rules: str, inputs: dict) -> None:
+    """The hand-written reference is the compiler's eager patch: the same trainable count, and the same outputs
+    once the eager patch has the hand model's PET weights (every PET weight mapped, none left over). The weights
+    are moved off their init first (zero-initialised up projections and gates would hide a wiring error)."""
+    hand = copy.deepcopy(hand)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in hand.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
+    eager = vlpet_fx.patch(copy.deepcopy(base), rules)
+    hand.eval(), eager.eval()  # no dropout of any kind in the comparison
+    n_hand = sum(p.numel() for p in hand.parameters() if p.requires_grad)
+    n_eager = sum(p.numel() for p in eager.parameters() if p.requires_grad)
+    if n_hand != n_eager:
+        raise SystemExit(f"hand/{rules}: {n_hand:,} trainable parameters against the compiler's {n_eager:,}")
+    weights = pet_state(hand)
+    pet_names = {n for n, _ in eager.named_parameters() if ".pet_" in n}
+    if set(weights) != pet_names:
+        raise SystemExit(f"hand/{rules}: PET weights do not map one to one: {sorted(set(weights) ^ pet_names)[:4]}")
+    hand_params = dict(hand.named_parameters())
+    with torch.no_grad():
+        for n, p in eager.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
+            elif p.requires_grad:  # the layer norms: the same names in both
+                p.copy_(hand_params[n])
+        a, b = hand(**inputs).logits, eager(**inputs).logits
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"hand/{rules}: outputs differ from the compiler's by {(a - b).abs().max().item():.3g}")
 
 
 def batch(args, vocab: int):
@@ -247,11 +227,20 @@ def step_fn(model: nn.Module, inputs: dict, compile_: bool):
 
 
 def base_model(args) -> nn.Module:
-    m = build_model(args.model, args.size)
+    return no_dropout(build_model(args.model, args.size)).train()
+
+
+def no_dropout(m: nn.Module) -> nn.Module:
+    """Dropout off everywhere (the graph back end is captured in eval mode; keep all variants comparable): the
+    nn.Dropout modules and the float rates that attention and layer code pass to F.dropout (T5Attention.dropout,
+    BartAttention.dropout, BartEncoderLayer.activation_dropout, ...)."""
     for mod in m.modules():
         if isinstance(mod, nn.Dropout):
-            mod.p = 0.0  # the graph back end is captured in eval mode; keep all variants comparable
-    return m.train()
+            mod.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(mod, attr, None), float):
+                setattr(mod, attr, 0.0)
+    return m
 
 
 def _status_kb(field: str) -> int:

@@ -55,7 +55,8 @@ def test_capture_error_names_the_module_and_a_fix():
     with pytest.raises(vlpet_fx.CaptureError) as info:
         vlpet_fx.capture(Branchy(), (torch.randn(2, 4),))
     msg = str(info.value)
-    assert "gate" in msg
+    assert "module 'gate' (Inner)" in msg  # the module, by path and class
+    assert "fix: remove data-dependent Python control flow from that forward (use torch.where / torch.cond)" in msg
     assert "\n" not in msg.strip()
 
 

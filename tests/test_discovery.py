@@ -80,12 +80,63 @@ def test_paths_are_real_modules_with_matching_shapes(discovered):
             assert (mod.in_features, mod.out_features) == (s.in_features, s.out_features), (name, s)
 
 
-def test_layers_follow_the_residual_stream(discovered):
-    """Layer i of a stack lives in an earlier container element than layer i+1 (order along the stream)."""
-    name, _, table, want, _ = discovered
+@pytest.fixture(scope="module", params=sorted(CASES))
+def graph_case(request):
+    """A full capture (every node kept) and the table discovered on it, for the checks in the graph itself."""
+    build, inputs, layers, _ = CASES[request.param]
+    model = build()
+    cap = vlpet_fx.capture(model, inputs)
+    table = vlpet_fx.discover(model, captured=cap, name=request.param)
+    want = layers(model) if callable(layers) else layers
+    return request.param, cap, table, want
+
+
+def _in_scope(cap, node, path) -> bool:
+    return any(p == path or p.startswith(path + ".") for p in cap.module_stack(node))
+
+
+def _ancestors(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _residual_adds(cap, table, stack, layer) -> list:
+    """The layer's residual adds, found here from the graph alone: tensor adds run inside the layer's module
+    whose two operands and result all have the shape of the stream (the shape of the layer's block outputs)."""
+    out_sites = table.where(stack=stack, layer=layer, role="output")
+    path = out_sites[0].layer_path
+    nodes = {n.name: n for n in cap.graph.nodes}
+    stream = {tuple(nodes[s.node].meta["val"].shape) for s in out_sites}
+    adds = []
+    for n in cap.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "overloadpacket", None) is not torch.ops.aten.add:
+            continue
+        args = [a for a in n.args[:2] if isinstance(a, torch.fx.Node)]
+        shapes = {tuple(a.meta["val"].shape) for a in args if "val" in a.meta}
+        if len(args) == 2 and shapes == {tuple(n.meta["val"].shape)} <= stream and _in_scope(cap, n, path):
+            adds.append(n)
+    return adds
+
+
+def test_layers_follow_the_residual_stream(graph_case):
+    """Layer i + 1 comes after layer i along the residual stream: in the captured graph, each layer's residual
+    adds come (topologically) after the previous layer's, and the previous layer's last add feeds this one's
+    first add."""
+    name, cap, table, want = graph_case
     for stack, n in want.items():
-        paths = [table.where(stack=stack, layer=i)[0].layer_path for i in range(n)]
-        assert len(set(paths)) == n, (name, stack, paths)
+        adds = [_residual_adds(cap, table, stack, i) for i in range(n)]
+        if n > 1:
+            assert all(adds), (name, stack, [len(a) for a in adds])
+        for i in range(n - 1):
+            last, first = max(adds[i], key=cap.order), min(adds[i + 1], key=cap.order)
+            assert cap.order(max(adds[i], key=cap.order)) < cap.order(min(adds[i + 1], key=cap.order)), (name, stack, i)
+            assert last in _ancestors(first), (name, stack, i)
+            assert first not in _ancestors(last), (name, stack, i)
 
 
 SPOT = {
@@ -120,10 +171,46 @@ def test_spot_checks(discovered):
         assert table.get(stack, layer, block, role).path == path, (name, stack, layer, block, role)
 
 
-def test_cross_attention_reads_keys_from_encoder(discovered):
-    name, _, table, _, _ = discovered
-    for s in table.where(block="cross_attn", role="k"):
-        assert s.stack == "decoder"
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "clone", "contiguous", "alias",
+          "to", "_to_copy", "dropout", "slice", "unsqueeze", "squeeze"}
+
+
+def _activation_input(cap, node):
+    """The activation a projection reads (its non-parameter tensor input), walked back through views/copies."""
+    (x,) = [a for a in node.all_input_nodes if cap.param_of(a) is None and any(
+        u.op == "placeholder" and u.name in cap.user_inputs for u in _ancestors(a) | {a})]
+    while x.op == "call_function" and getattr(x.target, "overloadpacket", None) is not None \
+            and x.target.overloadpacket.__name__ in _VIEWS:
+        x = x.args[0]
+    return x
+
+
+def test_cross_attention_reads_keys_from_encoder(graph_case):
+    """In the graph: the keys and values of every cross-attention are projected from one node, which comes after
+    the encoder's last layer and depends on nothing of the decoder (the encoder stack's final output), while the
+    decoder's self-attention keys are not."""
+    name, cap, table, want = graph_case
+    cross = table.where(block="cross_attn", role=("k", "v"))
+    if not cross:
+        assert "decoder" not in want
+        return
+    nodes = {n.name: n for n in cap.graph.nodes}
+    sources = {_activation_input(cap, nodes[s.node]) for s in cross}
+    assert len(sources) == 1, (name, sources)
+    (memory,) = sources
+    before = _ancestors(memory) | {memory}
+    enc_last = max(_residual_adds(cap, table, "encoder", want["encoder"] - 1), key=cap.order)
+    assert enc_last in before, name  # after the whole encoder
+    dec_paths = {s.layer_path for s in table.where(stack="decoder")}
+    assert not any(_in_scope(cap, n, p) for n in before for p in dec_paths), name  # nothing of the decoder
+    # between the encoder's last residual add and the memory: only the last layer's own tail (post-LN) or the
+    # stack's final norm, outside every other layer
+    enc_paths = {s.layer_path for s in table.where(stack="encoder")}
+    last_path = table.where(stack="encoder", layer=want["encoder"] - 1)[0].layer_path
+    between = (before - _ancestors(enc_last)) - {enc_last}
+    assert not any(_in_scope(cap, n, p) for n in between for p in enc_paths - {last_path}), name
+    for s in table.where(stack="decoder", block="self_attn", role="k"):
+        assert _activation_input(cap, nodes[s.node]) is not memory, (name, s)
 
 
 @pytest.mark.parametrize("name", ["t5", "bart", "bert2bert", "torch-transformer"])

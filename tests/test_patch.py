@@ -74,9 +74,37 @@ def test_identity_methods_leave_outputs_bit_identical(name, no_mha_fastpath):
         rules = parse_rules(IDENTITY_RULES.replace("select: {block: ffn, role: in}, insert: lo, placement: parallel}",
                                                    "select: {block: ffn, role: in}, insert: lo, placement: parallel, optional: true}"))
     vlpet_fx.patch(m, rules, example_inputs=None if name != "toy" else inputs)
-    assert len(m.vlpet_patch.attached) > 0
+    attached = m.vlpet_patch.attached
+    assert len(attached) > 0
+    # every placement runs: count the calls of each inserted module's after/parallel (what the hooks call)
+    calls = {path: 0 for path in attached}
+    for path, pl in attached.items():
+        pet = m.get_submodule(path)
+        entry = "after" if pl.placement == "after" else "parallel"
+        inner = getattr(pet, entry)
+
+        def counted(*a, _inner=inner, _path=path):
+            calls[_path] += 1
+            return _inner(*a)
+
+        setattr(pet, entry, counted)
     after = _run(m, inputs)
     assert torch.equal(before, after), name
+    assert [p for p, n in calls.items() if n == 0] == [], name
+    # ... and each one reaches the output: moving its weights off the identity init changes the output
+    g = torch.Generator().manual_seed(0)
+    for path in attached:
+        params = list(m.get_submodule(path).parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        moved = _run(m, inputs)
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        assert not torch.allclose(moved, before, rtol=0, atol=1e-6), (name, path)
+    assert torch.equal(_run(m, inputs), before)
 
 
 def test_vlpet_large_is_not_identity_and_changes_outputs():
@@ -225,21 +253,41 @@ def test_save_pretrained_keeps_base_keys(tmp_path):
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "m" / "model.safetensors")))
-    base_keys = set(build_model("bart", "tiny").state_dict())
-    assert {k for k in base_keys if "lm_head" not in k and "shared" not in k} <= keys | {k for k in base_keys if k not in keys}
-    assert any(".pet_" in k for k in keys)
+    build_model("bart", "tiny").save_pretrained(tmp_path / "base")  # what the unpatched model writes
+    base_keys = set(load_file(str(tmp_path / "base" / "model.safetensors")))
+    pet_keys = {n for n, _ in m.named_parameters() if ".pet_" in n}
+    # 2 encoder layers x 2 VL-PET modules (down, up, large gate down/up: 8 tensors) + 2 decoder value adapters (4)
+    assert len(pet_keys) == 2 * 2 * 8 + 2 * 4
+    assert keys == base_keys | pet_keys
+    assert not base_keys & pet_keys
 
 
 def test_gradient_checkpointing_and_autocast():
     m = build_model("t5", "tiny")
+    for mod in m.modules():  # dropout off: the checkpointed and the plain backward must agree exactly
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "dropout", None), float):
+            mod.dropout = 0.0
     vlpet_fx.patch(m, "vlpet_large")
     m.train()
-    m.gradient_checkpointing_enable()
     ids = torch.randint(3, 256, (2, 8))
     labels = ids[:, :4].contiguous()
+    m(input_ids=ids, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad(set_to_none=True)
+    m.gradient_checkpointing_enable()
     loss = m(input_ids=ids, labels=labels).loss
     loss.backward()
-    assert all(p.grad is not None for n, p in m.named_parameters() if ".pet_" in n and "gate" not in n)
+    pet = [n for n, p in m.named_parameters() if ".pet_" in n]
+    assert any(".gate." in n for n in pet)
+    # every trainable parameter, the gates' included, gets the gradient of the plain backward
+    assert sorted(plain) == sorted(n for n, p in m.named_parameters() if p.requires_grad)
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+            torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(torch.count_nonzero(plain[n]) for n in pet if ".gate." in n)
     m.gradient_checkpointing_disable()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(input_ids=ids, labels=labels)
@@ -248,15 +296,32 @@ def test_gradient_checkpointing_and_autocast():
     assert all(p.dtype == torch.float64 for n, p in m.named_parameters() if ".pet_" in n)
 
 
+COMPILE_BACKEND = "aot_eager"  # inductor's CPU code generation takes minutes per model here: see BENCHMARKS.md
+
+
+@pytest.mark.parametrize("backend", ["eager", "graph"])
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_torch_compile_fullgraph(family):
-    m = build_model(family, "tiny")
-    vlpet_fx.patch(m, "vlpet_large")
-    ids = torch.randint(3, 256, (2, 8))
-    ref = m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    out = compiled(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+def test_torch_compile_fullgraph(family, backend):
+    """Both back ends compile as one graph (fullgraph=True: any graph break is an error), forward and backward,
+    with the uncompiled model's outputs and gradients."""
+    from vlpet_fx.capture.inputs import build_example_inputs
+
+    base = build_model(family, "tiny").eval()
+    m = vlpet_fx.patch(base, "vlpet_large", backend=backend)
+    assert isinstance(m, torch.fx.GraphModule) == (backend == "graph")
+    _, _, kw = build_example_inputs(base)
+    ref = m(**kw).logits
+    ref.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend=COMPILE_BACKEND)
+    out = compiled(**kw).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 # ---- round trip through a patched-model directory ------------------------------------------------------------

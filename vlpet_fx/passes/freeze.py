@@ -26,6 +26,7 @@ class Freeze(ModulePass):
     def ensures(self, module: nn.Module) -> None:
         want = self.plan.trainable_params
         have = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        if have != want:
-            raise PlanError(f"freeze: {have:,} parameters train, the plan says {want:,}: the model does not match the "
-                            "plan (make the plan for this model)")
+        if have != want:  # e.g. a parameter the plan counted is shared with, or hidden behind, another name
+            raise PlanError(f"after patching {have:,} parameters train but the plan counted {want:,}: the model changed "
+                            "since it was planned, or shares weights between selected and unselected modules; "
+                            "plan the model as it is patched")

@@ -296,8 +296,10 @@ class Trainer:
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() > 1]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() <= 1]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # weight decay on matrices only (biases and norm weights are 1-d): a partition of `params` by construction
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
         from transformers import get_scheduler
