@@ -106,7 +106,7 @@ _ARTEFACTS = ("run.json", "tokenizer", "metrics.jsonl", "metrics.csv", "checkpoi
 _COMPARED_AS_PATHS = ("init_from", "data", "eval_data")
 # options a resumed run may change: they do not change the trajectory (or are its length, or this invocation's)
 _MAY_CHANGE = ("out", "resume", "steps", "eval_every", "save_every", "keep_checkpoints", "feature_cache",
-               "eval_batch_size", "max_new_tokens", "on_the_fly")
+               "eval_batch_size", "max_new_tokens", "on_the_fly", "trust_code")
 
 
 @contextlib.contextmanager
