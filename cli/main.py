@@ -207,6 +207,137 @@ def export_cmd(
     out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
 
+class AnswerFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+SRC_HELP = ("A `vlpet-fx train` run directory, a patched directory (`patch --out`) or an adapters directory "
+            "(`export --format adapters`).")
+BASE_HELP = ("Base model for an adapters directory, instead of the one its manifest names: a full fine-tuning "
+             "run or a patched directory with no PET modules.")
+TOKENIZER_HELP = "The tokenizer directory (default: SRC/tokenizer, or the run's tokenizer/)."
+BEAMS_HELP = "Beam-search width (1: greedy)."
+MAX_NEW_HELP = "Longest answer, in tokens."
+DEVICE_HELP = "Device to run on (cpu, cuda, cuda:1, ...)."
+
+
+def _load_predictor(src: Path, base: Path | None, tokenizer: Path | None, device: str, force: bool):
+    from vlpet_fx.infer import Predictor
+
+    return Predictor.from_dir(src, base=base, tokenizer=tokenizer, device=device, force=force)
+
+
+@app.command()
+def predict(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="The question with its task prefix, e.g. 'vqa: what is this?'."),
+    image: list[Path] = typer.Option(None, "--image", "-i", help="An image file the prompt is about; repeat for several."),
+    data: Path = typer.Option(None, "--data", help="Answer every row of this JSONL file (the format `train --data` reads)."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (the answer) or json (with scores)."),
+    out_file: Path = typer.Option(None, "--out", "-o", help="With --data: write the answers as JSONL to this file."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Examples per generate call (with --data)."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Answer a prompt about one or more images (or every row of a JSONL file) with a trained model."""
+    from vlpet_fx.infer import predict as run_predict
+    from vlpet_fx.io import write_atomic
+
+    if (prompt is None) == (data is None):
+        fail("give --prompt with --image, or --data FILE.jsonl")
+    if prompt is not None and not image:
+        fail("give the image the prompt is about with --image FILE (repeat for several)")
+    if data is not None and image:
+        fail("--image goes with --prompt; the rows of --data name their own images")
+    if out_file is not None and data is None:
+        fail("--out writes the answers of --data; without --data the answer is printed")
+    with reported(writing=out_file):
+        pred = _load_predictor(src, base, tokenizer, device, force)
+        if prompt is not None:
+            answers = [run_predict(pred, prompt, list(image), num_beams=num_beams, max_new_tokens=max_new_tokens)]
+        else:
+            answers = run_predict(pred, data=data, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+        if out_file is not None:
+            write_atomic(out_file, "".join(json.dumps(a.to_dict()) + "\n" for a in answers))
+    if fmt is AnswerFormat.json:
+        doc = answers[0].to_dict() if prompt is not None else {"answers": [a.to_dict() for a in answers]}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    for a in answers:
+        line = a.answer if prompt is not None else f"{a.prompt}\t{a.answer}"
+        sys.stdout.write(line + "\n")
+    if out_file is not None:
+        err.print(f"wrote {out_file} ({len(answers)} answers)", highlight=False)
+
+
+@app.command()
+def evaluate(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    data: Path = typer.Option(None, "--data", help="Held-out examples (JSONL, the format `train --data` reads)."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="A built-in task to score on instead (vqa, gqa, nlvr, caption); repeat."),
+    source: str = typer.Option(None, "--source", help="Images of the built-in tasks (default: the run's own --source)."),
+    n: int = typer.Option(100, "--n", help="Examples per built-in task."),
+    split: str = typer.Option("test", "--split", help="Split of the built-in tasks' images: train, val or test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in tasks' example sampling."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="New directory for predictions.jsonl and scores.json (written at once)."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (the scores)."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Examples per generate call."),
+    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop at, or skip, rows of --data that are missing/unreadable."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Score a trained model on held-out data with each task's metrics (exact match, accuracy, BLEU-4, CIDEr)."""
+    from rich.table import Table
+
+    from vlpet_fx.infer import evaluate as run_evaluate
+
+    if (data is None) == (not task):
+        fail("give held-out data with --data FILE.jsonl, or built-in tasks with --task NAME")
+    if on_bad_rows not in ("stop", "skip"):
+        fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
+    if data is None and split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test, not '{split}'")
+    with reported(writing=out_dir):
+        pred = _load_predictor(src, base, tokenizer, device, force)
+        result = run_evaluate(pred, data=data, tasks=list(task) if task else None, source=source, n=n, split=split,
+                              seed=seed, num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              on_bad_rows=on_bad_rows, out=out_dir)
+    result.pop("predictions")
+    if fmt is AnswerFormat.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    out.print(_scores_table(f"{src}: {result['examples']} examples", result))
+    if result["bad_rows"]:
+        err.print(f"skipped {len(result['bad_rows'])} bad rows, first: {result['bad_rows'][0]}", highlight=False,
+                  markup=False)
+    if out_dir is not None:
+        out.print(f"wrote {out_dir}: predictions.jsonl, scores.json", highlight=False, markup=False)
+
+
+def _scores_table(title: str, result: dict):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("task")
+    table.add_column("scores")
+    table.add_column("main", justify="right")
+    for t, s in (result["scores"] or {}).items():
+        table.add_row(t, ", ".join(f"{k} {v:.1f}" for k, v in s.items()), f"{result['main'].get(t, 0):.1f}")
+    if result["average"] is not None:
+        table.add_row("[bold]average[/]", "", f"[bold]{result['average']:.1f}[/]")
+    return table
+
+
 def _tasks(specs: list[str]) -> list[tuple[str, float]]:
     out = []
     for spec in specs:

@@ -250,6 +250,7 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split_name: str = "val") -> dict[str, dict[str, float]]:
+        from ..infer.generate import generate_answers
         from .metrics import task_scores
 
         split = self.splits[split_name]
@@ -259,9 +260,8 @@ class Trainer:
         bs = self.cfg.eval_batch_size
         for s in range(0, len(split.inputs), bs):
             idx = list(range(s, min(s + bs, len(split.inputs))))
-            out = model.generate(**self._inputs(split, idx), max_new_tokens=self.cfg.max_new_tokens, num_beams=1,
-                                 do_sample=False)
-            preds += self.tok.batch_decode(out, skip_special_tokens=True)
+            preds += [g.text for g in generate_answers(model, self.tok, self._inputs(split, idx),
+                                                       max_new_tokens=self.cfg.max_new_tokens, with_scores=False)]
         scores = {}
         for t in dict.fromkeys(split.tasks):
             ii = [i for i, x in enumerate(split.tasks) if x == t]

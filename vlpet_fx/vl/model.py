@@ -25,12 +25,11 @@ def image_size_of(visual: nn.Module) -> int:
 def to_pixels(images: list, size: int, device=None) -> torch.Tensor:
     """uint8 images (H, W) or (H, W, 3) → float (N, 3, size, size), scaled to [-1, 1]."""
     out = []
-    for im in images:
+    for im in images:  # one at a time: the images may differ in size
         t = torch.from_numpy(np.array(im, dtype=np.float32))
         t = t.unsqueeze(0).expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)[:3]
-        out.append(t)
-    x = torch.stack(out) / 127.5 - 1.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out.append(F.interpolate(t[None] / 127.5 - 1.0, size=(size, size), mode="bilinear", align_corners=False))
+    x = torch.cat(out)
     return x.to(device) if device is not None else x
 
 
