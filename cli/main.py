@@ -324,6 +324,44 @@ def evaluate(
         out.print(f"wrote {out_dir}: predictions.jsonl, scores.json", highlight=False, markup=False)
 
 
+@app.command()
+def serve(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
+    allow_paths: Path = typer.Option(None, "--allow-paths", help="Let requests name image files inside this directory (default: images only as base64 bytes)."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, in MiB."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width × height) accepted."),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="How long to collect concurrent requests into one batch."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most requests answered by one generate call."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP + " Default for requests that do not say."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP + " Default for requests that do not say."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Answer prompts about images over HTTP: POST /predict (JSON), GET /health; concurrent requests are batched."""
+    try:
+        import uvicorn
+
+        from vlpet_fx.serve import ServeConfig, create_app
+    except ImportError as exc:
+        fail(f"serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'vlpet-fx[serve]'")
+    if not 0 < port < 65536:
+        fail(f"--port must be between 1 and 65535, not {port}")
+    with reported():
+        cfg = ServeConfig(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_image_pixels,
+                          allow_paths=allow_paths, batch_window_ms=batch_window_ms, max_batch=max_batch,
+                          num_beams=num_beams, max_new_tokens=max_new_tokens)
+        from vlpet_fx.infer.predictor import check_generation
+
+        check_generation(num_beams, max_new_tokens)
+        app_ = create_app(_load_predictor(src, base, tokenizer, device, force), cfg)
+    err.print(f"serving {src} on http://{host}:{port} (POST /predict, GET /health)", highlight=False, markup=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def _scores_table(title: str, result: dict):
     from rich.table import Table
 

@@ -18,13 +18,8 @@ from vlpet_fx.infer import Predictor, Query
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from vlpet_fx.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("infer") / "run"
-    train(TrainConfig(out=str(out), steps=6, train_per_task=16, eval_per_task=4, batch_size=8, eval_every=0,
-                      save_every=0, tasks=[("vqa", 1.0), ("nlvr", 1.0)], source="digits", lr=3e-3))
-    return out
+def run(vl_run):
+    return vl_run
 
 
 @pytest.fixture(scope="module")
