@@ -9,16 +9,15 @@ from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+import typer
+from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[@local-checkpoint]" must print as written
     help="vlpet-fx: find where parameter-efficient modules belong in a model, and put them there.",
 )
 out = Console()
@@ -40,7 +39,7 @@ class InspectFormat(str, Enum):
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -82,8 +81,8 @@ def models() -> None:
 def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in model."),
-    fmt: InspectFormat = typer.Option(InspectFormat.tree, "--format", "-f", help="tree, json, svg or html."),
-    out_file: Path = typer.Option(None, "--out", "-o", help="Where to write the svg/html picture."),
+    fmt: InspectFormat = typer.Option(InspectFormat.tree, "--format", "-f", help="tree (printed), json, svg or html."),
+    out_file: Path = typer.Option(None, "--out", "-o", help="Where to write the json, svg or html output (json default: printed; svg/html default: MODEL.svg/.html)."),
     expand: bool = typer.Option(False, "--expand", help="Print every layer, even identical ones."),
     full: bool = typer.Option(False, "--full", help="Capture every layer (no depth reduction)."),
     rules: str = typer.Option(None, "--rules", "-r", help="Mark the sites this rule set hits. " + RULES_HELP),
@@ -93,6 +92,8 @@ def inspect(
     from vlpet_fx.io import write_atomic
     from vlpet_fx.zoo import load_model
 
+    if out_file is not None and fmt is InspectFormat.tree:
+        fail("--out writes json, svg or html: add --format json|svg|html (the tree is printed)")
     with reported():
         net, name = load_model(model, size.value, weights=False)
         table = vlpet_fx.discover(net, name=name, fast=not full)
@@ -102,7 +103,16 @@ def inspect(
             hits = {p.site.key for p in the_plan.placements}
 
     if fmt is InspectFormat.json:
-        sys.stdout.write(table.to_json() + "\n")
+        doc = table.to_dict()
+        if rules is not None:  # the rule set's hits: one entry per placement, with its site
+            doc["hits"] = [p.public() for p in the_plan.placements]
+        text = json.dumps(doc) + "\n"
+        if out_file is None:
+            sys.stdout.write(text)
+            return
+        with reported(writing=out_file):
+            write_atomic(out_file, text)
+        out.print(f"wrote {out_file} ({len(table)} sites)", highlight=False, markup=False)
         return
     if fmt in (InspectFormat.svg, InspectFormat.html):
         from vlpet_fx.viz import render_html, render_svg
@@ -151,7 +161,7 @@ def patch(
     rules: str = typer.Option(..., "--rules", "-r", help=RULES_HELP),
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in model."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only resolve the rules: print placements and budget."),
-    fmt: PatchFormat = typer.Option(PatchFormat.table, "--format", "-f", help="table or json (with --dry-run)."),
+    fmt: PatchFormat = typer.Option(PatchFormat.table, "--format", "-f", help="table or json: the plan (with --dry-run) or what was written."),
     out_dir: Path = typer.Option(None, "--out", "-o", help="Directory to write the patched model to (must be new or empty)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the built-in base model's random weights and the PET init."),
 ) -> None:
@@ -180,6 +190,10 @@ def patch(
         vlpet_fx.patch(net, the_plan, seed=seed)
         save_patched(net, out_dir, base_reference(model, size.value, seed))
     s = vlpet_fx.summary(net)
+    if fmt is PatchFormat.json:
+        doc = {"out": str(out_dir), **the_plan.to_dict(), "trainable_percent": round(s.percent, 4)}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
     out.print(f"wrote {out_dir}: {len(the_plan.placements)} PET modules; trainable {s.trainable:,} of "
               f"{s.total:,} parameters ({s.percent:.2f}%)")
 
@@ -398,36 +412,36 @@ def train(
     visual_size: str = typer.Option("tiny", "--visual-size",
                                     help="tiny/small/base, or for --visual open_clip: ARCH[@local-checkpoint]."),
     tokens_per_image: int = typer.Option(None, "--tokens-per-image",
-                                         help="Concatenate each image's encoder tokens into this many visual tokens."),
+                                         help="Concatenate each image's encoder tokens into this many visual tokens (default: keep all)."),
     task: list[str] = typer.Option(["vqa", "gqa", "nlvr", "caption"], "--task", "-t",
                                    help="Built-in task with an optional sampling weight (vqa, gqa:2, ...); repeat."),
     data: Path = typer.Option(None, "--data", help="Your own examples (JSONL: images, input, target, task)."),
     eval_data: Path = typer.Option(None, "--eval-data", help="JSONL for evaluation (default: --data)."),
-    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop or skip rows that are missing/unreadable."),
+    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop at, or skip, rows that are missing/unreadable."),
     source: str = typer.Option("fashion-mnist", "--source", help="Images of the built-in tasks: fashion-mnist, mnist, digits."),
-    train_per_task: int = typer.Option(2000, "--train-per-task"),
-    eval_per_task: int = typer.Option(100, "--eval-per-task"),
+    train_per_task: int = typer.Option(2000, "--train-per-task", help="Training examples built per built-in task."),
+    eval_per_task: int = typer.Option(100, "--eval-per-task", help="Validation examples built per built-in task."),
     text_only: bool = typer.Option(False, "--text-only", help="Control run: blank images (shows the image is used)."),
-    steps: int = typer.Option(300, "--steps"),
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps (ignored when --epochs is given)."),
     epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Split each process's share into this many micro-batches."),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of AdamW."),
     schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
     warmup: float = typer.Option(0.1, "--warmup", help="Warm-up as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
-    grad_clip: float = typer.Option(5.0, "--grad-clip"),
-    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates."),
-    seed: int = typer.Option(0, "--seed"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay of matrices (not of biases/norms)."),
+    grad_clip: float = typer.Option(5.0, "--grad-clip", help="Clip the gradient norm to this value; 0 turns it off."),
+    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates (default: its config's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialisation, the data sampling and the steps' batches."),
     precision: str = typer.Option("no", "--precision", help="no, bf16 or fp16 (mixed precision)."),
-    eval_every: int = typer.Option(100, "--eval-every"),
-    save_every: int = typer.Option(100, "--save-every"),
+    eval_every: int = typer.Option(100, "--eval-every", help="Evaluate on the validation examples every N steps (and at the end); 0 turns the periodic ones off."),
+    save_every: int = typer.Option(100, "--save-every", help="Write a resumable checkpoint every N steps; 0 turns checkpoints off."),
+    log_every: int = typer.Option(10, "--log-every", help="When the output is not a terminal: print a plain progress line every N steps; 0 turns it off."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (the final summary, as report.json)."),
     feature_cache: Path = typer.Option(None, "--feature-cache", help="Directory caching the frozen image features."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
 ) -> None:
     """Train a VL model patched by a rule set on real offline image tasks (or your JSONL data)."""
-    from rich.table import Table
-
     from vlpet_fx.data.tasks import list_tasks
     from vlpet_fx.train import TrainConfig
     from vlpet_fx.train import train as run_training
@@ -450,25 +464,27 @@ def train(
                       weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, precision=precision,
                       eval_every=eval_every, save_every=save_every,
                       feature_cache=str(feature_cache) if feature_cache else None, resume=resume)
+    if log_every < 0:
+        fail(f"--log-every must be 0 (off) or a number of steps, not {log_every}")
     with reported():
-        report = run_training(cfg, console=out)
+        # with --format json, stdout carries the JSON only: the progress goes to stderr
+        report = run_training(cfg, console=err if fmt is AnswerFormat.json else out, log_every=log_every)
     if not report:
         return  # not the main process
-    table = Table(title=f"{out_dir}: {rules}, {report['steps']} steps")
-    table.add_column("task")
-    table.add_column("scores")
-    table.add_column("main", justify="right")
-    for t, s in (report["scores"] or {}).items():
-        table.add_row(t, ", ".join(f"{k} {v:.1f}" for k, v in s.items()), f"{report['main'].get(t, 0):.1f}")
-    if report["average"] is not None:
-        table.add_row("[bold]average[/]", "", f"[bold]{report['average']:.1f}[/]")
-    table.caption = (f"trainable {report['trainable_params']:,} of {report['total_params']:,} parameters "
-                     f"({report['trainable_percent']:.2f}%); curves: {out_dir / 'curves.png'}")
+    if fmt is AnswerFormat.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = _scores_table(f"{out_dir}: {rules}, {report['steps']} steps", report)
+    table.caption = (f"trainable {report['trainable_params']:,} of {report['patched_params']:,} parameters "
+                     f"({report['trainable_percent']:.2f}%); curves: {escape(str(out_dir / 'curves.png'))}")
     out.print(table)
 
 
 @app.command()
-def report(runs: list[Path] = typer.Argument(..., help="Run directories written by `vlpet-fx train`.")) -> None:
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories written by `vlpet-fx train`."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (one object per run)."),
+) -> None:
     """Compare finished runs side by side: trainable parameters and the main score of every task."""
     from rich.table import Table
 
@@ -481,6 +497,11 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
             docs[run] = json.loads(f.read_text())
         except json.JSONDecodeError:
             fail(f"'{f}' is damaged: run the training again")
+    if fmt is AnswerFormat.json:
+        rows = [{"run": str(run), "rules": d.get("rules"), "trainable_percent": d.get("trainable_percent"),
+                 "main": d.get("main") or {}, "average": d.get("average")} for run, d in docs.items()]
+        sys.stdout.write(json.dumps({"runs": rows}) + "\n")
+        return
     tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))
     table = Table(title="runs")
     for col in ["run", "rules", "trainable %", *tasks, "average"]:
@@ -488,7 +509,7 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
     for run, d in docs.items():
         main = d.get("main") or {}
         avg = d.get("average")
-        table.add_row(str(run), str(d.get("rules")), f"{d['trainable_percent']:.2f}",
+        table.add_row(escape(str(run)), escape(str(d.get("rules"))), f"{d['trainable_percent']:.2f}",
                       *[f"{main[t]:.1f}" if t in main else "-" for t in tasks], f"{avg:.1f}" if avg is not None else "-")
     table.caption = "main score: exact match (vqa, gqa), accuracy (nlvr), CIDEr (caption)"
     out.print(table)
@@ -498,7 +519,15 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-") or "model"
 
 
+def configure_process() -> None:
+    """Process-wide settings of the command line (the library sets none): no model hub, quiet transformers,
+    Python warnings only for the command's own problems."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
+    configure_process()
     app()
 
 

@@ -92,7 +92,8 @@ class Summary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        return {"trainable_params": self.trainable, "total_params": self.total,
+        # the model as given (after patching: patched_params; field names in docs/CLI.md)
+        return {"trainable_params": self.trainable, "patched_params": self.total,
                 "trainable_percent": round(self.percent, 4), "rows": self.rows}
 
 

@@ -100,9 +100,10 @@ def step_indices(cfg: TrainConfig, step: int, by_task: dict[str, list[int]], wei
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, console=None):
+    def __init__(self, cfg: TrainConfig, console=None, log_every: int = 10):
         from accelerate import Accelerator
 
+        self.log_every = log_every  # progress lines when the console is not a terminal (0: none)
         self.cfg = cfg
         self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=1)
         self.console = console
@@ -276,7 +277,8 @@ class Trainer:
         cfg = self.cfg
         log = MetricsLog(self.run, enabled=self.acc.is_main_process)
         t0, last = time.perf_counter(), self.start
-        with progress(self.console, self.total_steps, self.start, enabled=self.acc.is_main_process) as bar:
+        with progress(self.console, self.total_steps, self.start, enabled=self.acc.is_main_process,
+                      every=self.log_every) as bar:
             for step in range(self.start, self.total_steps):
                 loss = self.train_step(step)
                 done = step + 1
@@ -324,7 +326,7 @@ class Trainer:
             plot_curves(log, self.run / "curves.png")
             report = {
                 "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
-                "trainable_params": self.summary.trainable, "total_params": self.summary.total,
+                "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
                 "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
                 "bad_rows": self.problems,
             }
@@ -397,7 +399,9 @@ def _features(cache, examples) -> list[torch.Tensor]:
     return out
 
 
-def train(cfg: TrainConfig, console=None) -> dict:
-    trainer = Trainer(cfg, console)
+def train(cfg: TrainConfig, console=None, log_every: int = 10) -> dict:
+    """Run ``cfg``; progress on ``console`` (a Rich bar on a terminal, else a plain line every ``log_every``
+    steps). Returns the final summary (report.json) on the main process, ``{}`` on the others."""
+    trainer = Trainer(cfg, console, log_every)
     trainer.setup()
     return trainer.fit()

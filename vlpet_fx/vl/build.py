@@ -79,7 +79,10 @@ def _any_open_clip(spec: str):
         raise ModelSpecError(f"open_clip knows no architecture '{arch}' (see open_clip.list_models())")
     if ckpt and not Path(ckpt).is_file():
         raise ModelSpecError(f"open_clip checkpoint '{ckpt}' does not exist")
-    model = open_clip.create_model(arch, pretrained=ckpt or None)
+    from ..zoo.torch_models import quiet_open_clip
+
+    with quiet_open_clip():
+        model = open_clip.create_model(arch, pretrained=ckpt or None)
     tower = model.visual
     if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
         tower.output_tokens = True
