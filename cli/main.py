@@ -520,10 +520,10 @@ def _slug(text: str) -> str:
 
 
 def configure_process() -> None:
-    """Process-wide settings of the command line (the library sets none): no model hub, quiet transformers,
-    Python warnings only for the command's own problems."""
+    """Process-wide settings of the command line (the library sets none): no model hub, quiet transformers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars
 
 
 def main() -> None:
