@@ -92,6 +92,8 @@ def inspect(
     from vlpet_fx.io import write_atomic
     from vlpet_fx.zoo import load_model
 
+    if expand and fmt is not InspectFormat.tree:
+        fail("--expand changes the printed tree only: drop it, or use --format tree")
     if out_file is not None and fmt is InspectFormat.tree:
         fail("--out writes json, svg or html: add --format json|svg|html (the tree is printed)")
     with reported():

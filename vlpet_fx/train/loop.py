@@ -132,6 +132,9 @@ class Trainer:
         from ..vl import FeatureCache, build_vl
 
         cfg = self.cfg
+        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):  # checkpoints read whole parameters
+            raise VlpetError(f"train runs on one process or DDP, not {self.acc.distributed_type.name}: launch with "
+                             "torchrun or `accelerate launch` without --use_fsdp/--use_deepspeed (see README)")
         if cfg.batch_size % (self.acc.num_processes * cfg.grad_accum):
             raise VlpetError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} processes × "
                              f"{cfg.grad_accum} accumulation steps")
