@@ -313,8 +313,6 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
 ) -> None:
     """Score a trained model on held-out data with each task's metrics (exact match, accuracy, BLEU-4, CIDEr)."""
-    from rich.table import Table
-
     from vlpet_fx.infer import evaluate as run_evaluate
 
     if (data is None) == (not task):

@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 
-import click
-import pytest
 import typer
 from typer.testing import CliRunner
 

@@ -3,7 +3,6 @@ VL programs, with other batch/text/image counts than the export example), merged
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import vlpet_fx
 from vlpet_fx.errors import VlpetError
-from vlpet_fx.infer import Predictor, Query
+from vlpet_fx.infer import Predictor
 
 
 @pytest.fixture(scope="module")
