@@ -167,3 +167,10 @@ def test_cli_predict_and_evaluate(run, pngs, tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert res.stderr.startswith("error:") and "Traceback" not in res.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_a_base_that_carries_pet_modules_is_refused(run):
+    from vlpet_fx.infer.loading import load_base_model
+
+    with pytest.raises(VlpetError, match="carries PET modules"):
+        load_base_model(run)
