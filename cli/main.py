@@ -9,16 +9,15 @@ from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+import typer
+from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[@local-checkpoint]" must print as written
     help="vlpet-fx: find where parameter-efficient modules belong in a model, and put them there.",
 )
 out = Console()
@@ -40,8 +39,6 @@ class InspectFormat(str, Enum):
 
 
 def fail(message: str) -> None:
-    from rich.markup import escape
-
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
@@ -86,8 +83,8 @@ def models() -> None:
 def inspect(
     model: str = typer.Argument(..., help=MODEL_HELP),
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in model."),
-    fmt: InspectFormat = typer.Option(InspectFormat.tree, "--format", "-f", help="tree, json, svg or html."),
-    out_file: Path = typer.Option(None, "--out", "-o", help="Where to write the svg/html picture."),
+    fmt: InspectFormat = typer.Option(InspectFormat.tree, "--format", "-f", help="tree (printed), json, svg or html."),
+    out_file: Path = typer.Option(None, "--out", "-o", help="Where to write the json, svg or html output (json default: printed; svg/html default: MODEL.svg/.html)."),
     expand: bool = typer.Option(False, "--expand", help="Print every layer, even identical ones."),
     full: bool = typer.Option(False, "--full", help="Capture every layer (no depth reduction)."),
     rules: str = typer.Option(None, "--rules", "-r", help="Mark the sites this rule set hits. " + RULES_HELP),
@@ -97,6 +94,10 @@ def inspect(
     from vlpet_fx.io import write_atomic
     from vlpet_fx.zoo import load_model
 
+    if expand and fmt is not InspectFormat.tree:
+        fail("--expand changes the printed tree only: drop it, or use --format tree")
+    if out_file is not None and fmt is InspectFormat.tree:
+        fail("--out writes json, svg or html: add --format json|svg|html (the tree is printed)")
     with reported():
         rs = vlpet_fx.load_rules(rules) if rules is not None else None  # a bad rules file fails before any work
         net, name = load_model(model, size.value, weights=False)
@@ -107,7 +108,16 @@ def inspect(
             hits = {p.site.key for p in the_plan.placements}
 
     if fmt is InspectFormat.json:
-        sys.stdout.write(table.to_json() + "\n")
+        doc = table.to_dict()
+        if rules is not None:  # the rule set's hits: one entry per placement, with its site
+            doc["hits"] = [p.public() for p in the_plan.placements]
+        text = json.dumps(doc) + "\n"
+        if out_file is None:
+            sys.stdout.write(text)
+            return
+        with reported(writing=out_file):
+            write_atomic(out_file, text)
+        out.print(f"wrote {out_file} ({len(table)} sites)", highlight=False, markup=False)
         return
     if fmt in (InspectFormat.svg, InspectFormat.html):
         from vlpet_fx.viz import render_html, render_svg
@@ -156,7 +166,7 @@ def patch(
     rules: str = typer.Option(..., "--rules", "-r", help=RULES_HELP),
     size: Size = typer.Option(Size.tiny, "--size", "-s", help="Size of a built-in model."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only resolve the rules: print placements and budget."),
-    fmt: PatchFormat = typer.Option(PatchFormat.table, "--format", "-f", help="table or json (with --dry-run)."),
+    fmt: PatchFormat = typer.Option(PatchFormat.table, "--format", "-f", help="table or json: the plan (with --dry-run) or what was written."),
     out_dir: Path = typer.Option(None, "--out", "-o", help="Directory to write the patched model to (must be new or empty)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the built-in base model's random weights and the PET init."),
 ) -> None:
@@ -185,6 +195,10 @@ def patch(
         vlpet_fx.patch(net, the_plan, seed=seed)
         save_patched(net, out_dir, base_reference(model, size.value, seed))
     s = vlpet_fx.summary(net)
+    if fmt is PatchFormat.json:
+        doc = {"out": str(out_dir), **the_plan.to_dict(), "trainable_percent": round(s.percent, 4)}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
     out.print(f"wrote {out_dir}: {len(the_plan.placements)} PET modules; trainable {s.trainable:,} of "
               f"{s.total:,} parameters ({s.percent:.2f}%)")
 
@@ -213,6 +227,173 @@ def export_cmd(
     out.print(f"wrote {out_dir} ({fmt.value}): {files}")
 
 
+class AnswerFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+SRC_HELP = ("A `vlpet-fx train` run directory, a patched directory (`patch --out`) or an adapters directory "
+            "(`export --format adapters`).")
+BASE_HELP = ("Base model for an adapters directory, instead of the one its manifest names: a full fine-tuning "
+             "run or a patched directory with no PET modules.")
+TOKENIZER_HELP = "The tokenizer directory (default: SRC/tokenizer, or the run's tokenizer/)."
+BEAMS_HELP = "Beam-search width (1: greedy)."
+MAX_NEW_HELP = "Longest answer, in tokens."
+DEVICE_HELP = "Device to run on (cpu, cuda, cuda:1, ...)."
+
+
+def _load_predictor(src: Path, base: Path | None, tokenizer: Path | None, device: str, force: bool):
+    from vlpet_fx.infer import Predictor
+
+    return Predictor.from_dir(src, base=base, tokenizer=tokenizer, device=device, force=force)
+
+
+@app.command()
+def predict(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="The question with its task prefix, e.g. 'vqa: what is this?'."),
+    image: list[Path] = typer.Option(None, "--image", "-i", help="An image file the prompt is about; repeat for several."),
+    data: Path = typer.Option(None, "--data", help="Answer every row of this JSONL file (the format `train --data` reads)."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (the answer) or json (with scores)."),
+    out_file: Path = typer.Option(None, "--out", "-o", help="With --data: write the answers as JSONL to this file."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Examples per generate call (with --data)."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Answer a prompt about one or more images (or every row of a JSONL file) with a trained model."""
+    from vlpet_fx.infer import predict as run_predict
+    from vlpet_fx.io import write_atomic
+
+    if (prompt is None) == (data is None):
+        fail("give --prompt with --image, or --data FILE.jsonl")
+    if prompt is not None and not image:
+        fail("give the image the prompt is about with --image FILE (repeat for several)")
+    if data is not None and image:
+        fail("--image goes with --prompt; the rows of --data name their own images")
+    if out_file is not None and data is None:
+        fail("--out writes the answers of --data; without --data the answer is printed")
+    with reported(writing=out_file):
+        pred = _load_predictor(src, base, tokenizer, device, force)
+        if prompt is not None:
+            answers = [run_predict(pred, prompt, list(image), num_beams=num_beams, max_new_tokens=max_new_tokens)]
+        else:
+            answers = run_predict(pred, data=data, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+        if out_file is not None:
+            write_atomic(out_file, "".join(json.dumps(a.to_dict()) + "\n" for a in answers))
+    if fmt is AnswerFormat.json:
+        doc = answers[0].to_dict() if prompt is not None else {"answers": [a.to_dict() for a in answers]}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    for a in answers:
+        line = a.answer if prompt is not None else f"{a.prompt}\t{a.answer}"
+        sys.stdout.write(line + "\n")
+    if out_file is not None:
+        err.print(f"wrote {out_file} ({len(answers)} answers)", highlight=False)
+
+
+@app.command()
+def evaluate(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    data: Path = typer.Option(None, "--data", help="Held-out examples (JSONL, the format `train --data` reads)."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="A built-in task to score on instead (vqa, gqa, nlvr, caption); repeat."),
+    source: str = typer.Option(None, "--source", help="Images of the built-in tasks (default: the run's own --source)."),
+    n: int = typer.Option(100, "--n", help="Examples per built-in task."),
+    split: str = typer.Option("test", "--split", help="Split of the built-in tasks' images: train, val or test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in tasks' example sampling."),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="New directory for predictions.jsonl and scores.json (written at once)."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (the scores)."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Examples per generate call."),
+    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop at, or skip, rows of --data that are missing/unreadable."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Score a trained model on held-out data with each task's metrics (exact match, accuracy, BLEU-4, CIDEr)."""
+    from vlpet_fx.infer import evaluate as run_evaluate
+
+    if (data is None) == (not task):
+        fail("give held-out data with --data FILE.jsonl, or built-in tasks with --task NAME")
+    if on_bad_rows not in ("stop", "skip"):
+        fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
+    if data is None and split not in ("train", "val", "test"):
+        fail(f"--split must be train, val or test, not '{split}'")
+    with reported(writing=out_dir):
+        pred = _load_predictor(src, base, tokenizer, device, force)
+        result = run_evaluate(pred, data=data, tasks=list(task) if task else None, source=source, n=n, split=split,
+                              seed=seed, num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              on_bad_rows=on_bad_rows, out=out_dir)
+    result.pop("predictions")
+    if fmt is AnswerFormat.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    out.print(_scores_table(f"{src}: {result['examples']} examples", result))
+    if result["bad_rows"]:
+        err.print(f"skipped {len(result['bad_rows'])} bad rows, first: {result['bad_rows'][0]}", highlight=False,
+                  markup=False)
+    if out_dir is not None:
+        out.print(f"wrote {out_dir}: predictions.jsonl, scores.json", highlight=False, markup=False)
+
+
+@app.command()
+def serve(
+    src: Path = typer.Argument(..., help=SRC_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
+    allow_paths: Path = typer.Option(None, "--allow-paths", help="Let requests name image files inside this directory (default: images only as base64 bytes)."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, in MiB."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Largest image (width × height) accepted."),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="How long to collect concurrent requests into one batch."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most requests answered by one generate call."),
+    num_beams: int = typer.Option(1, "--num-beams", help=BEAMS_HELP + " Default for requests that do not say."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help=MAX_NEW_HELP + " Default for requests that do not say."),
+    base: Path = typer.Option(None, "--base", help=BASE_HELP),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Load even if the base model's fingerprint differs."),
+) -> None:
+    """Answer prompts about images over HTTP: POST /predict (JSON), GET /health; concurrent requests are batched."""
+    try:
+        import uvicorn
+
+        from vlpet_fx.serve import ServeConfig, create_app
+    except ImportError as exc:
+        fail(f"serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'vlpet-fx[serve]'")
+    if not 0 < port < 65536:
+        fail(f"--port must be between 1 and 65535, not {port}")
+    with reported():
+        cfg = ServeConfig(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_image_pixels,
+                          allow_paths=allow_paths, batch_window_ms=batch_window_ms, max_batch=max_batch,
+                          num_beams=num_beams, max_new_tokens=max_new_tokens)
+        from vlpet_fx.infer.predictor import check_generation
+
+        check_generation(num_beams, max_new_tokens)
+        app_ = create_app(_load_predictor(src, base, tokenizer, device, force), cfg)
+    err.print(f"serving {src} on http://{host}:{port} (POST /predict, GET /health)", highlight=False, markup=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def _scores_table(title: str, result: dict):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("task")
+    table.add_column("scores")
+    table.add_column("main", justify="right")
+    for t, s in (result["scores"] or {}).items():
+        table.add_row(t, ", ".join(f"{k} {v:.1f}" for k, v in s.items()), f"{result['main'].get(t, 0):.1f}")
+    if result["average"] is not None:
+        table.add_row("[bold]average[/]", "", f"[bold]{result['average']:.1f}[/]")
+    return table
+
+
 def _tasks(specs: list[str]) -> list[tuple[str, float]]:
     out = []
     for spec in specs:
@@ -235,37 +416,37 @@ def train(
     visual_size: str = typer.Option("tiny", "--visual-size",
                                     help="tiny/small/base, or for --visual open_clip: ARCH[@local-checkpoint]."),
     tokens_per_image: int = typer.Option(None, "--tokens-per-image",
-                                         help="Concatenate each image's encoder tokens into this many visual tokens."),
+                                         help="Concatenate each image's encoder tokens into this many visual tokens (default: keep all)."),
     task: list[str] = typer.Option(["vqa", "gqa", "nlvr", "caption"], "--task", "-t",
                                    help="Built-in task with an optional sampling weight (vqa, gqa:2, ...); repeat."),
     data: Path = typer.Option(None, "--data", help="Your own examples (JSONL: images, input, target, task)."),
     eval_data: Path = typer.Option(None, "--eval-data", help="JSONL for evaluation (default: --data)."),
-    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop or skip rows that are missing/unreadable."),
+    on_bad_rows: str = typer.Option("stop", "--on-bad-rows", help="stop at, or skip, rows that are missing/unreadable."),
     source: str = typer.Option("fashion-mnist", "--source", help="Images of the built-in tasks: fashion-mnist, mnist, digits."),
-    train_per_task: int = typer.Option(2000, "--train-per-task"),
-    eval_per_task: int = typer.Option(100, "--eval-per-task"),
+    train_per_task: int = typer.Option(2000, "--train-per-task", help="Training examples built per built-in task."),
+    eval_per_task: int = typer.Option(100, "--eval-per-task", help="Validation examples built per built-in task."),
     text_only: bool = typer.Option(False, "--text-only", help="Control run: blank images (shows the image is used)."),
-    steps: int = typer.Option(300, "--steps"),
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps (ignored when --epochs is given)."),
     epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Split each process's share into this many micro-batches."),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of AdamW."),
     schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
     warmup: float = typer.Option(0.1, "--warmup", help="Warm-up as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
-    grad_clip: float = typer.Option(5.0, "--grad-clip"),
-    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates."),
-    seed: int = typer.Option(0, "--seed"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay of matrices (not of biases/norms)."),
+    grad_clip: float = typer.Option(5.0, "--grad-clip", help="Clip the gradient norm to this value; 0 turns it off."),
+    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates (default: its config's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialisation, the data sampling and the steps' batches."),
     precision: str = typer.Option("no", "--precision", help="no, bf16 or fp16 (mixed precision)."),
-    eval_every: int = typer.Option(100, "--eval-every"),
-    save_every: int = typer.Option(100, "--save-every"),
+    eval_every: int = typer.Option(100, "--eval-every", help="Evaluate on the validation examples every N steps (and at the end); 0 turns the periodic ones off."),
+    save_every: int = typer.Option(100, "--save-every", help="Write a resumable checkpoint every N steps; 0 turns checkpoints off."),
+    log_every: int = typer.Option(10, "--log-every", help="When the output is not a terminal: print a plain progress line every N steps; 0 turns it off."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (the final summary, as report.json)."),
     feature_cache: Path = typer.Option(None, "--feature-cache", help="Directory caching the frozen image features."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     trust_factory: bool = typer.Option(False, "--trust-factory", help="With --init-from: " + TRUST_HELP),
 ) -> None:
     """Train a VL model patched by a rule set on real offline image tasks (or your JSONL data)."""
-    from rich.table import Table
-
     from vlpet_fx.data.tasks import list_tasks
     from vlpet_fx.train import TrainConfig
     from vlpet_fx.train import train as run_training
@@ -293,25 +474,27 @@ def train(
                       eval_every=eval_every, save_every=save_every,
                       feature_cache=str(feature_cache) if feature_cache else None, resume=resume,
                       trust_code=trust_factory)
+    if log_every < 0:
+        fail(f"--log-every must be 0 (off) or a number of steps, not {log_every}")
     with reported():
-        report = run_training(cfg, console=out)
+        # with --format json, stdout carries the JSON only: the progress goes to stderr
+        report = run_training(cfg, console=err if fmt is AnswerFormat.json else out, log_every=log_every)
     if not report:
         return  # not the main process
-    table = Table(title=f"{out_dir}: {rules}, {report['steps']} steps")
-    table.add_column("task")
-    table.add_column("scores")
-    table.add_column("main", justify="right")
-    for t, s in (report["scores"] or {}).items():
-        table.add_row(t, ", ".join(f"{k} {v:.1f}" for k, v in s.items()), f"{report['main'].get(t, 0):.1f}")
-    if report["average"] is not None:
-        table.add_row("[bold]average[/]", "", f"[bold]{report['average']:.1f}[/]")
-    table.caption = (f"trainable {report['trainable_params']:,} of {report['total_params']:,} parameters "
-                     f"({report['trainable_percent']:.2f}%); curves: {out_dir / 'curves.png'}")
+    if fmt is AnswerFormat.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = _scores_table(f"{out_dir}: {rules}, {report['steps']} steps", report)
+    table.caption = (f"trainable {report['trainable_params']:,} of {report['patched_params']:,} parameters "
+                     f"({report['trainable_percent']:.2f}%); curves: {escape(str(out_dir / 'curves.png'))}")
     out.print(table)
 
 
 @app.command()
-def report(runs: list[Path] = typer.Argument(..., help="Run directories written by `vlpet-fx train`.")) -> None:
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories written by `vlpet-fx train`."),
+    fmt: AnswerFormat = typer.Option(AnswerFormat.text, "--format", "-f", help="text (a table) or json (one object per run)."),
+) -> None:
     """Compare finished runs side by side: trainable parameters and the main score of every task."""
     from rich.table import Table
 
@@ -321,6 +504,11 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
     with reported():
         for run in runs:
             docs[run] = read_report(run).model_dump()
+    if fmt is AnswerFormat.json:
+        rows = [{"run": str(run), "rules": d.get("rules"), "trainable_percent": d.get("trainable_percent"),
+                 "main": d.get("main") or {}, "average": d.get("average")} for run, d in docs.items()]
+        sys.stdout.write(json.dumps({"runs": rows}) + "\n")
+        return
     tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))
     table = Table(title="runs")
     for col in ["run", "rules", "trainable %", *tasks, "average"]:
@@ -328,7 +516,7 @@ def report(runs: list[Path] = typer.Argument(..., help="Run directories written 
     for run, d in docs.items():
         main = d.get("main") or {}
         avg = d.get("average")
-        table.add_row(str(run), str(d.get("rules")), f"{d['trainable_percent']:.2f}",
+        table.add_row(escape(str(run)), escape(str(d.get("rules"))), f"{d['trainable_percent']:.2f}",
                       *[f"{main[t]:.1f}" if t in main else "-" for t in tasks], f"{avg:.1f}" if avg is not None else "-")
     table.caption = "main score: exact match (vqa, gqa), accuracy (nlvr), CIDEr (caption)"
     out.print(table)
@@ -338,7 +526,15 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-") or "model"
 
 
+def configure_process() -> None:
+    """Process-wide settings of the command line (the library sets none): no model hub, quiet transformers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars
+
+
 def main() -> None:
+    configure_process()
     app()
 
 

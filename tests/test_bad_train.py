@@ -171,7 +171,7 @@ def test_bad_run_directory_in_a_real_process(tmp_path):
 
 # ------------------------------------------------------------------------------------------- report.json
 REPORT = {"scores": {"vqa": {"exact_match": 50.0}}, "main": {"vqa": 50.0}, "trainable_params": 10,
-          "total_params": 100, "trainable_percent": 10.0, "steps": 3, "rules": "vlpet_large", "bad_rows": [],
+          "patched_params": 100, "trainable_percent": 10.0, "steps": 3, "rules": "vlpet_large", "bad_rows": [],
           "average": 50.0}
 REPORT_ROWS = [
     ("[]", "report.json' is damaged"),

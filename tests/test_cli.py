@@ -38,8 +38,8 @@ def test_inspect_json_contract(name):
     res = run("inspect", name, "--size", "tiny", "--format", "json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert set(doc) == {"model", "total_params", "sites"}
-    assert isinstance(doc["total_params"], int) and doc["total_params"] > 0
+    assert set(doc) == {"model", "base_params", "sites"}
+    assert isinstance(doc["base_params"], int) and doc["base_params"] > 0
     assert doc["sites"] and all(set(s) == SITE_KEYS for s in doc["sites"])
     assert all(s["stack"] in {"encoder", "decoder", "visual"} for s in doc["sites"])
 
@@ -140,9 +140,10 @@ def test_patch_dry_run_json_contract(rules):
     res = run("patch", "bart", "--rules", rules, "--dry-run", "--format", "json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert set(doc) == {"placements", "trainable_params", "total_params"}
+    assert set(doc) == {"placements", "trainable_params", "pet_params", "base_params", "patched_params"}
     assert doc["placements"] and all(set(p) == PLACEMENT_KEYS for p in doc["placements"])
-    assert sum(p["params"] for p in doc["placements"]) <= doc["trainable_params"] < doc["total_params"]
+    assert sum(p["params"] for p in doc["placements"]) <= doc["trainable_params"] < doc["patched_params"]
+    assert doc["patched_params"] == doc["base_params"] + doc["pet_params"]
 
 
 def test_patch_dry_run_table():

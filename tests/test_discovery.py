@@ -232,8 +232,8 @@ def test_fast_discovery_equals_full_capture(name):
 def test_json_contract_shape():
     table = vlpet_fx.discover(build_model("bart", "tiny"), name="bart")
     d = table.to_dict()
-    assert set(d) == {"model", "total_params", "sites"}
-    assert d["total_params"] == sum(p.numel() for p in build_model("bart", "tiny").parameters())
+    assert set(d) == {"model", "base_params", "sites"}
+    assert d["base_params"] == sum(p.numel() for p in build_model("bart", "tiny").parameters())
     assert all(set(s) == {"key", "stack", "layer", "block", "role", "path", "in_features", "out_features",
                           "out_slice"} for s in d["sites"])
     assert len({s["key"] for s in d["sites"]}) == len(d["sites"])

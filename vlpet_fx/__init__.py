@@ -14,12 +14,14 @@ from .planner import Placement, Plan, plan
 from .rules import RuleSet, load_rules, shipped_rule_names
 from .api import Summary, patch, patch_graph, summary
 from .export import load
+from .infer import evaluate, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "capture", "discover", "load_rules", "plan", "patch", "patch_graph", "summary", "load", "register_pet",
-    "register_example_inputs", "register_pattern", "unregister_pattern", "list_methods", "shipped_rule_names",
+    "register_example_inputs", "register_pattern", "unregister_pattern", "predict", "evaluate", "list_methods",
+    "shipped_rule_names",
     "Captured", "Site", "SiteTable", "RuleSet", "Plan", "Placement", "PetModule", "Summary", "count_params",
     "VlpetError", "CaptureError", "DiscoveryError", "ModelSpecError", "RulesError", "PlanError", "ExportError",
     "MethodConfigError", "__version__",

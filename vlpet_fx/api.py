@@ -64,7 +64,39 @@ def patch_graph(model: nn.Module, rules: "RuleSet | str | Plan", *, seed: int = 
             p.requires_grad_(flag)
         raise
     gm.vlpet_plan = the_plan
+    _fix_to_example(gm, cap.example_inputs)
     return gm
+
+
+class GraphShapeWarning(UserWarning):
+    """The graph back end's module is specialised to the example inputs (said once, at creation)."""
+
+
+def _describe(args: tuple, kwargs: dict) -> dict[str, Any]:
+    named = {f"arg{i}": a for i, a in enumerate(args)} | dict(kwargs)
+    return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in named.items()}
+
+
+def _fix_to_example(gm: torch.fx.GraphModule, example: tuple[tuple, dict]) -> None:
+    """torch.export specialised the graph to the example's shapes and keywords, in eval mode: say so now, and
+    refuse other inputs with one line (instead of torch's guard error)."""
+    import warnings
+
+    want = _describe(*example)
+    gm.vlpet_example_inputs = want
+    text = ", ".join(f"{k} {v}" for k, v in want.items())
+    warnings.warn(f"graph back end: this GraphModule is fixed to the example inputs ({text}) and eval mode (no "
+                  "dropout); use backend='eager' to train or to run other shapes", GraphShapeWarning, stacklevel=3)
+
+    def check(module, args, kwargs):
+        got = _describe(args, kwargs)
+        if got != want:
+            diff = next((k for k in dict.fromkeys([*want, *got]) if got.get(k, "absent") != want.get(k, "absent")))
+            raise PlanError(f"the graph back end's module is fixed to its example inputs: '{diff}' is "
+                            f"{got.get(diff, 'absent')}, the graph was made for {want.get(diff, 'absent')}; use "
+                            "backend='eager' for other shapes, or patch_graph(..., example_inputs=...) with these")
+
+    gm.register_forward_pre_hook(check, with_kwargs=True)
 
 
 @dataclass
@@ -78,7 +110,8 @@ class Summary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        return {"trainable_params": self.trainable, "total_params": self.total,
+        # the model as given (after patching: patched_params; field names in docs/CLI.md)
+        return {"trainable_params": self.trainable, "patched_params": self.total,
                 "trainable_percent": round(self.percent, 4), "rows": self.rows}
 
 

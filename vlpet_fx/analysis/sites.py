@@ -193,7 +193,8 @@ class SiteTable:
         return found[0]
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "total_params": self.total_params, "sites": [s.public() for s in self.sites]}
+        # base_params: the model's parameters before any patch (docs/CLI.md, "Field names")
+        return {"model": self.model, "base_params": self.total_params, "sites": [s.public() for s in self.sites]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)

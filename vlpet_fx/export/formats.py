@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from ..errors import ExportError
-from .atomic import check_out_dir
+from .atomic import atomic_dir, check_out_dir
 from .merged import write_merged
 from .patched_dir import load, read_manifest, save_patched
 from .peft_format import write_peft
@@ -41,13 +43,26 @@ register_format("peft")(write_peft)
 
 
 def export(src: str | Path, fmt: str, out: str | Path, *, force: bool = False, trust_code: bool = False) -> Path:
-    """Write the patched model in ``src`` (from ``patch --out`` or ``train``) as ``fmt`` into ``out``.
+    """Write the patched model in ``src`` (a ``patch --out`` directory, or a ``train`` run: its ``model/``) as
+    ``fmt`` into ``out``. The tokenizer next to ``src`` (a run's ``tokenizer/``) is copied into ``out/tokenizer``,
+    so ``vlpet-fx predict OUT`` works from any export. All of it is written at once.
 
     ``trust_code=True`` lets a ``module:factory`` base named in ``src``'s manifest be imported and called."""
+    from ..infer.loading import model_dir_of, tokenizer_dir_of
+
     if fmt not in _FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(list_formats())}")
     check_out_dir(out)
-    manifest = read_manifest(src)
-    model = load(src, force=force, trust_code=trust_code)
-    _FORMATS[fmt](model, manifest, Path(out))
+    model_dir = model_dir_of(src)
+    manifest = read_manifest(model_dir)
+    model = load(model_dir, force=force, trust_code=trust_code)
+    tok = tokenizer_dir_of(src)
+    with atomic_dir(out) as tmp:
+        payload = tmp / "payload"
+        _FORMATS[fmt](model, manifest, payload)
+        for p in payload.iterdir():
+            os.replace(p, tmp / p.name)
+        payload.rmdir()
+        if tok is not None and not (tmp / "tokenizer").exists():
+            shutil.copytree(tok, tmp / "tokenizer")
     return Path(out)

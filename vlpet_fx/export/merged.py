@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from torch import nn
 
 from ..analysis.sites import slice_channels
@@ -65,10 +66,41 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+BASE_FILE = "vlpet-merged.json"
+
+
 def write_merged(model: nn.Module, manifest: dict, out: str | Path) -> None:
     merge(model)
     with atomic_dir(out) as tmp:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
-        else:  # not a Hugging Face model: its state dict, in safetensors
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        else:  # not a Hugging Face model (e.g. a VL model): its weights (tied ones once) + the base reference
+            save_model(model, str(tmp / "model.safetensors"))
+            (tmp / BASE_FILE).write_text(json.dumps({"format": "vlpet-fx/merged@1", "base": manifest["base"]},
+                                                    indent=1))
+
+
+def load_merged(src: str | Path, device: str | None = None) -> nn.Module:
+    """Read back a ``merged`` export of a model that is not a Hugging Face one: the architecture is rebuilt from
+    the base reference in ``vlpet-merged.json``, the weights come from ``model.safetensors``."""
+    from safetensors.torch import load_model
+
+    from .patched_dir import load_base
+
+    src = Path(src)
+    try:
+        doc = json.loads((src / BASE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"'{src}' is not a merged export of a non-Hugging-Face model ({BASE_FILE}: {exc}); "
+                          "a Hugging Face one loads with from_pretrained") from None
+    if not isinstance(doc, dict) or doc.get("format") != "vlpet-fx/merged@1" or not isinstance(doc.get("base"), dict):
+        raise ExportError(f"'{src / BASE_FILE}' is not a vlpet-fx merged manifest")
+    model = load_base({"base": doc["base"]}, device)
+    try:
+        missing, unexpected = load_model(model, str(src / "model.safetensors"), strict=False)
+    except Exception as exc:  # safetensors' own error types for a damaged file
+        raise ExportError(f"cannot read '{src / 'model.safetensors'}': {exc}") from None
+    if missing or unexpected:
+        raise ExportError(f"'{src / 'model.safetensors'}' does not fit the base model: "
+                          f"{'missing ' + sorted(missing)[0] if missing else 'unexpected ' + sorted(unexpected)[0]}")
+    return model

@@ -43,6 +43,14 @@ def _check(model: nn.Module) -> str:
                       "rule set (only all biases or none): use --format adapters")
 
 
+def _is_hf_seq2seq(model: nn.Module) -> bool:
+    """A Hugging Face encoder-decoder itself (PEFT's seq2seq wrapper needs its generation methods); a model that
+    contains one (a VL model) gets PEFT's plain wrapper."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and getattr(model.config, "is_encoder_decoder", False)
+
+
 def write_peft(model: nn.Module, manifest: dict, out: str | Path) -> None:
     try:
         import peft
@@ -60,7 +68,7 @@ def write_peft(model: nn.Module, manifest: dict, out: str | Path) -> None:
         r=rank, lora_alpha=alpha, lora_dropout=dropouts.pop(), bias=bias, target_modules=sorted(ranks),
         rank_pattern={f"^{k}$": v for k, v in ranks.items() if v != rank},
         alpha_pattern={f"^{k}$": v for k, v in alphas.items() if v != alpha},
-        task_type="SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None,
+        task_type="SEQ_2_SEQ_LM" if _is_hf_seq2seq(model) else None,
     )
     pets = detach_pets(model)
     peft_model = peft.get_peft_model(model, cfg)

@@ -12,6 +12,7 @@ and refuses anything torch would unpickle or run; plain ``torch.export.load`` un
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -67,17 +68,34 @@ def example(model: nn.Module, batch: int = 2, src: int = 9, tgt: int = 5):
 
 
 def export_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:
+    from ..vl.model import VLModel
+
+    if isinstance(model, VLModel):  # images next to the text: see pt2_vl
+        from .pt2_vl import export_vl_programs
+
+        exporter = export_vl_programs
+    else:
+        exporter = _export_text_programs
+    with _quiet_export(model):
+        return exporter(model.eval())
+
+
+def _export_text_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:
     if not (hasattr(model, "config") and getattr(model.config, "is_encoder_decoder", False)):
         raise ExportError("--format pt2 needs a Hugging Face encoder-decoder (it exports scoring, encoder and "
                           "decoder-step programs); use --format adapters for other models")
-    model = model.eval()
     ids, mask, dec = example(model)
+    return _export_all(model, ids, mask, dec)
+
+
+@contextlib.contextmanager
+def _quiet_export(model: nn.Module):
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # VL-PET's gates receive the block input through an attribute set by a pre-hook; export traces
             # through it (the value flows in the graph) and warns that the attribute is not a buffer
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-            return _export_all(model, ids, mask, dec)
+            yield
     finally:
         for m in model.modules():
             if getattr(m, "block_input", None) is not None:

@@ -143,12 +143,14 @@ class Plan:
         return out
 
     def to_dict(self) -> dict:
-        """The public JSON contract of ``patch --dry-run --format json``."""
+        """The public JSON contract of ``patch --format json`` (field names: docs/CLI.md)."""
         return {"placements": [p.public() for p in self.placements], "trainable_params": self.trainable_params,
-                "total_params": self.patched_total}
+                "pet_params": self.pet_params, "base_params": self.total_params, "patched_params": self.patched_total}
 
     def to_full_dict(self) -> dict:
-        return {**self.to_dict(), "model": self.model, "rules": self.rules.name, "unmatched": self.unmatched,
+        """The manifest's record (vlpet.json; its keys are kept as they were written)."""
+        return {"placements": [p.public() for p in self.placements], "trainable_params": self.trainable_params,
+                "total_params": self.patched_total, "model": self.model, "rules": self.rules.name, "unmatched": self.unmatched,
                 "placements_detail": [p.to_dict() for p in self.placements],
                 "trainable_existing": self.trainable, "base_total_params": self.total_params}
 

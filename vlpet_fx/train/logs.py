@@ -124,10 +124,31 @@ class _Bar:
                              info=f"loss {loss:.3f}  lr {lr:.2e}  {rate:.2f} steps/s")
 
 
+class _Lines:
+    """Progress for a log that is not a terminal: one plain line every ``every`` steps (and at the last)."""
+
+    def __init__(self, console, total: int, every: int):
+        self.console, self.total, self.every = console, total, every
+
+    def update(self, done, loss, lr, rate):
+        if self.every and (done % self.every == 0 or done == self.total):
+            left = (self.total - done) / rate if rate > 0 else 0.0
+            self.console.print(f"train step {done}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s  "
+                               f"eta {left:.0f}s", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def progress(console, total: int, start: int, enabled: bool = True):
+def progress(console, total: int, start: int, enabled: bool = True, every: int = 10):
+    """A Rich progress bar on a terminal; plain lines every ``every`` steps otherwise (0: none)."""
     if not enabled:
         yield _Bar(None, None)
+        return
+    if console is None or not console.is_terminal:
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        yield _Lines(console, total, every)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -151,12 +151,13 @@ def _comparable(key: str, value):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, console=None):
+    def __init__(self, cfg: TrainConfig, console=None, log_every: int = 10):
         if not isinstance(cfg, TrainConfig):
             raise TrainConfigError(f"expected a TrainConfig, got {type(cfg).__name__}")
         cfg.validate()  # again: fields may have been changed after the config was made
         from accelerate import Accelerator
 
+        self.log_every = log_every  # progress lines when the console is not a terminal (0: none)
         self.cfg = cfg
         self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=1)
         self.console = console
@@ -244,6 +245,9 @@ class Trainer:
         from ..vl import FeatureCache, build_vl
 
         cfg = self.cfg
+        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):  # checkpoints read whole parameters
+            raise VlpetError(f"train runs on one process or DDP, not {self.acc.distributed_type.name}: launch with "
+                             "torchrun or `accelerate launch` without --use_fsdp/--use_deepspeed (see README)")
         if cfg.batch_size % (self.acc.num_processes * cfg.grad_accum):
             raise TrainConfigError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} "
                                    f"processes × {cfg.grad_accum} accumulation steps")
@@ -470,6 +474,7 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split_name: str = "val") -> dict[str, dict[str, float]]:
+        from ..infer.generate import generate_answers
         from .metrics import task_scores
 
         split = self.splits[split_name]
@@ -479,9 +484,8 @@ class Trainer:
         bs = self.cfg.eval_batch_size
         for s in range(0, len(split.inputs), bs):
             idx = list(range(s, min(s + bs, len(split.inputs))))
-            out = model.generate(**self._inputs(split, idx), max_new_tokens=self.cfg.max_new_tokens, num_beams=1,
-                                 do_sample=False)
-            preds += self.tok.batch_decode(out, skip_special_tokens=True)
+            preds += [g.text for g in generate_answers(model, self.tok, self._inputs(split, idx),
+                                                       max_new_tokens=self.cfg.max_new_tokens, with_scores=False)]
         scores = {}
         for t in dict.fromkeys(split.tasks):
             ii = [i for i, x in enumerate(split.tasks) if x == t]
@@ -497,7 +501,8 @@ class Trainer:
         cfg = self.cfg
         log = self.log
         t0, last = time.perf_counter(), self.start
-        with progress(self.console, self.total_steps, self.start, enabled=self.acc.is_main_process) as bar:
+        with progress(self.console, self.total_steps, self.start, enabled=self.acc.is_main_process,
+                      every=self.log_every) as bar:
             for step in range(self.start, self.total_steps):
                 loss = self.train_step(step)
                 done = step + 1
@@ -554,7 +559,7 @@ class Trainer:
                 plot_curves(log, self.run / "curves.png")
             report = {
                 "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
-                "trainable_params": self.summary.trainable, "total_params": self.summary.total,
+                "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
                 "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
                 "bad_rows": self.problems,
             }
@@ -631,10 +636,12 @@ def _features(cache, examples) -> list[torch.Tensor]:
     return out
 
 
-def train(cfg: TrainConfig, console=None) -> dict:
+def train(cfg: TrainConfig, console=None, log_every: int = 10) -> dict:
     """Run the training ``cfg`` describes. If it fails before its first checkpoint, nothing it wrote is kept
-    (a fresh run's directory is as before); a later failure keeps the checkpoints, and the run can be resumed."""
-    trainer = Trainer(cfg, console)
+    (a fresh run's directory is as before); a later failure keeps the checkpoints, and the run can be resumed.
+    Progress goes to ``console`` (a Rich bar on a terminal, else a plain line every ``log_every`` steps). Returns the
+    final summary (report.json) on the main process, ``{}`` on the others."""
+    trainer = Trainer(cfg, console, log_every)
     try:
         trainer.setup()
         return trainer.fit()

@@ -21,7 +21,7 @@ class RunReport(BaseModel):
     scores: dict[str, dict[str, float]] | None
     main: dict[str, float]
     trainable_params: int = Field(ge=0)
-    total_params: int = Field(ge=0)
+    patched_params: int = Field(ge=0)  # the patched model's parameter count
     trainable_percent: float = Field(ge=0, le=100)
     steps: int = Field(ge=0)
     rules: str

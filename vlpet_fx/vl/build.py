@@ -80,10 +80,10 @@ def _any_open_clip(spec: str):
         raise ModelSpecError(f"open_clip knows no architecture '{arch}' (see open_clip.list_models())")
     if ckpt and not Path(ckpt).is_file():
         raise ModelSpecError(f"open_clip checkpoint '{ckpt}' does not exist")
-    if not ckpt:
-        model = open_clip.create_model(arch)  # random weights
-    else:
-        model = _open_clip_from_checkpoint(open_clip, arch, ckpt)
+    from ..zoo.torch_models import quiet_open_clip
+
+    with quiet_open_clip():
+        model = open_clip.create_model(arch) if not ckpt else _open_clip_from_checkpoint(open_clip, arch, ckpt)
     tower = model.visual
     if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
         tower.output_tokens = True

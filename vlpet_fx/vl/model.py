@@ -28,7 +28,7 @@ def to_pixels(images: list, size: int, device=None) -> torch.Tensor:
     Each image is resized on its own before the batch is stacked, so images of different sizes (and grey next
     to colour) batch together; for equally sized images the result equals resizing the stacked batch."""
     out = []
-    for im in images:
+    for im in images:  # one at a time: the images may differ in size
         t = torch.from_numpy(np.array(im, dtype=np.float32))
         t = t.unsqueeze(0).expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)[:3]
         t = t.unsqueeze(0) / 127.5 - 1.0

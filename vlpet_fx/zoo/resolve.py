@@ -43,8 +43,7 @@ def _load_hf_dir(path: Path, *, weights: bool, device: str | None) -> nn.Module:
         raise ModelSpecError(f"cannot read '{cfg_file}': {exc} -- rewrite it with save_pretrained()") from exc
     import transformers as tf
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
+    try:  # local_files_only: nothing is fetched, whatever HF_HUB_OFFLINE says
         config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise ModelSpecError(f"cannot load the config in '{path}': {str(exc).splitlines()[0]}") from exc

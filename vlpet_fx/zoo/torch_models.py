@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -10,12 +11,25 @@ from torch import nn
 from .registry import register_model
 
 
+@contextlib.contextmanager
+def quiet_open_clip():
+    """While open_clip builds a model: its "no pretrained weights" notice (logged on the root logger) is
+    dropped. The root logger's level is restored afterwards: the library changes no process-wide setting."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _open_clip_visual(arch: str) -> nn.Module:
     import open_clip
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no pretrained weights" notice
     device = torch.get_default_device()
-    return open_clip.create_model(arch, device=device).visual
+    with quiet_open_clip():
+        return open_clip.create_model(arch, device=device).visual
 
 
 @register_model("clip-vit-b-32", "open_clip ViT-B-32 visual tower (tiny: 2 layers, width 64)",
