@@ -42,9 +42,13 @@ def _build(name):
 
 
 def _run(m, inputs):
-    args, kwargs = inputs if isinstance(inputs[-1], dict) and len(inputs) == 2 else (inputs, {})
     with torch.no_grad():
-        out = m(*args, **kwargs)
+        return _run_grad(m, inputs)
+
+
+def _run_grad(m, inputs):
+    args, kwargs = inputs if isinstance(inputs[-1], dict) and len(inputs) == 2 else (inputs, {})
+    out = m(*args, **kwargs)
     if hasattr(out, "logits"):
         return out.logits
     if hasattr(out, "last_hidden_state"):
@@ -76,19 +80,14 @@ def test_identity_methods_leave_outputs_bit_identical(name, no_mha_fastpath):
     vlpet_fx.patch(m, rules, example_inputs=None if name != "toy" else inputs)
     attached = m.vlpet_patch.attached
     assert len(attached) > 0
-    # every placement runs: count the calls of each inserted module's after/parallel (what the hooks call)
-    calls = {path: 0 for path in attached}
-    for path, pl in attached.items():
-        pet = m.get_submodule(path)
-        entry = "after" if pl.placement == "after" else "parallel"
-        inner = getattr(pet, entry)
-
-        def counted(*a, _inner=inner, _path=path):
-            calls[_path] += 1
-            return _inner(*a)
-
-        setattr(pet, entry, counted)
     after = _run(m, inputs)
+    # every placement runs in this forward: each inserted module's parameters are on the autograd path to the
+    # output (a module whose hook never fired would leave all its gradients None)
+    with torch.enable_grad():
+        out = _run_grad(m, inputs)
+        out.float().sum().backward()
+    calls = {path: sum(p.grad is not None for p in m.get_submodule(path).parameters()) for path in attached}
+    m.zero_grad(set_to_none=True)
     assert torch.equal(before, after), name
     assert [p for p, n in calls.items() if n == 0] == [], name
     # ... and each one reaches the output: moving its weights off the identity init changes the output
