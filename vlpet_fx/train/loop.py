@@ -227,9 +227,9 @@ class Trainer:
         run = self.run
         missing = [p for p in [run, *run.parents] if not p.exists()]
         self.claimed = True
+        self.created = missing[-1] if missing else None  # set first: a failed mkdir may have made parents
         try:
             run.mkdir(parents=True, exist_ok=True)
-            self.created = missing[-1] if missing else None
             fd, probe = tempfile.mkstemp(prefix=".probe-", dir=run)
             os.close(fd)
             os.unlink(probe)
