@@ -299,6 +299,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="model types to run (default: all)")
     ap.add_argument("--limit", type=int, default=120, help="seconds per family")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    ap.add_argument("--reverse", action="store_true", help="go through the families from the last one")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (each single-threaded)")
     ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
     ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
@@ -319,6 +320,8 @@ def main() -> None:
                 if r["status"] != "fail" or (args.only is not None and r["model_type"] not in args.only)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
+    if args.reverse:  # e.g. a second run from the other end of the list
+        todo.reverse()
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
 
