@@ -104,6 +104,12 @@ def run_family(mapping: str, model_type: str) -> dict:
     t0 = time.perf_counter()
 
     def failed(step: str, exc: BaseException) -> dict:
+        chain, e = [], exc
+        while e is not None and len(chain) < 8:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        if any(isinstance(e, Timeout) for e in chain):  # our own time limit, even when raised inside torch.export
+            step, exc = "time", next(e for e in chain if isinstance(e, Timeout))
         rec["status"] = "not buildable" if step == "build" else "fail"
         rec["step"] = step
         rec["reason"] = _line(exc)
@@ -248,13 +254,34 @@ def _done(jsonl: Path) -> dict[tuple[str, str], dict]:
 def summarise(records: list[dict]) -> dict:
     by: dict[str, dict] = {}
     for r in records:
-        s = by.setdefault(r["mapping"], {"families": 0, "buildable": 0, "pass": 0})
+        s = by.setdefault(r["mapping"], {"families": 0, "not run": 0, "buildable": 0, "pass": 0})
         s["families"] += 1
-        s["buildable"] += r["status"] != "not buildable"
+        s["not run"] += r["status"] == "not run"
+        s["buildable"] += r["status"] not in ("not buildable", "not run")
         s["pass"] += r["status"] == "pass"
     for s in by.values():
         s["pass_rate"] = round(100.0 * s["pass"] / s["buildable"], 1) if s["buildable"] else None
     return by
+
+
+# failure classes, by what the one-line reason says (first match wins)
+CAUSES = [
+    ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q (issue 12 pattern, h4)"),
+    ("reads the block input", "VL-PET gate: block input X not tied to a module (MoE, parallel or post-norm blocks)"),
+    ("matches no site", "a block the rule set names was not found (e.g. FFN behind a post-norm, fused or MoE)"),
+    ("cannot be multiplied", "shape error in the patched forward (fused q/k/v, h4; or X of another width)"),
+    ("must match the size", "shape error in the patched forward (fused q/k/v, h4; or X of another width)"),
+    ("no example inputs known", "no example inputs built (audio-LLM placeholders, model-specific layouts)"),
+    ("even without torch.export", "the model rejects the built example inputs"),
+    ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
+    ("per-family time limit", "over the per-family time limit on the busy machine"),
+    ("LoRA at init", "LoRA not identical at init"),
+    ("generate()", "generate() with the KV cache differs"),
+]
+
+
+def cause_of(reason: str) -> str:
+    return next((c for key, c in CAUSES if key in reason), "other")
 
 
 def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
@@ -270,12 +297,19 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
              "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",
-             "", "| mapping | families | buildable | pass | pass rate of buildable |", "|---|---:|---:|---:|---:|"]
+             "", "| mapping | families | not run | buildable (of those run) | pass | pass rate of buildable |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m, s in summary.items():
         rate = f"{s['pass_rate']:.1f} %" if s["pass_rate"] is not None else "-"
-        lines.append(f"| {m} | {s['families']} | {s['buildable']} | {s['pass']} | {rate} |")
+        lines.append(f"| {m} | {s['families']} | {s['not run']} | {s['buildable']} | {s['pass']} | {rate} |")
     steps = Counter(r.get("step") for r in records if r["status"] == "fail")
     lines += ["", "Failures by step: " + ", ".join(f"{k} {v}" for k, v in steps.most_common()) if steps else "", ""]
+    causes = Counter(cause_of(r.get("reason", "")) for r in records if r["status"] == "fail")
+    if causes:
+        lines += ["Failures by cause (classified by the words of the one-line reason, `bench/coverage.py` CAUSES):",
+                  "", "| cause | families |", "|---|---:|"]
+        lines += [f"| {c} | {n} |" for c, n in causes.most_common()]
+        lines += [""]
     lines += ["| mapping | family | status | layers | sites | roles in layer 0 | norms | step / reason |",
               "|---|---|---|---|---:|---|---:|---|"]
     for r in records:
@@ -299,6 +333,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="model types to run (default: all)")
     ap.add_argument("--limit", type=int, default=120, help="seconds per family")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
+    ap.add_argument("--reverse", action="store_true", help="go through the families from the last one")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (each single-threaded)")
     ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
     ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
@@ -319,6 +354,8 @@ def main() -> None:
                 if r["status"] != "fail" or (args.only is not None and r["model_type"] not in args.only)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
+    if args.reverse:  # e.g. a second run from the other end of the list
+        todo.reverse()
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
 
@@ -345,7 +382,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(run_share, shares))
     done = _done(jsonl)
-    records = [done[f] for f in families() if f in done]
+    records = [done.get(f) or {"mapping": f[0], "model_type": f[1], "status": "not run",
+                               "step": "", "reason": "not run before the run was stopped"} for f in families()]
     import platform
 
     import torch

@@ -246,24 +246,45 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         # is not a layer of a stack
         b.extra["off_stream"] = b.kind == "ffn" and b.residual_add is None and b.layer_path is None
 
-    # 5. layers, numbered per stack kind along the stream
+    # 4b. a stream piece without attention (an FFN whose residual add was not found, e.g. behind a norm on the
+    # sub-layer's output) takes the stack of the attention in the same layer container
+    kind_of_layer: dict[str, str] = {}
+    for members in groups.values():
+        if any(b.kind == "attn" for b in members):
+            for b in members:
+                if b.layer_path is not None:
+                    kind_of_layer.setdefault(b.layer_path, b.stack)
+    for members in groups.values():
+        if not any(b.kind == "attn" for b in members):
+            kinds = {kind_of_layer.get(b.layer_path) for b in members} - {None}
+            if len(kinds) == 1:
+                for b in members:
+                    b.stack = next(iter(kinds))
+
+    # 5. layers, numbered per stack kind along the stream (a layer container keeps its number across pieces)
     by_kind: dict[str, list[list[Block]]] = {}
     for members in sorted(groups.values(), key=lambda ms: flow.order[ms[0].first().node]):
         by_kind.setdefault(members[0].stack, []).append(members)
     for kind, stacks in by_kind.items():
         layer = -1
+        numbered: dict[str, int] = {}
         for members in stacks:
             current_key, current_kinds = object(), set()
             for b in members:
                 if b.extra.get("off_stream"):
                     continue
                 key = b.layer_path
+                if key is not None and key in numbered:
+                    b.layer, current_key = numbered[key], key
+                    continue
                 new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
                 if new:
                     layer += 1
                     current_key, current_kinds = key, set()
                 current_kinds.add(b.block)
                 b.layer = layer
+                if key is not None:
+                    numbered[key] = layer
 
 
 def _layer_container(block_path: str, modules: dict[str, nn.Module]) -> str | None:
