@@ -289,11 +289,11 @@ methods:
   a: &pet {type: adapter, dim: 8}
   b: *pet
 rules:
-  - {select: &enc {stack: encoder, role: output}, insert: a}
+  - {select: &enc {stack: encoder, role: [o, out]}, insert: a}
   - {select: *enc, insert: b, placement: parallel}
 """
     p = vlpet_fx.plan(model, parse_rules(text), table=table)
-    assert len(p.placements) == 2 * 2 * 2  # 2 layers x (self_attn, ffn) x (after, parallel)
+    assert len(p.placements) == 2 * 2 * 2  # 2 layers x (attention o, ffn out) x (after, parallel)
 
 
 # ---- patching: all or nothing, and only with the plan's own model ------------------------------------------

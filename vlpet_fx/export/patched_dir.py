@@ -134,13 +134,21 @@ def load_base(manifest: "dict | Manifest", device: str | None = None, *, trust_c
     from ..zoo import list_models, load_model
     from ..zoo.resolve import load_factory
 
-    if not isinstance(manifest, Manifest):
+    if isinstance(manifest, Manifest):
+        b = manifest.base
+    else:  # a whole manifest, or just its base reference ({"base": ...}, as a merged export keeps it)
+        from pydantic import TypeAdapter
+
+        from .manifest import Base
+
         try:
-            manifest = Manifest.model_validate(manifest)
+            if isinstance(manifest, dict) and set(manifest) == {"base"}:
+                b = TypeAdapter(Base).validate_python(manifest["base"])
+            else:
+                b = Manifest.model_validate(manifest).base
         except Exception as exc:
             raise ExportError(f"invalid manifest: {str(exc).splitlines()[0]}") from None
     f = (where or Path("<manifest>")) / MANIFEST
-    b = manifest.base
     builtins = set(m.name for m in list_models())
     if isinstance(b, BuiltinBase):
         if b.spec not in builtins:

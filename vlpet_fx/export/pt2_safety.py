@@ -93,6 +93,7 @@ _GUARD_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.No
                 ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Load)
 _GUARD_METHODS = {"size", "stride", "storage_offset", "dim", "numel"}
 _GUARD_FUNCS = {"Eq", "Ne", "Mod", "FloorDiv", "Max", "Min", "floor", "ceiling", "CeilToInt", "FloorToInt"}
+_GUARD_TORCH_FUNCS = {"sym_max", "sym_min", "sym_float", "sym_int", "sym_not"}  # torch.<f>: pure, on numbers
 
 # names torch turns into attribute paths of generated Python (fx writes `getattr(self, "<part>")` unescaped)
 _PATH_KEYS = {"name", "parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn", "as_name",
@@ -164,6 +165,8 @@ def _guard_ok(node: ast.AST) -> bool:
             return False
         f = node.func
         if isinstance(f, ast.Attribute):
+            if isinstance(f.value, ast.Name) and f.value.id == "torch":
+                return f.attr in _GUARD_TORCH_FUNCS
             return f.attr in _GUARD_METHODS and _guard_ok(f.value)
         return isinstance(f, ast.Name) and f.id in _GUARD_FUNCS
     if not isinstance(node, _GUARD_NODES):
