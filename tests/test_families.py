@@ -3,8 +3,8 @@
 Each row is a transformers model type built from its tiny config (``vlpet_fx.zoo.tiny``) and what the row
 spans: gated or plain MLP, fused or separate q/k/v, Conv1D, SDPA or eager attention, pre- or post-LN,
 relative or rotary positions, MoE. Expectations come from the config (layer counts) and from the model's
-own module classes (norm layers), never from running discovery. Rows that need a pattern of issue 12's
-registry (h4) are marked ``xfail(strict=True)`` on the tests they fail, so they flip when it lands.
+own module classes (norm layers), never from running discovery. Rows that need a pattern the registry does not
+have yet are marked ``xfail(strict=True)`` on the tests they fail, so they flip (and fail) when it lands.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from vlpet_fx.zoo.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-GATED = "needs pattern gated-mlp roles gate/up (h4)"
-FUSED = "needs pattern fused-qkv slice sites (h4)"
-POSTNORM = "needs the residual add found past a norm on the sub-layer output (dataflow residual_of, h4)"
+PARTIAL_ROTARY = "k reaches the attention core through partial rotary's concatenation, which the projection search does not cross yet"
+POSTNORM = "needs the residual add found past a norm on the sub-layer output (dataflow residual_of)"
 MOE = "needs pattern MoE experts held as one batched parameter (not in issue 12's registry yet)"
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
@@ -30,18 +29,18 @@ AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "v
         "speech": "AutoModelForSpeechSeq2Seq"}
 CASES = {
     # causal LMs: rotary + gated MLP (SDPA and eager), GQA, biases on q/k/v, (1 + w) RMSNorm
-    "llama": ("causal", "llama", {}, {"gated"}, {"roles": GATED}),
-    "llama-eager": ("causal", "llama", {"attn_implementation": "eager"}, {"gated"}, {"roles": GATED}),
-    "mistral": ("causal", "mistral", {}, {"gated"}, {"roles": GATED}),
-    "qwen2": ("causal", "qwen2", {}, {"gated"}, {"roles": GATED}),
-    "gemma": ("causal", "gemma", {}, {"gated"}, {"roles": GATED}),
-    "olmo": ("causal", "olmo", {}, {"gated"}, {"roles": GATED}),
-    "granite": ("causal", "granite", {}, {"gated"}, {"roles": GATED}),
+    "llama": ("causal", "llama", {}, {"gated"}, {}),
+    "llama-eager": ("causal", "llama", {"attn_implementation": "eager"}, {"gated"}, {}),
+    "mistral": ("causal", "mistral", {}, {"gated"}, {}),
+    "qwen2": ("causal", "qwen2", {}, {"gated"}, {}),
+    "gemma": ("causal", "gemma", {}, {"gated"}, {}),
+    "olmo": ("causal", "olmo", {}, {"gated"}, {}),
+    "granite": ("causal", "granite", {}, {"gated"}, {}),
     # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
-    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": GATED + " and k through partial rotary's concat (h4)"}),
+    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": PARTIAL_ROTARY}),
     # a norm on each sub-layer's output before the residual add (x + norm(f(x))): stacks and layers hold; the
     # residual add behind the norm is not found yet, so VL-PET's gate has no block input X
-    "gemma2": ("causal", "gemma2", {}, {"gated"}, {"roles": GATED, "patch": POSTNORM}),
+    "gemma2": ("causal", "gemma2", {}, {"gated"}, {"patch": POSTNORM}),
     # causal LMs: plain MLPs, learned / sinusoidal positions, post- and pre-LN
     "opt": ("causal", "opt", {}, set(), {}),
     "opt-eager": ("causal", "opt", {"attn_implementation": "eager"}, set(), {}),
@@ -50,23 +49,23 @@ CASES = {
     "gpt_neo": ("causal", "gpt_neo", {}, set(), {}),
     "starcoder2": ("causal", "starcoder2", {}, set(), {}),
     # fused q/k/v: HF Conv1D (GPT-2), query_key_value (GPT-NeoX, parallel attention + FFN)
-    "gpt2": ("causal", "gpt2", {}, {"fused"}, {"patch": FUSED}),
-    "gpt_neox": ("causal", "gpt_neox", {}, {"fused"}, {"patch": FUSED}),
+    "gpt2": ("causal", "gpt2", {}, {"fused"}, {}),
+    "gpt_neox": ("causal", "gpt_neox", {}, {"fused"}, {}),
     # MoE
     "mixtral": ("causal", "mixtral", {}, {"moe"}, {"stacks": MOE, "patch": MOE}),
-    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {"roles": GATED, "patch": MOE}),
+    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {"patch": MOE}),
     # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
     "t5": ("seq2seq", "t5", {}, set(), {}),
-    "mt5": ("seq2seq", "mt5", {}, {"gated"}, {"roles": GATED}),
-    "umt5": ("seq2seq", "umt5", {}, {"gated"}, {"roles": GATED}),
+    "mt5": ("seq2seq", "mt5", {}, {"gated"}, {}),
+    "umt5": ("seq2seq", "umt5", {}, {"gated"}, {}),
     "bart": ("seq2seq", "bart", {}, set(), {}),
     "mbart": ("seq2seq", "mbart", {}, set(), {}),
     "pegasus": ("seq2seq", "pegasus", {}, set(), {}),
     "marian": ("seq2seq", "marian", {}, set(), {}),
     "m2m_100": ("seq2seq", "m2m_100", {}, set(), {}),
     # VLMs (vision tower -> projector -> causal LM) and speech
-    "llava": ("vlm", "llava", {}, {"gated"}, {"roles": GATED}),
-    "paligemma": ("vlm", "paligemma", {}, {"gated"}, {"roles": GATED}),
+    "llava": ("vlm", "llava", {}, {"gated"}, {}),
+    "paligemma": ("vlm", "paligemma", {}, {"gated"}, {}),
     "whisper": ("speech", "whisper", {}, set(), {}),
 }
 RULES = {"causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm", "seq2seq": "vlpet_large", "speech": "vlpet_large"}
