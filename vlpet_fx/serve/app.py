@@ -185,6 +185,10 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            # read (and drop) a moderately larger body first, so that the client, still sending, sees the 413
+            # rather than a reset connection; beyond 4x the limit the connection is simply closed after it
+            if declared.isdigit() and int(declared) <= 4 * self.limit:
+                await _discard(receive)
             return await _send_json(send, 413, f"request body larger than {self.limit:,} bytes")
         chunks, size, more = [], 0, True
         while more:
@@ -207,6 +211,14 @@ class BodyLimit:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+async def _discard(receive) -> None:
+    """Read the rest of a request body (whose declared length is bounded by the caller) without keeping it."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+            return
 
 
 async def _send_json(send, status: int, message: str) -> None:
