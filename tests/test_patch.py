@@ -218,6 +218,9 @@ def test_eager_and_graph_back_ends_agree(family):
     gg = sorted(p.grad.norm().item() for p in graph.parameters() if p.requires_grad)
     assert len(ge) == len(gg)
     torch.testing.assert_close(torch.tensor(ge), torch.tensor(gg), rtol=1e-4, atol=1e-7)
+    # the graph module moves like any module (`.to()` walks every submodule's `_apply`), and still runs
+    graph.zero_grad(set_to_none=True)
+    torch.testing.assert_close(graph.to("cpu").to(torch.float32)(**kw).logits, out_g.detach())
 
 
 def test_graph_back_end_reaches_packed_in_proj_sites():

@@ -34,10 +34,10 @@ class _Apply(nn.Module):
         super().__init__()
         self.pet = pet
         self.method = method
-        self._apply = SiteApply(pet, method, out_slice).apply
+        self.site_apply = SiteApply(pet, method, out_slice).apply  # not `_apply`: nn.Module.to() calls that
 
     def forward(self, *tensors):
-        return self._apply(*tensors)
+        return self.site_apply(*tensors)
 
 
 class _ApplyAsBlockInput(_Apply):
@@ -46,7 +46,7 @@ class _ApplyAsBlockInput(_Apply):
     the module's output) and flattened back."""
 
     def forward(self, x, y):
-        out = self._apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
+        out = self.site_apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
         return out.reshape(y.shape[:-1] + out.shape[-1:])
 
 
