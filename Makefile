@@ -22,7 +22,8 @@ install: $(STAMP)
 
 # The main job: (1) train a small VL-T5 backbone (open_clip ViT tower + T5) in full on MNIST digit tasks,
 # (2) freeze it and adapt it with VL-PET-large to the four Fashion-MNIST tasks, (3) the same with the images
-# blanked (text-only control), then compare. About 8 minutes on 2 CPU cores.
+# blanked (text-only control), then compare. About 3 minutes on 2 CPU cores once installed (2 min 45 s measured,
+# docs/bench/make-demo/make-demo.txt).
 DEMO_ARGS = --train-per-task 1500 --eval-per-task 100 --eval-every 500 --save-every 500
 demo: $(STAMP)
 	rm -rf demo

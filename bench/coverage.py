@@ -266,11 +266,11 @@ def summarise(records: list[dict]) -> dict:
 
 # failure classes, by what the one-line reason says (first match wins)
 CAUSES = [
-    ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q (issue 12 pattern, h4)"),
+    ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q"),
     ("reads the block input", "VL-PET gate: block input X not tied to a module (MoE, parallel or post-norm blocks)"),
     ("matches no site", "a block the rule set names was not found (e.g. FFN behind a post-norm, fused or MoE)"),
-    ("cannot be multiplied", "shape error in the patched forward (fused q/k/v, h4; or X of another width)"),
-    ("must match the size", "shape error in the patched forward (fused q/k/v, h4; or X of another width)"),
+    ("cannot be multiplied", "shape error in the patched forward (fused q/k/v or X of another width)"),
+    ("must match the size", "shape error in the patched forward (fused q/k/v or X of another width)"),
     ("no example inputs known", "no example inputs built (audio-LLM placeholders, model-specific layouts)"),
     ("even without torch.export", "the model rejects the built example inputs"),
     ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
