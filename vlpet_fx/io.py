@@ -1,10 +1,12 @@
-"""Atomic file writes: write to a temporary file in the same directory, then rename. The file gets the mode an
-ordinary ``open`` would give it under the user's umask (the temporary file is private until renamed)."""
+"""File I/O shared by every stage. Atomic writes: write to a temporary file in the same directory, then rename;
+the file gets the mode an ordinary ``open`` would give it under the user's umask (the temporary file is private
+until renamed). Bounded reads: :func:`read_at_most` for every file a user hands us."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,23 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+class NotRegularFile(OSError):
+    """The path turned out not to be a regular file when it was opened (it changed since it was checked)."""
+
+
+def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
+    """The bytes of the regular file ``path`` if it holds at most ``limit`` of them, else ``None``.
+
+    Opened without blocking (a path that became a fifo since the caller checked it does not wait for a writer)
+    and checked again on the open descriptor; OSError (incl. :class:`NotRegularFile`) for the caller to word."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise NotRegularFile(f"'{path}' is not a regular file")
+        data = fh.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

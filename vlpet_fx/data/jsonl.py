@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io import read_at_most
 from .errors import DataError
 from .images import file_problem, read_image
 from .tasks import Example
@@ -125,11 +126,10 @@ def load_jsonl(path, *, on_error: str = "stop") -> tuple[list[Example], list[str
     if why is not None:
         raise DataError(f"JSONL file {why}")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)
+        raw = read_at_most(path, MAX_FILE_BYTES)
     except OSError as e:
         raise DataError(f"JSONL file '{path}' cannot be read ({e.strerror or e})") from None
-    if len(raw) > MAX_FILE_BYTES:
+    if raw is None:
         raise DataError(f"JSONL file '{path}' is over the limit of {MAX_FILE_BYTES:,} bytes: split it")
     try:
         text = raw.decode("utf-8-sig")

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
 from ..errors import ExportError
+from ..io import read_at_most
 
 MANIFEST = "vlpet.json"
 FORMAT = "vlpet-fx/adapters@1"
@@ -186,11 +187,10 @@ def read_json_file(f: Path, limit: int, what: str) -> Any:
         raise ExportError(f"'{f}' is {st.st_size:,} bytes, more than a {what} can be ({limit:,}): the file is not "
                           "what vlpet-fx wrote; write the directory again")
     try:
-        with open(f, "rb") as fh:
-            raw = fh.read(limit + 1)
+        raw = read_at_most(f, limit)
     except OSError as exc:
         raise ExportError(f"cannot read '{f}': {exc.strerror or exc}") from None
-    if len(raw) > limit:
+    if raw is None:
         raise ExportError(f"'{f}' grew past {limit:,} bytes while being read: it is not a {what}")
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)

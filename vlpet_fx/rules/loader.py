@@ -24,6 +24,7 @@ import yaml
 
 from .._text import shown
 from ..errors import RulesError
+from ..io import NotRegularFile, read_at_most
 from ..modules.base import MethodConfig, MethodConfigError, get_method, make_config
 from .schema import Rule, RuleSetSchema, TrainableRule
 
@@ -265,15 +266,12 @@ def read_rules_file(p: Path) -> str:
         raise RulesError(f"rules file '{p}' is {st.st_size:,} bytes; a rule set is at most {MAX_RULES_BYTES:,} "
                          "bytes (1 MiB): is it the right file?")
     try:
-        # O_NONBLOCK: should the path have become a fifo since the stat, opening it does not wait for a writer
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise RulesError(f"rules path '{p}' is not a regular file: give a YAML file")
-            data = fh.read(MAX_RULES_BYTES + 1)
+        data = read_at_most(p, MAX_RULES_BYTES)
+    except NotRegularFile:
+        raise RulesError(f"rules path '{p}' is not a regular file: give a YAML file") from None
     except OSError as exc:
         raise RulesError(f"cannot read rules file '{p}': {exc.strerror or exc}") from None
-    if len(data) > MAX_RULES_BYTES:
+    if data is None:
         raise RulesError(f"rules file '{p}' is larger than {MAX_RULES_BYTES:,} bytes (1 MiB): is it the right file?")
     try:
         return data.decode("utf-8")

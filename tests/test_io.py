@@ -1,0 +1,25 @@
+"""The bounded reader every user-file reader goes through (manifests, rule files, JSONL)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vlpet_fx.io import NotRegularFile, read_at_most
+
+
+def test_read_at_most_returns_the_bytes_up_to_the_limit_and_none_past_it(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 10)
+    assert read_at_most(f, 10) == b"x" * 10
+    assert read_at_most(f, 9) is None
+
+
+def test_read_at_most_refuses_what_is_not_a_regular_file(tmp_path):
+    with pytest.raises(NotRegularFile):
+        read_at_most("/dev/null", 10)
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    with pytest.raises(NotRegularFile):  # opened without waiting for a writer
+        read_at_most(fifo, 10)
