@@ -147,13 +147,14 @@ def _pet_of(model, block):
     return pet, {n: t.detach() for n, t in pet.named_parameters()}
 
 
-def _rules(gate, op, scale, init, zero_up=False, zero_gate=False):
+def _rules(gate, op, scale, init, zero_up=False, zero_gate=False, start=None):
+    extra = f", gate_start: {start}" if start is not None else ""
     return parse_rules(f"""
 name: formula
 methods:
   pet: {{type: vlpet, dim: {R}, heads: {HEADS}, head_mode: down, gate: {gate}, gate_dim: {R_G}, gate_op: {op},
         scale: {scale}, init: {init}, activation: gelu_new, zero_init_up: {str(zero_up).lower()},
-        zero_init_gate: {str(zero_gate).lower()}}}
+        zero_init_gate: {str(zero_gate).lower()}{extra}}}
 rules:
   - {{select: {{stack: encoder, block: [self_attn, ffn], role: output}}, insert: pet}}
 """)
@@ -341,3 +342,27 @@ def test_every_shipped_rule_set_loads_and_plans(vl_models, family, name):
         assert plan.trainable_params == plan.total_params == sum(p.numel() for p in model.parameters())
     if name == "projector_only":
         assert plan.trainable_params == sum(p.numel() for p in model.visual_projection.parameters())
+
+
+@pytest.mark.parametrize("gate,start", [("large", 0.9), ("middleX", 0.95), ("middleY", 1.5), ("small", 0.8)])
+def test_gate_start(tables, gate, start):
+    """gate_start sets where G begins (the ablation of the gate's start): with the modification zero at init,
+    the sub-layer output is X + s·G·h with G = gate_start for every token and channel."""
+    s = SETTINGS["t5"]
+    model = _patched(tables, "t5", _rules(gate, "mul", s["scale"], s["init"], zero_up=True, zero_gate=True,
+                                          start=start))
+    taps = Taps(model, WHERE[("t5", "ffn")])
+    with torch.no_grad():
+        model(**_inputs("t5"))
+    x, h, out = taps.seen["x"], taps.seen["h"], taps.seen["out"]
+    torch.testing.assert_close(out, x + s["scale"] * start * h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate,start", [("large", 1.0), ("large", 0.0), ("small", float("nan")),
+                                        ("middleY", 4.5), ("none", 0.5)])
+def test_gate_start_refused(gate, start):
+    from vlpet_fx.modules.base import MethodConfigError
+    from vlpet_fx.modules.vlpet import VlPet, VlpetConfig
+
+    with pytest.raises(MethodConfigError, match="gate_start"):
+        VlPet.check_config(VlpetConfig(gate=gate, gate_start=start))

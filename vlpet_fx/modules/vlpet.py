@@ -25,6 +25,7 @@ zeroes the up projection (ΔH = 0 at the start) and ``zero_init_gate`` the gate 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,10 @@ class VlpetConfig(MethodConfig):
     init: Literal["torch", "normal"] = "torch"
     zero_init_up: bool = True
     zero_init_gate: bool = False
+    # where the gate starts: G = gate_start exactly at init (sigmoid gates: generator's last layer zero, bias
+    # logit(gate_start); middleY: g = gate_start - 1). None keeps the initialisation above. In (0, 1) for the
+    # sigmoid gates; (0, 4] for middleY.
+    gate_start: float | None = None
 
 
 def _normal_init(module: nn.Module) -> None:
@@ -93,6 +98,10 @@ class GateLarge(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def start_(self, g: float):
+        self.zero_()
+        nn.init.constant_(self.up.bias, math.log(g / (1.0 - g)))
+
 
 class GateMiddleX(nn.Module):
     needs_x = True
@@ -107,6 +116,10 @@ class GateMiddleX(nn.Module):
     def zero_(self):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def start_(self, g: float):
+        self.zero_()
+        nn.init.constant_(self.proj.bias, math.log(g / (1.0 - g)))
 
 
 class GateMiddleY(nn.Module):
@@ -123,6 +136,9 @@ class GateMiddleY(nn.Module):
     def zero_(self):
         nn.init.zeros_(self.g)
 
+    def start_(self, g: float):
+        nn.init.constant_(self.g, g - 1.0)
+
 
 class GateSmall(nn.Module):
     needs_x = True
@@ -138,6 +154,10 @@ class GateSmall(nn.Module):
     def zero_(self):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def start_(self, g: float):
+        self.zero_()
+        nn.init.constant_(self.proj.bias, math.log(g / (1.0 - g)))
 
 
 # granularity level -> gate builder (d, r_g, activation name); `none` is the ungated value adapter
@@ -187,6 +207,8 @@ class VlPet(PetModule):
                 nn.init.zeros_(p)
         if config.zero_init_gate and self.gate is not None:
             self.gate.zero_()
+        if config.gate_start is not None and self.gate is not None:
+            self.gate.start_(config.gate_start)
         # the forward used for `after` placements, chosen once here (no branching in forward)
         if self.gate is None:
             self.after = self._after_plain
@@ -227,6 +249,14 @@ class VlPet(PetModule):
             raise MethodConfigError(f"vlpet: unknown activation: choose one of {', '.join(ACTIVATIONS)}")
         if config.gate == "none" and config.gate_op != "mul":
             raise MethodConfigError("vlpet: gate_op needs a gate")
+        if config.gate_start is not None:
+            g = config.gate_start
+            if config.gate == "none":
+                raise MethodConfigError("vlpet: gate_start needs a gate")
+            high = 4.0 if config.gate == "middleY" else 1.0
+            if not (math.isfinite(g) and 0.0 < g and (g <= high if config.gate == "middleY" else g < high)):
+                raise MethodConfigError(f"vlpet: gate_start must be in (0, {high:g}{']' if high > 1 else ')'} "
+                                        f"for gate {config.gate}, got {g}")
 
     @classmethod
     def check_shape(cls, read_features, out_features, config: VlpetConfig):
