@@ -6,16 +6,18 @@ placed ``parallel`` it reads the site's input (He et al.'s parallel adapter).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
-from .base import ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, activation, bottleneck, check_positive, register_pet
+from .base import (ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, Width, activation, bottleneck,
+                   check_positive, check_reduction, register_pet)
 
 
 @dataclass
 class AdapterConfig(MethodConfig):
-    dim: int | None = None  # bottleneck width; if unset, features // reduction
+    dim: Width | None = None  # bottleneck width, absolute or relative to the site; if unset, features / reduction
     reduction: float = 8.0
     activation: str = "gelu_new"
     bias: bool = True
@@ -29,7 +31,8 @@ class Adapter(PetModule):
 
     def __init__(self, in_features, out_features, config: AdapterConfig, placement="after"):
         super().__init__(in_features, out_features, config, placement)
-        r = bottleneck(self.read_features, config.dim, config.reduction, "adapter")
+        config = self.config  # widths resolved for this site
+        r = config.dim
         self.down = nn.Linear(self.read_features, r, bias=config.bias)
         self.act = activation(config.activation)
         self.up = nn.Linear(r, out_features, bias=config.bias)
@@ -43,8 +46,14 @@ class Adapter(PetModule):
         return self.up(self.act(self.down(x))) * self.scale
 
     @classmethod
+    def resolve(cls, in_features, out_features, placement, config: AdapterConfig) -> AdapterConfig:
+        read = out_features if placement == "after" else in_features
+        return dataclasses.replace(config, dim=bottleneck(read, config.dim, config.reduction, "adapter"))
+
+    @classmethod
     def check_config(cls, config: AdapterConfig):
         check_positive("adapter", dim=config.dim, reduction=config.reduction)
+        check_reduction("adapter", config.reduction)
         if config.activation not in ACTIVATIONS:
             raise MethodConfigError(f"adapter: unknown activation: choose one of {', '.join(ACTIVATIONS)}")
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import pydantic
 import torch
+from pydantic import PlainValidator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from .._text import shown
@@ -47,7 +50,8 @@ class PetModule(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.config = config
+        # widths given relative to the site become absolute here too (the planner already resolved a plan's)
+        self.config = type(self).resolve(in_features, out_features, placement, config)
         self.placement = placement
         # what the module reads: the site's output (after) or its input (parallel)
         self.read_features = out_features if placement == "after" else in_features
@@ -70,12 +74,21 @@ class PetModule(nn.Module):
         return y + self.delta(x)
 
     @classmethod
+    def resolve(cls, in_features: int, out_features: int, placement: str, config: MethodConfig) -> MethodConfig:
+        """``config`` with every layer width an absolute integer for a site of this shape: relative widths
+        (:class:`RelativeWidth`, ``reduction``) resolved by :func:`resolve_width`'s rounding, each checked by
+        :func:`check_width`. The planner records the result, so a saved plan names the widths it built.
+        Methods that create layers of their own width override this; it must be idempotent."""
+        return config
+
+    @classmethod
     def check_fits(cls, in_features: int, out_features: int, placement: str, config: MethodConfig) -> None:
         """Raise MethodConfigError (one line) if the method cannot be placed on a site of this shape."""
         if placement not in cls.placements:
             raise MethodConfigError(
                 f"method '{cls.name}' cannot be placed '{placement}': it supports {', '.join(cls.placements)}"
             )
+        config = cls.resolve(in_features, out_features, placement, config)
         cls.check_shape(out_features if placement == "after" else in_features, out_features, config)
 
     @classmethod
@@ -147,7 +160,7 @@ def _strict_model(config_class: type) -> type[pydantic.BaseModel]:
     """A strict pydantic model of a config dataclass: no coercion (``true`` is not 1, ``"4"`` is not 4) and
     no NaN/inf for float fields."""
     try:
-        hints = typing.get_type_hints(config_class)
+        hints = typing.get_type_hints(config_class, include_extras=True)
     except Exception:  # an annotation that does not resolve: validate the field as any value
         hints = {}
     spec = {}
@@ -199,7 +212,8 @@ def make_config(method: str, params: dict[str, Any]) -> MethodConfig:
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"][:1])
-        raise MethodConfigError(f"method '{method}' parameter '{shown(where, 40)}': {shown(err['msg'], 160)}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise MethodConfigError(f"method '{method}' parameter '{shown(where, 40)}': {shown(msg, 200)}") from None
     values = {name: getattr(checked, name) for name in fields}
     for name, value in values.items():
         _check_numbers(method, name, value)
@@ -227,6 +241,60 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+RELATIVE_FORMS = "a relative width: {of_site: 0.125} or '1/8' of the site's features"
+_FRACTION = re.compile(r"^\s*(\d{1,7})\s*/\s*(\d{1,7})\s*$")
+
+
+@pydantic_dataclass(frozen=True, config=pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
+class RelativeWidth:
+    """A layer width given as a fraction of the features of the site it is built on (0 < of_site <= 1).
+    Written ``{of_site: 0.125}`` or ``'1/8'`` in a rule set; resolved per site by :func:`resolve_width`."""
+
+    of_site: float
+
+    def __post_init__(self):
+        if not 0.0 < self.of_site <= 1.0:
+            raise ValueError(_bad_fraction(self.of_site))
+
+
+def _bad_fraction(value) -> str:
+    return (f"a relative width is a fraction of the site in (0, 1], not {shown(value, 40)}: a layer wider than "
+            "its site is not a bottleneck (give an absolute width for that, at most 4 x the site)")
+
+
+def parse_width(value: Any) -> "int | RelativeWidth":
+    """A width parameter as a rule set gives it: an integer (absolute), ``{of_site: fraction}`` or the string
+    ``'p/q'`` (relative). Anything else (``true``, ``96.0``, ``'96'``) is a ValueError of one line."""
+    if isinstance(value, RelativeWidth) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        m = _FRACTION.match(value)
+        if m is None:
+            raise ValueError(f"Input should be a valid integer (an absolute width) or {RELATIVE_FORMS}; "
+                             f"{shown(repr(value), 40)} is neither")
+        p, q = int(m.group(1)), int(m.group(2))
+        if q == 0 or p == 0 or p > q:
+            raise ValueError(_bad_fraction(value))
+        return RelativeWidth(p / q)
+    if isinstance(value, dict):
+        if set(value) != {"of_site"}:
+            extra = sorted((k for k in value if k != "of_site"), key=str)
+            raise ValueError(f"a relative width has the one key `of_site`"
+                             + (f", not '{shown(extra[0], 30)}'" if extra else ", which is missing"))
+        f = value["of_site"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise ValueError(f"of_site: a relative width's fraction is a number in (0, 1], not {shown(repr(f), 40)}")
+        if not math.isfinite(f) or not 0 < f <= 1:
+            raise ValueError(_bad_fraction(f))
+        return RelativeWidth(float(f))
+    raise ValueError(f"Input should be a valid integer (an absolute width) or {RELATIVE_FORMS}, not "
+                     f"{shown(repr(value), 40)}")
+
+
+# the type of a width parameter in a method's config dataclass (``dim: Width | None = None``)
+Width = typing.Annotated[typing.Union[int, RelativeWidth], PlainValidator(parse_width)]
+
+
 def check_width(width: int, features: int, what: str) -> int:
     """A layer width a method creates on a site that reads ``features``: 1 <= width <= min(WIDTH_FACTOR *
     features, MAX_WIDTH). Checked at plan time, so an absurd width never reaches an allocation."""
@@ -239,20 +307,38 @@ def check_width(width: int, features: int, what: str) -> int:
     return width
 
 
-def bottleneck(features: int, dim: int | None, reduction: float | None, what: str) -> int:
-    """The bottleneck width: ``dim`` if given, else ``features // reduction``; bounded by :func:`check_width`."""
-    if dim is not None:
-        r = dim
-    else:
-        q = features // reduction if reduction else features
-        if not math.isfinite(q):
-            raise MethodConfigError(f"{what}: reduction {reduction} gives no usable bottleneck width; set `dim`")
-        r = int(q)
-    return check_width(r, features, f"{what}: bottleneck width")
+def resolve_width(width: "int | RelativeWidth", features: int, what: str, multiple: int = 1) -> int:
+    """An absolute width for a site of ``features``: an integer as given; a relative width rounded to the
+    nearest multiple of ``multiple`` (halves up), at least ``multiple``:
+    ``max(m, m * floor(features * of_site / m + 1/2))``. Then bounded by :func:`check_width`."""
+    if isinstance(width, RelativeWidth):
+        m = max(1, int(multiple))
+        width = max(m, m * math.floor(features * width.of_site / m + 0.5))
+    return check_width(width, features, what)
+
+
+def bottleneck(features: int, dim: "int | RelativeWidth | None", reduction: float | None, what: str,
+               multiple: int = 1) -> int:
+    """The bottleneck width: ``dim`` if given (absolute, or relative to ``features``), else
+    ``features / reduction``; relative widths are rounded by :func:`resolve_width` (to a multiple of
+    ``multiple``) and every width is bounded by :func:`check_width`."""
+    if dim is None:
+        if not reduction or not math.isfinite(reduction) or reduction < 1:
+            raise MethodConfigError(f"{what}: reduction {reduction} gives no usable bottleneck width; set `dim` "
+                                    "or a reduction >= 1")
+        dim = RelativeWidth(1.0 / reduction)
+    return resolve_width(dim, features, f"{what}: bottleneck width", multiple)
+
+
+def check_reduction(method: str, reduction: float) -> None:
+    """``reduction`` (width = features / reduction) must be at least 1: a smaller one is wider than the site."""
+    if reduction < 1:
+        raise MethodConfigError(f"method '{method}' parameter 'reduction': must be >= 1 (width = features / "
+                                f"reduction), got {reduction}; for a layer wider than its site give an absolute `dim`")
 
 
 def check_positive(method: str, **values) -> None:
-    """Each given value (a number, or None for unset) must be > 0."""
+    """Each given value (a number, or None for unset) must be > 0 (a relative width is bounded by its type)."""
     for name, v in values.items():
-        if v is not None and not v > 0:
+        if v is not None and not isinstance(v, RelativeWidth) and not v > 0:
             raise MethodConfigError(f"method '{method}' parameter '{name}': must be > 0, got {v}")

@@ -25,6 +25,7 @@ zeroes the up projection (ΔH = 0 at the start) and ``zero_init_gate`` the gate 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -32,20 +33,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .base import (ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, activation, bottleneck, check_positive,
-                   check_width, register_pet)
+from .base import (ACTIVATIONS, MethodConfig, MethodConfigError, PetModule, RelativeWidth, Width, activation,
+                   bottleneck, check_positive, check_reduction, register_pet, resolve_width)
 
 
 
 @dataclass
 class VlpetConfig(MethodConfig):
-    dim: int | None = None  # bottleneck width r (the paper's adapter_down_dim); if unset, features // reduction
+    dim: Width | None = None  # r (adapter_down_dim), absolute or relative to the site; if unset, features / reduction
     reduction: float = 8.0
     heads: int = 4  # N_h
     head_mode: Literal["down", "up", "down-up", "down-up-pair"] = "down"
     activation: str = "gelu_new"
     gate: Literal["large", "middleX", "middleY", "small", "none"] = "large"
-    gate_dim: int | None = None  # r_g of the large gate's low-rank generator (default: r)
+    gate_dim: Width | None = None  # r_g of the large gate's generator, absolute or relative to d (default: r)
     gate_op: Literal["mul", "add"] = "mul"
     scale: float = 1.0  # the T5 runs' encoder_gating_scaling_factor (0.3)
     init: Literal["torch", "normal"] = "torch"
@@ -188,8 +189,9 @@ class VlPet(PetModule):
 
     def __init__(self, in_features, out_features, config: VlpetConfig, placement="after"):
         super().__init__(in_features, out_features, config, placement)
+        config = self.config  # widths resolved for this site
         d_in, d = self.read_features, out_features
-        r = bottleneck(d_in, config.dim, config.reduction, "vlpet")
+        r = config.dim
         act = activation(config.activation)
         self.act = act
         self.down = nn.Linear(d_in, r)  # heads on the down projection: concatenated, one matrix
@@ -242,9 +244,24 @@ class VlPet(PetModule):
         return y + self._scaled(self.delta(x))
 
     @classmethod
+    def resolve(cls, in_features, out_features, placement, config: VlpetConfig) -> VlpetConfig:
+        """r relative to the features the module reads, rounded to a multiple of N_h (an absolute r must
+        divide by N_h: check_shape); r_g relative to the gate's d (the output), defaulting to r."""
+        read = out_features if placement == "after" else in_features
+        heads = config.heads if config.heads >= 1 else 1  # heads < 1 is refused by check_config
+        r = bottleneck(read, config.dim, config.reduction, "vlpet", multiple=heads)
+        gate_dim = config.gate_dim
+        if config.gate == "large":
+            gate_dim = resolve_width(r if gate_dim is None else gate_dim, out_features, "vlpet: gate width (gate_dim)")
+        elif isinstance(gate_dim, RelativeWidth):  # unused by the other gates; recorded as a number all the same
+            gate_dim = resolve_width(gate_dim, out_features, "vlpet: gate width (gate_dim)")
+        return dataclasses.replace(config, dim=r, gate_dim=gate_dim)
+
+    @classmethod
     def check_config(cls, config: VlpetConfig):
         check_positive("vlpet", dim=config.dim, reduction=config.reduction, heads=config.heads,
                        gate_dim=config.gate_dim)
+        check_reduction("vlpet", config.reduction)
         if config.activation not in ACTIVATIONS:
             raise MethodConfigError(f"vlpet: unknown activation: choose one of {', '.join(ACTIVATIONS)}")
         if config.gate == "none" and config.gate_op != "mul":
@@ -260,9 +277,9 @@ class VlPet(PetModule):
 
     @classmethod
     def check_shape(cls, read_features, out_features, config: VlpetConfig):
-        r = bottleneck(read_features, config.dim, config.reduction, "vlpet")
+        r = bottleneck(read_features, config.dim, config.reduction, "vlpet", multiple=max(1, config.heads))
         if config.gate in ("large",):
-            check_width(config.gate_dim or r, out_features, "vlpet: gate width (gate_dim)")
+            resolve_width(config.gate_dim or r, out_features, "vlpet: gate width (gate_dim)")
         if config.heads < 1 or r % config.heads:
             raise MethodConfigError(f"vlpet: bottleneck width {r} is not divisible by heads={config.heads}")
         if config.head_mode in ("up", "down-up", "down-up-pair") and out_features % config.heads:

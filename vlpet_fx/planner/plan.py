@@ -52,7 +52,7 @@ class Placement:
     rule_index: int
     alias: str
     method: str
-    config: MethodConfig
+    config: MethodConfig  # resolved for this site: every width an absolute integer
     placement: str
     site: Site
     params: int
@@ -192,12 +192,13 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
                 raise RulesError(f"{rs.where('rules', i)}: rule '{rs.rule_name(i)}' cannot place {mtype} "
                                  f"'{rule.placement}' on {s.key}: {why}")
             try:
-                cls.check_fits(s.in_features, s.out_features, rule.placement, cfg)
+                site_cfg = resolve_widths(cls, s, rule.placement, cfg)
+                cls.check_fits(s.in_features, s.out_features, rule.placement, site_cfg)
             except MethodConfigError as exc:
                 raise RulesError(f"{rs.where('rules', i)}: rule '{shown(rs.rule_name(i))}' does not fit site {s}: "
                                  f"{exc}") from None
-            n = _count(cls, s, rule.placement, cfg)
-            p = Placement(rs.rule_name(i), i, alias, mtype, cfg, rule.placement, s, n)
+            n = _count(cls, s, rule.placement, site_cfg)
+            p = Placement(rs.rule_name(i), i, alias, mtype, site_cfg, rule.placement, s, n)
             chosen[p.key] = p
 
     trainable: dict[str, int] = {}
@@ -261,6 +262,15 @@ def _params_of(model: nn.Module, named: dict, paths: list[str], which: str) -> l
             if which == "all" or leaf == which:
                 out[full] = None
     return list(out)
+
+
+def resolve_widths(cls, site: Site, placement: str, cfg: MethodConfig) -> MethodConfig:
+    """The method config for one site, every layer width absolute: a width given relative to the site
+    (``dim: 1/8``, ``{of_site: 0.125}``, ``reduction: 8``, ``rank: 1/4``) becomes the nearest integer (halves
+    up), at least 1, and for VL-PET's r the nearest multiple of N_h (docs/RULES.md, "Widths relative to the
+    site"). The placement keeps this config, so the plan and a saved manifest record the widths that were
+    built, and re-planning the same rules on the same model gives the same widths."""
+    return cls.resolve(site.in_features, site.out_features, placement, cfg)
 
 
 def _count(cls, site: Site, placement: str, cfg: MethodConfig) -> int:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from .._text import shown
 from ..analysis.sites import STACKS
+from ..modules.base import RelativeWidth, Width, parse_width  # noqa: F401  (the width type of method parameters)
 
 MAX_PATTERN = 1000  # characters of a path_regex / module_type pattern
 MAX_NAME = 200  # characters of a name (rule set, rule, method alias)
@@ -166,7 +167,10 @@ def resolve_layers(items: list[LayerItem], n: int, stack: str = "the stack") -> 
 
 
 class MethodSpec(BaseModel):
-    """A named method configuration: ``type`` is a registered PET method; the rest are its parameters."""
+    """A named method configuration: ``type`` is a registered PET method; the rest are its parameters, checked
+    strictly by the method's config (``make_config``). A layer width (``dim``, ``gate_dim``, ``rank``) is a
+    :data:`Width`: an integer, or relative to the site as ``'p/q'`` or ``{of_site: fraction}`` (0 < fraction
+    <= 1, :class:`RelativeWidth`); the planner resolves it per site (docs/RULES.md)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
