@@ -151,6 +151,8 @@ def test_predict_uses_the_runs_tokenizer(runs, kind):
                                                  with_scores=False)]
     assert [r["input"] for r in rows] == [f"vqa: {e.input}" for e in exs]
     assert answers == [r["prediction"] for r in rows]
+    # unknown words: those spelt with the unknown token, not those missing as whole words from a subword vocabulary
+    assert pred.unknown_words("vqa: is this a quokka €") == ["€"]
 
 
 def test_builtin_models_keep_the_word_level_tokenizer(vl_run):
@@ -196,3 +198,24 @@ def test_directories_without_a_tokenizer_and_broken_tokenizers(tmp_path):
     with pytest.raises(VlpetError, match="cannot load the tokenizer in") as err:
         checkpoint_tokenizer(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_bert2bert_from_the_users_own_bert_directory(tmp_path):
+    """`vlpet-fx bert2bert OUT --encoder DIR`: the same code as for the packaged MiniLM, on a local BERT."""
+    from vlpet_fx.zoo.pretrained import write_bert2bert
+
+    tok = wordpiece("bert")
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    out = write_bert2bert(tmp_path / "b2b", encoder=tmp_path / "bert")
+    model = tf.EncoderDecoderModel.from_pretrained(str(out))
+    for part in (model.encoder, model.decoder):
+        torch.testing.assert_close(part.get_input_embeddings().weight, bert.get_input_embeddings().weight)
+    assert model.config.decoder_start_token_id == tok.cls_token_id
+    assert checkpoint_tokenizer(out)("seven").input_ids == tok("seven").input_ids
+    with pytest.raises(VlpetError, match="not a checkpoint directory"):
+        write_bert2bert(tmp_path / "other", encoder=tmp_path / "nowhere")
+    assert not (tmp_path / "other").exists()

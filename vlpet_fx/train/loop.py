@@ -362,7 +362,8 @@ class Trainer:
         unk = self.tok.unk_token_id
         if unk is None:
             return
-        words = sorted({w for t in texts for w in t.split() if unk in self.tok(w, add_special_tokens=False).input_ids})
+        words = sorted(w for w in {w for t in texts for w in t.split()}
+                       if unk in self.tok(w, add_special_tokens=False)["input_ids"])
         if words:
             self.say(f"the checkpoint's tokenizer maps {len(words)} task word(s) to its unknown token (first: "
                      f"'{words[0]}'); they are trained as such")
