@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -d $(FMNIST) || apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "note: could not install Debian's dataset-fashion-mnist; the demo needs it (apt-get install dataset-fashion-mnist)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,pretrained]"
 	touch $(STAMP)
 
 install: $(STAMP)

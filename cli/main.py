@@ -522,6 +522,23 @@ def report(
     out.print(table)
 
 
+@app.command("bert2bert")
+def bert2bert_cmd(
+    out_dir: Path = typer.Argument(..., help="New (or empty) directory to write the seq2seq checkpoint to."),
+    encoder: Path = typer.Option(None, "--encoder", help="A local BERT-style checkpoint directory with its tokenizer "
+                                 "(default: all-MiniLM-L6-v2 from the pretrained extra)."),
+    decoder: Path = typer.Option(None, "--decoder", help="Checkpoint for the decoder (default: the encoder's)."),
+) -> None:
+    """Write a BERT2BERT encoder-decoder warm-started from local BERT checkpoints, with its tokenizer; train it
+    with `vlpet-fx train --text OUT_DIR`."""
+    from vlpet_fx.zoo.pretrained import write_bert2bert
+
+    with reported(writing=out_dir):
+        write_bert2bert(out_dir, encoder, decoder)
+    out.print(f"wrote {out_dir} (EncoderDecoderModel + tokenizer); train it with: vlpet-fx train --text {out_dir}",
+              highlight=False, markup=False)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-") or "model"
 

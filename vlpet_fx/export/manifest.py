@@ -70,6 +70,9 @@ class VLBase(_Strict):
     visual_size: PathText
     vocab_size: Annotated[int, Field(ge=1, le=10_000_000)]
     seed: Seed = 0
+    # "words": a word-level tokenizer built from the task texts (embeddings resized to vocab_size);
+    # "checkpoint": the text checkpoint directory's own tokenizer (embeddings kept)
+    tokenizer: Literal["words", "checkpoint"] = "words"
     tokens_per_image: Annotated[int, Field(ge=1, le=65_536)] | None = None
     init_from: PathText | None = None
 

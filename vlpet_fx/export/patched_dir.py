@@ -188,6 +188,20 @@ def load_base(manifest: "dict | Manifest", device: str | None = None, *, trust_c
                               "pass the base model yourself: vlpet_fx.load(model, dir)")
         if not trust_code:
             raise _refuse_factory(f, "a text-model factory", b.text)
+    if b.tokenizer == "checkpoint":  # trained with the text directory's own tokenizer: rebuilt the same way
+        from ..data.tokenizer import checkpoint_tokenizer
+
+        if not Path(b.text).is_dir():
+            raise ExportError(f"'{f}': the text checkpoint directory '{b.text}' does not exist (any more): pass the "
+                              "base model yourself: vlpet_fx.load(model, dir)")
+        model = build_vl(b.text, b.size, visual=b.visual, visual_size=b.visual_size,
+                         tokenizer=checkpoint_tokenizer(b.text), tokens_per_image=b.tokens_per_image, seed=b.seed,
+                         allow_factory=False)
+        rows = model.text.get_input_embeddings().num_embeddings
+        if rows != b.vocab_size:
+            raise ExportError(f"'{f}': the text checkpoint '{b.text}' now has {rows} token embeddings, the run was "
+                              f"trained with {b.vocab_size}: it was changed since; pass the base model yourself")
+        return model.to(device or "cpu")
     return build_vl(b.text, b.size, visual=b.visual, visual_size=b.visual_size, vocab_size=b.vocab_size,
                     tokens_per_image=b.tokens_per_image, seed=b.seed, allow_factory=trust_code).to(device or "cpu")
 

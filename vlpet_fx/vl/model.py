@@ -44,7 +44,7 @@ class VLModel(nn.Module):
         """``tokens_per_image``: concatenate each image's encoder tokens into this many visual tokens (their
         features side by side, nothing averaged away); ``None`` keeps every token."""
         super().__init__()
-        d = text.config.d_model
+        d = text.get_input_embeddings().embedding_dim  # the width (EncoderDecoderConfig has no d_model)
         self.visual = visual
         self.text = text
         self.feature_dim = feature_dim
