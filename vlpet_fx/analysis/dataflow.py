@@ -54,8 +54,20 @@ class Core:
 
 
 @dataclass(eq=False)
+class Branch:
+    """A residual branch ``x + f(x)``: the residual add, its stream operand ``x``, the branch value ``f(x)`` and
+    the region (every node on a path from ``x`` to ``f(x)``, the value included)."""
+
+    add: Node
+    stream: Node
+    value: Node
+    region: frozenset
+    projections: list[Projection] = field(default_factory=list)  # the projections inside, in graph order
+
+
+@dataclass(eq=False)
 class Block:
-    kind: str  # "attn" | "ffn"  (attention is refined to self_attn / cross_attn by the stream pass)
+    kind: str  # "attn" | "ffn" | "mixer"  (attention is refined to self_attn / cross_attn by the stream pass)
     projections: dict[str, list[Projection]]  # role -> projections (ffn "in" may have two: gated)
     core: Core | None = None
     residual_add: Node | None = None
@@ -70,6 +82,8 @@ class Block:
     output_path: str | None = None
     extra: dict = field(default_factory=dict)
 
+    branch: Branch | None = None  # set when the block was found (or completed) as a residual branch
+
     def all_projections(self) -> list[Projection]:
         return [p for ps in self.projections.values() for p in ps]
 
@@ -78,6 +92,24 @@ class Block:
 
     def last(self) -> Projection:
         return max(self.all_projections(), key=lambda p: p._order)  # type: ignore[attr-defined]
+
+    def start_node(self) -> Node:
+        """The block's first node in graph order: its first projection, or (a branch without projections, e.g.
+        a mixture of batched experts) the first node of its branch."""
+        if self.all_projections():
+            return self.first().node
+        return self.extra["start"]
+
+    def end_node(self) -> Node:
+        """The block's last projection, or (without projections) its output value."""
+        return self.last().node if self.all_projections() else self.output
+
+    def widths(self) -> tuple[int, int]:
+        """(input width, output width) of the block's ``output`` site."""
+        if self.all_projections() and self.branch is None:
+            return self.first().in_features, self.last().out_features
+        xs, ys = ops.shape(self.residual), ops.shape(self.output)
+        return (xs[-1] if xs else 0), (ys[-1] if ys else 0)
 
 
 def walk(
@@ -278,8 +310,179 @@ class Dataflow:
             b.residual_add, b.residual, b.output = self.residual_of(b.last())
         barriers = {b.residual_add for b in blocks if b.residual_add is not None}
         blocks.extend(self._ffns(used, barriers))
-        blocks.sort(key=lambda b: self.order[b.first().node])
+        blocks.extend(self._branch_blocks(blocks))
+        blocks.sort(key=lambda b: self.order[b.start_node()])
         return blocks
+
+    # -- residual branches -------------------------------------------------------------------
+    def weight_of(self, node: Node) -> tuple[str, tuple[int, ...]] | None:
+        """``(parameter, shape)`` if ``node`` is a parameter or comes from one through shape ops only."""
+        while node.op == "call_function" and node.target in ops.SHAPE:
+            inputs = node.all_input_nodes
+            if len(inputs) != 1:
+                return None
+            node = inputs[0]
+        name = self.cap.param_of(node)
+        if name is None:
+            return None
+        return name, ops.shape(node) or ()
+
+    def _weighted(self, n: Node) -> bool:
+        """A projection, or an op that maps by a weight of two or more axes (a convolution, a batched or grouped
+        matrix product with one weight per expert); a norm's or a bias's vector is not one."""
+        if n in self.projections:
+            return True
+        if n.op != "call_function" or ops.is_kind(n, ops.EMBEDDING):
+            return False
+        for a in n.all_input_nodes:
+            w = self.weight_of(a)
+            if w is not None and len(w[1]) >= 2:
+                return True
+        return False
+
+    def _region(self, stream: Node, value: Node) -> frozenset | None:
+        """Every node on a path from ``stream`` to ``value`` (``value`` included), or None if there is none."""
+        lo = self.order[stream]
+        ancestors: set[Node] = set()
+        todo, reached = [value], False
+        while todo:
+            n = todo.pop()
+            if n in ancestors:
+                continue
+            ancestors.add(n)
+            for i in n.all_input_nodes:
+                if i is stream:
+                    reached = True
+                elif self.order[i] > lo:
+                    todo.append(i)
+        if not reached:
+            return None
+        region: set[Node] = set()
+        todo = [stream]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if u in ancestors and u not in region:
+                    region.add(u)
+                    todo.append(u)
+        return frozenset(region)
+
+    def residual_branches(self) -> list[Branch]:
+        """Every ``x + f(x)`` whose branch ``f`` holds a weight matrix, with ``x`` and ``f(x)`` of the add's
+        shape; a branch inside another's region (an inner residual) is left out."""
+        found: list[Branch] = []
+        for n in self.nodes:
+            if not ops.is_tensor_add(n):
+                continue
+            ys = ops.shape(n)
+            val = n.meta.get("val")
+            if ys is None or len(ys) < 2 or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+                continue
+            a, b = n.args[0], n.args[1]
+            if ops.shape(a) != ys or ops.shape(b) != ys:
+                continue
+            for x, fx in ((a, b), (b, a)):
+                if self.order[x] >= self.order[fx]:
+                    continue
+                region = self._region(x, fx)
+                if region and any(self._weighted(m) for m in region):
+                    projs = sorted((self.projections[m] for m in region if m in self.projections),
+                                   key=lambda p: p._order)  # type: ignore[attr-defined]
+                    found.append(Branch(n, x, fx, region, projs))
+                    break
+        return [br for br in found if not any(br.add in other.region for other in found if other is not br)]
+
+    def _branch_blocks(self, blocks: list[Block]) -> list[Block]:
+        """Residual branches that complete or add blocks.
+
+        * a branch holding blocks whose residual add was not found (an FFN behind a norm on its output, the
+          routed and shared experts of a mixture meeting in a sum) becomes their residual add: the block's
+          ``output`` is the branch value (several feed-forward blocks in one branch are one block);
+        * a branch holding no block is classified by the ``branch`` patterns: a ``mixer`` (token mixing that is
+          not softmax attention) or an ``ffn`` (e.g. experts held as one batched parameter), with the roles of
+          the projections that really are there.
+        Branches holding a block whose residual add is known (parallel layouts) are left as they are."""
+        claimed = {b.residual_add for b in blocks if b.residual_add is not None}
+        new: list[Block] = []
+        removed: set[int] = set()
+        for br in self.residual_branches():
+            if br.add in claimed:
+                continue
+            inside = [b for b in blocks if any(p.node in br.region for p in b.all_projections())
+                      or (b.core is not None and b.core.node in br.region)]
+            if any(b.residual_add is not None for b in inside):
+                continue
+            if inside:
+                if len(inside) > 1 and any(b.kind != "ffn" for b in inside):
+                    continue
+                keep = inside[0]
+                if len(inside) > 1:  # e.g. routed + shared experts: one feed-forward block, its roles merged
+                    for other in inside[1:]:
+                        for role, ps in other.projections.items():
+                            keep.projections.setdefault(role, []).extend(ps)
+                        keep.extra.setdefault("slices", {}).update(
+                            {r: v for r, v in other.extra.get("slices", {}).items() if r not in keep.extra.get("slices", {})})
+                        removed.add(id(other))
+                self._complete(keep, br)
+                claimed.add(br.add)
+                continue
+            kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
+            if kind is None:
+                continue
+            roles, values = self._branch_roles(kind, br)
+            b = Block(kind, roles)
+            self._complete(b, br)
+            b.extra["slices"] = self.shared_slices(b.projections, values)
+            b.extra["start"] = min(br.region, key=self.order.__getitem__)
+            claimed.add(br.add)
+            new.append(b)
+        if removed:
+            blocks[:] = [b for b in blocks if id(b) not in removed]
+        return new
+
+    def _complete(self, b: Block, br: Branch) -> None:
+        b.branch = br
+        b.residual_add, b.residual = br.add, br.stream
+        # the branch value, or the value a module returned just before it (a scalar multiplier or a cast after
+        # the sub-layer, inside the layer's own forward, is not a module's output)
+        add_scope = set(self.cap.module_stack(br.add))
+        out = br.value
+        while not (set(self.cap.module_stack(out)) - add_scope) and out.op == "call_function":
+            ins = [i for i in ops.tensor_inputs(out) if i in br.region]
+            if len(ins) != 1 or len([i for i in ops.tensor_inputs(out) if ops.shape(i) and len(ops.shape(i)) >= 2]) != 1:
+                break
+            out = ins[0]
+        b.output = out
+
+    def _branch_roles(self, kind: str, br: Branch) -> tuple[dict[str, list[Projection]], dict[str, Node]]:
+        """Roles of the projections that are really on a new branch block: ``in`` (those reading the stream
+        through light ops) and ``out`` (the one the branch value comes from through light ops); for a
+        feed-forward block, the ``ffn`` patterns decide (gate/up/out, or in/out)."""
+        out = self.projection_into(br.value)
+        if out is not None and out.node not in br.region:
+            out = None
+        ins = [p for p in br.projections if p is not out and _reads_through_light(p.x, br.stream)]
+        if kind == "ffn" and out is not None:
+            candidates = []
+            for p in ins:
+                reached, act = _nonlinear_between(self, p.node, out.x)
+                if reached and p.in_features == out.out_features:
+                    candidates.append((p, act))
+            found = next((r for pat in patterns.patterns("ffn") if candidates and (r := pat.roles(candidates, out, self))),
+                         None)
+            if found:
+                roles, values = found if isinstance(found, tuple) else (found, {})
+                roles = {r: list(ps) for r, ps in roles.items()}
+                roles.setdefault("out", [out])
+                return roles, values
+        roles: dict[str, list[Projection]] = {}
+        if kind == "ffn" and out is None:
+            return roles, {}  # e.g. routed experts held as one batched parameter: only the block's output
+        if ins:
+            roles["in"] = ins
+        if out is not None:
+            roles["out"] = [out]
+        return roles, {}
 
     # -- fused (packed) projections: which output channels feed q, k and v -------------------
     def shared_slices(self, projs: dict[str, list[Projection]], values: dict[str, Node]) -> dict[str, tuple[int, ...]]:
@@ -419,6 +622,44 @@ class Dataflow:
             taken |= nodes
             final.append(b)
         return final
+
+
+def _floaty(n: Node) -> bool:
+    """A float tensor (or a tuple of them, or unknown): not an index, a count or a mask."""
+    val = n.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
+
+
+def _reads_through_light(x: Node, stream: Node) -> bool:
+    """Whether ``x`` is ``stream`` or computed from it through light ops only (a norm, a cast, a reshape)."""
+    seen, todo = set(), [x]
+    while todo:
+        n = todo.pop()
+        if n is stream:
+            return True
+        if n in seen or ops.is_heavy(n) or not _floaty(n):
+            continue
+        seen.add(n)
+        todo.extend(ops.tensor_inputs(n))
+    return False
+
+
+def _nonlinear_between(flow: Dataflow, src: Node, value: Node) -> tuple[bool, bool]:
+    """Whether ``value`` is computed from ``src`` through light ops, and whether a non-linearity (an activation,
+    or one written out of primitives: ``where``, ``exp``, ``clamp`` ...) lies on such a path."""
+    stack, seen = [(value, False)], set()
+    reached = act = False
+    while stack:
+        n, a = stack.pop()
+        if n is src:
+            reached, act = True, act or a
+            continue
+        if (n, a) in seen or (n is not value and ops.is_heavy(n)) or not _floaty(n):
+            continue
+        seen.add((n, a))
+        a2 = a or ops.is_kind(n, ops.NONLINEAR)
+        stack.extend((i, a2) for i in ops.tensor_inputs(n))
+    return reached, act
 
 
 # -- replaying shape ops on channel indices -----------------------------------------------------------------

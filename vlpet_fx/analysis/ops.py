@@ -50,6 +50,14 @@ ACTIVATION = _overloads(
     aten.sigmoid, aten.sigmoid_, aten.erf, aten.hardtanh, aten.leaky_relu, aten.elu, aten.mish,
     aten.glu, aten.hardswish, aten.softplus, aten.selu, aten.celu,
 )
+# element-wise ops that are not affine in their input: an activation written out of primitives (e.g. xIELU:
+# ``where(x > 0, a·x² + b·x, c·expm1(min(x, eps)) + b·x)``) has no ACTIVATION op but these
+NONLINEAR = ACTIVATION | _overloads(
+    aten.where, aten.exp, aten.expm1, aten.log, aten.log1p, aten.clamp, aten.clamp_min, aten.clamp_max,
+    aten.minimum, aten.maximum, aten.abs, aten.pow, aten.square if hasattr(aten, "square") else None,
+    aten.sqrt, aten.rsqrt, aten.sign, _maybe("min"), _maybe("max"),
+)
+CUMULATIVE = _overloads(aten.cumsum, aten.cumprod, _maybe("logcumsumexp"), _maybe("cummax"), _maybe("cummin"))
 ADD = _overloads(aten.add, aten.add_)
 MUL = _overloads(aten.mul, aten.mul_)
 SHAPE = _overloads(
