@@ -170,6 +170,10 @@ class Dataflow:
         self._products: dict[Node, patterns.ProductPattern | None] = {}
         self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
+        # ops outside ATen (library custom ops, e.g. a grouped matrix product over experts) that map by a weight
+        # of two or more axes: heavy for every walk, as a projection is
+        self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
+                                  and n not in self.projections and self._weighted(n)}
 
     # -- projections -------------------------------------------------------------------------
     def _make_projection(self, node: Node, x: Node, w: Node, pattern: patterns.ProjectionPattern) -> Projection | None:
@@ -226,7 +230,7 @@ class Dataflow:
             if n in seen:
                 continue
             seen[n] = None
-            if not ops.is_heavy(n):
+            if self._light(n):
                 queue.extend(n.users)
         return list(seen)
 
@@ -234,7 +238,7 @@ class Dataflow:
         return n in self.projections
 
     def _light(self, n: Node) -> bool:
-        return not ops.is_heavy(n)
+        return not ops.is_heavy(n) and n not in self.opaque
 
     # -- attention ---------------------------------------------------------------------------
     def cores(self) -> list[Core]:
@@ -368,15 +372,17 @@ class Dataflow:
         return frozenset(region)
 
     def residual_branches(self) -> list[Branch]:
-        """Every ``x + f(x)`` whose branch ``f`` holds a weight matrix, with ``x`` and ``f(x)`` of the add's
-        shape; a branch inside another's region (an inner residual) is left out."""
+        """Every ``x + f(x)`` on a token sequence (batch, tokens, channels) whose branch ``f`` holds a weight
+        matrix, with ``x`` and ``f(x)`` of the add's shape; a branch inside another's region (an inner residual) is
+        left out."""
         found: list[Branch] = []
         for n in self.nodes:
             if not ops.is_tensor_add(n):
                 continue
             ys = ops.shape(n)
             val = n.meta.get("val")
-            if ys is None or len(ys) < 2 or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            # a token sequence (batch, tokens, channels); a convolutional feature map's residual is not a block
+            if ys is None or len(ys) != 3 or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
                 continue
             a, b = n.args[0], n.args[1]
             if ops.shape(a) != ys or ops.shape(b) != ys:
@@ -454,13 +460,28 @@ class Dataflow:
             out = ins[0]
         b.output = out
 
+    def _projection_into_region(self, br: Branch) -> Projection | None:
+        """The projection the branch value comes from through light ops on float values inside the branch (a
+        router's scores reach the value only through a softmax or integer indices, so they are never it)."""
+        if br.value in self.projections:
+            return self.projections[br.value]
+        seen, queue = set(), deque(ops.tensor_inputs(br.value))
+        while queue:
+            n = queue.popleft()
+            if n in seen or n not in br.region or not _floaty(n):
+                continue
+            seen.add(n)
+            if n in self.projections:
+                return self.projections[n]
+            if self._light(n):
+                queue.extend(ops.tensor_inputs(n))
+        return None
+
     def _branch_roles(self, kind: str, br: Branch) -> tuple[dict[str, list[Projection]], dict[str, Node]]:
         """Roles of the projections that are really on a new branch block: ``in`` (those reading the stream
         through light ops) and ``out`` (the one the branch value comes from through light ops); for a
         feed-forward block, the ``ffn`` patterns decide (gate/up/out, or in/out)."""
-        out = self.projection_into(br.value)
-        if out is not None and out.node not in br.region:
-            out = None
+        out = self._projection_into_region(br)
         ins = [p for p in br.projections if p is not out and _reads_through_light(p.x, br.stream)]
         if kind == "ffn" and out is not None:
             candidates = []
@@ -586,7 +607,7 @@ class Dataflow:
                     if m not in used:
                         groups.setdefault(m, []).append((p, act))
                     continue
-                if ops.is_heavy(m) or m in barriers:
+                if not self._light(m) or m in barriers:
                     continue
                 act2 = act or ops.is_kind(m, ops.ACTIVATION)
                 queue.extend((u, act2) for u in m.users)

@@ -68,13 +68,18 @@ SHAPE = _overloads(
     _maybe("numpy_T"), _maybe("mT"), _maybe("adjoint"), _maybe("swapaxes"), _maybe("movedim"),
 ) | frozenset({operator.getitem})
 
-HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT
+GROUPED_MM = _overloads(_maybe("_grouped_mm"))  # one matrix per group of rows (mixture-of-experts kernels)
+HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT | GROUPED_MM
 _EXTRA_HEAVY: set = set()  # ops of user-registered patterns (vlpet_fx.analysis.patterns.register_pattern)
 
 
 def add_heavy(targets) -> None:
     """Treat ``targets`` as heavy: analysis walks stop at them (as at projections and attention ops)."""
     _EXTRA_HEAVY.update(t for t in targets if t is not None)
+
+
+def is_aten(target) -> bool:
+    return getattr(target, "namespace", None) == "aten" or target is operator.getitem
 
 
 def target(node: torch.fx.Node):
