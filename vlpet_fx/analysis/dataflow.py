@@ -63,6 +63,7 @@ class Branch:
     value: Node
     region: frozenset
     projections: list[Projection] = field(default_factory=list)  # the projections inside, in graph order
+    operand: Node | None = None  # the add's other operand when it is not ``stream`` (a parallel layout)
 
 
 @dataclass(eq=False)
@@ -396,7 +397,24 @@ class Dataflow:
                                    key=lambda p: p._order)  # type: ignore[attr-defined]
                     found.append(Branch(n, x, fx, region, projs))
                     break
-        return [br for br in found if not any(br.add in other.region for other in found if other is not br)]
+        found = [br for br in found if not any(br.add in other.region for other in found if other is not br)]
+        # parallel layouts, (x + attn(x)) + ffn(x): the add's one operand is a residual add of x, the other
+        # is computed from that same x
+        by_add = {br.add: br for br in found}
+        for n in self.nodes:
+            if n in by_add or not ops.is_tensor_add(n) or ops.shape(n) is None or len(ops.shape(n)) != 3:
+                continue
+            for a, fx in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+                first = by_add.get(a)
+                if first is None or ops.shape(fx) != ops.shape(n) or self.order[first.stream] >= self.order[fx]:
+                    continue
+                region = self._region(first.stream, fx)
+                if region and a not in region and any(self._weighted(m) for m in region):
+                    projs = sorted((self.projections[m] for m in region if m in self.projections),
+                                   key=lambda p: p._order)  # type: ignore[attr-defined]
+                    found.append(Branch(n, first.stream, fx, region, projs, operand=a))
+                    break
+        return found
 
     def _branch_blocks(self, blocks: list[Block]) -> list[Block]:
         """Residual branches that complete or add blocks.
@@ -418,6 +436,12 @@ class Dataflow:
                       or (b.core is not None and b.core.node in br.region)]
             if any(b.residual_add is not None for b in inside):
                 continue
+            # a feed-forward candidate that crosses the branch's residual add (one projection inside, one
+            # after it, e.g. a shared expert's sigmoid gate paired with the LM head) is no block
+            crossing = [b for b in inside if b.kind == "ffn"
+                        and not all(p.node in br.region for p in b.all_projections())]
+            removed.update(id(b) for b in crossing)
+            inside = [b for b in inside if b not in crossing]
             if inside:
                 if len(inside) > 1 and any(b.kind != "ffn" for b in inside):
                     continue
@@ -448,7 +472,9 @@ class Dataflow:
 
     def _complete(self, b: Block, br: Branch) -> None:
         b.branch = br
-        b.residual_add, b.residual = br.add, br.stream
+        b.residual_add, b.residual = br.add, br.operand if br.operand is not None else br.stream
+        if br.operand is not None:
+            b.extra["stream_x"] = br.stream  # the stream value the parallel branch reads (its block input X)
         # the branch value, or the value a module returned just before it (a scalar multiplier or a cast after
         # the sub-layer, inside the layer's own forward, is not a module's output)
         add_scope = set(self.cap.module_stack(br.add))
