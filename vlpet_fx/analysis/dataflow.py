@@ -425,15 +425,24 @@ class Dataflow:
         * a branch holding no block is classified by the ``branch`` patterns: a ``mixer`` (token mixing that is
           not softmax attention) or an ``ffn`` (e.g. experts held as one batched parameter), with the roles of
           the projections that really are there.
+        * feed-forward blocks inside a branch the branch patterns call token mixing are replaced by one ``mixer``.
         Branches holding a block whose residual add is known (parallel layouts) are left as they are."""
         claimed = {b.residual_add for b in blocks if b.residual_add is not None}
         new: list[Block] = []
         removed: set[int] = set()
         for br in self.residual_branches():
-            if br.add in claimed:
-                continue
-            inside = [b for b in blocks if any(p.node in br.region for p in b.all_projections())
-                      or (b.core is not None and b.core.node in br.region)]
+            inside = [b for b in blocks if id(b) not in removed and (
+                any(p.node in br.region for p in b.all_projections())
+                or (b.core is not None and b.core.node in br.region))]
+            if inside and all(b.kind == "ffn" for b in inside) and all(
+                    b.residual_add in (None, br.add) for b in inside):
+                # projection → activation → projection found by the ffn patterns may still mix tokens on the way
+                # (Mamba's in_proj → conv → scan → out_proj): the branch patterns decide
+                kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
+                if kind is not None and kind != "ffn":
+                    removed.update(id(b) for b in inside)
+                    claimed.discard(br.add)
+                    inside = []
             if any(b.residual_add is not None for b in inside):
                 continue
             # a feed-forward candidate that crosses the branch's residual add (one projection inside, one
@@ -455,6 +464,8 @@ class Dataflow:
                         removed.add(id(other))
                 self._complete(keep, br)
                 claimed.add(br.add)
+                continue
+            if br.add in claimed:
                 continue
             kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
             if kind is None:
