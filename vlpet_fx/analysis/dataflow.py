@@ -388,14 +388,20 @@ class Dataflow:
             a, b = n.args[0], n.args[1]
             if ops.shape(a) != ys or ops.shape(b) != ys:
                 continue
-            for x, fx in ((a, b), (b, a)):
-                if self.order[x] >= self.order[fx]:
-                    continue
-                region = self._region(x, fx)
-                if region and any(self._weighted(m) for m in region):
-                    projs = sorted((self.projections[m] for m in region if m in self.projections),
-                                   key=lambda p: p._order)  # type: ignore[attr-defined]
-                    found.append(Branch(n, x, fx, region, projs))
+            done = False
+            for x0, fx in ((a, b), (b, a)):
+                # the stream operand may be a copy of the value the branch reads (a cast to float32 for the
+                # residual, a view): the branch starts at the value it was copied from
+                for x in _aliases(x0):
+                    if done or self.order[x] >= self.order[fx]:
+                        continue
+                    region = self._region(x, fx)
+                    if region and any(self._weighted(m) for m in region):
+                        projs = sorted((self.projections[m] for m in region if m in self.projections),
+                                       key=lambda p: p._order)  # type: ignore[attr-defined]
+                        found.append(Branch(n, x, fx, region, projs, operand=x0 if x0 is not x else None))
+                        done = True
+                if done:
                     break
         found = [br for br in found if not any(br.add in other.region for other in found if other is not br)]
         # parallel layouts, (x + attn(x)) + ffn(x): the add's one operand is a residual add of x, the other
@@ -680,6 +686,16 @@ class Dataflow:
             taken |= nodes
             final.append(b)
         return final
+
+
+def _aliases(x: Node) -> list[Node]:
+    """``x`` and the values it is a copy of through single-input shape ops and casts (nearest first)."""
+    out = [x]
+    while (x.op == "call_function" and x.target in ops.SHAPE and x.target not in SLICING
+           and len(ops.tensor_inputs(x)) == 1 and ops.shape(ops.tensor_inputs(x)[0]) == ops.shape(x)):
+        x = ops.tensor_inputs(x)[0]
+        out.append(x)
+    return out
 
 
 def _floaty(n: Node) -> bool:

@@ -57,6 +57,7 @@ NONLINEAR = ACTIVATION | _overloads(
     aten.minimum, aten.maximum, aten.abs, aten.pow, aten.square if hasattr(aten, "square") else None,
     aten.sqrt, aten.rsqrt, aten.sign, _maybe("min"), _maybe("max"),
 )
+SELECT = _overloads(aten.select)
 CUMULATIVE = _overloads(aten.cumsum, aten.cumprod, _maybe("logcumsumexp"), _maybe("cummax"), _maybe("cummin"))
 ADD = _overloads(aten.add, aten.add_)
 MUL = _overloads(aten.mul, aten.mul_)

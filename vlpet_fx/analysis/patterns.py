@@ -407,13 +407,23 @@ def _is_activation_value(flow: "Dataflow", branch: "Branch", node) -> bool:
 class TokenMixingBranch(BranchPattern):
     """A branch that combines different token positions: a convolution whose kernel spans more than one position
     (Mamba's causal conv, LFM's short conv), a product of two activations that is not a projection (linear
-    attention, the state updates of an SSM or a recurrence) or a cumulative sum/product over activations (chunked
-    scans). Its kind is ``mixer``."""
+    attention, the state updates of an SSM or a recurrence), a cumulative sum/product over activations (chunked
+    scans) or a loop over the positions (an activation of three or more axes read one position at a time along
+    an inner axis: RWKV's recurrence, an unrolled scan). Its kind is ``mixer``."""
 
     name: str = "token-mixing"
 
     def classify(self, branch, flow):
+        positions: dict[tuple, set] = {}  # (activation, axis) -> indices selected (a loop over the tokens)
         for n in branch.region:
+            if ops.is_kind(n, ops.SELECT) and len(n.args) >= 3 and _is_activation_value(flow, branch, n.args[0]):
+                xs = ops.shape(n.args[0])
+                if xs is not None and len(xs) >= 3 and isinstance(n.args[1], int) and n.args[1] % len(xs) not in (
+                        0, len(xs) - 1) and isinstance(n.args[2], int):
+                    seen = positions.setdefault((n.args[0], n.args[1] % len(xs)), set())
+                    seen.add(n.args[2])
+                    if len(seen) >= 2:
+                        return "mixer"
             if n.op != "call_function":
                 continue
             if ops.is_kind(n, ops.CONV) and len(n.args) > 1 and isinstance(n.args[1], Node):
