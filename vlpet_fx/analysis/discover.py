@@ -255,6 +255,7 @@ def _checked_blocks(model: nn.Module, cap: Captured) -> list[Block]:
     if not blocks:
         raise DiscoveryError(
             f"no attention or feed-forward blocks found in {type(model).__name__}: its graph has no "
-            "scaled-dot-product attention, matmul-softmax-matmul or linear-activation-linear pattern"
+            "scaled-dot-product attention, matmul-softmax-matmul or linear-activation-linear pattern and no "
+            "residual branch x + f(x) with a weight in f"
         )
     return blocks
