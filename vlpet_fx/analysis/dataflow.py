@@ -235,6 +235,30 @@ class Dataflow:
                 queue.extend(n.users)
         return list(seen)
 
+    def concat_with_weights(self, n: Node) -> bool:
+        """A concatenation of one activation with values made from weights only (learned logits, e.g.
+        attention sinks), through light ops."""
+        if not ops.is_kind(n, ops.CONCAT) or not n.args or not isinstance(n.args[0], (list, tuple)):
+            return False
+        parts = [a for a in n.args[0] if isinstance(a, Node)]
+        return len(parts) >= 2 and sum(not self._weights_only(a) for a in parts) == 1
+
+    def _weights_only(self, node: Node) -> bool:
+        seen, todo = set(), [node]
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m.op == "placeholder":
+                if self.cap.param_of(m) is None:
+                    return False
+                continue
+            if m.op != "call_function" or not self._light(m):
+                return False
+            todo.extend(m.all_input_nodes)
+        return True
+
     def is_projection(self, n: Node) -> bool:
         return n in self.projections
 

@@ -290,7 +290,10 @@ class SoftmaxAttention(AttentionPattern):
         from .dataflow import Core, backward, forward, walk
 
         dim = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else -1
-        before = [h for h in walk([node], backward, flow._light) if flow.product(h) is not None]
+        # scores may be concatenated with learned logits before the softmax (attention sinks): walk through a
+        # concatenation whose other inputs come from weights only
+        before = [h for h in walk([node], backward, lambda n: flow._light(n) or flow.concat_with_weights(n))
+                  if flow.product(h) is not None]
         after = [h for h in walk([node], forward, flow._light) if flow.product(h) is not None]
         if not before or not after:
             return None

@@ -45,8 +45,9 @@ _TRIANGLE = ops._overloads(ops.aten.tril, ops.aten.triu)
 _ARANGE = ops._overloads(ops.aten.arange)
 
 
-def _light_closure(start: list[Node]) -> list[Node]:
-    """``start`` and every node upstream of it through light ops (stops at heavy ops and placeholders)."""
+def _light_closure(start: list[Node], flow: Dataflow | None = None) -> list[Node]:
+    """``start`` and every node upstream of it through light ops (stops at heavy ops and placeholders; passes a
+    concatenation with learned logits when ``flow`` is given)."""
     seen: set[Node] = set()
     todo = [n for n in start if isinstance(n, Node)]
     out = []
@@ -56,7 +57,7 @@ def _light_closure(start: list[Node]) -> list[Node]:
             continue
         seen.add(n)
         out.append(n)
-        if n.op == "call_function" and not ops.is_heavy(n):
+        if n.op == "call_function" and (not ops.is_heavy(n) or (flow is not None and flow.concat_with_weights(n))):
             todo.extend(n.all_input_nodes)
     return out
 
@@ -65,7 +66,7 @@ def _from_positions(node: Node) -> bool:
     return any(ops.is_kind(n, _ARANGE) for n in _light_closure([node]))
 
 
-def is_causal(b: Block) -> bool:
+def is_causal(b: Block, flow: Dataflow | None = None) -> bool:
     """Whether an attention core masks keys by position: SDPA's ``is_causal``, a triangular mask, or a mask
     that compares two position ranges (``kv_idx <= q_idx``) — a fact of the dataflow, not of names."""
     core = b.core
@@ -81,7 +82,7 @@ def is_causal(b: Block) -> bool:
         hits = walk([n], backward, lambda x: not ops.is_heavy(x))
         sm = next((h for h in hits if ops.is_kind(h, ops.SOFTMAX)), None)
         start = list(sm.all_input_nodes) if sm is not None else []
-    for m in _light_closure(start):
+    for m in _light_closure(start, flow):
         if ops.is_kind(m, _TRIANGLE):
             return True
         if ops.is_kind(m, _COMPARE):
@@ -215,7 +216,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         same = (q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
                 or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set))
         b.block = "self_attn" if same else "cross_attn"
-        b.extra["causal"] = is_causal(b)
+        b.extra["causal"] = is_causal(b, flow)
 
     # 3. stack kinds
     groups: dict[int, list[Block]] = {}
