@@ -167,3 +167,51 @@ def test_rules_name_the_mixer_block():
     rs = parse_rules("name: t\nmethods: {a: {type: adapter, reduction: 8}}\n"
                      "rules: [{select: {block: mixer, role: output}, insert: a, placement: after}]\n")
     assert rs.rules[0].select.block == ["mixer"]
+
+
+# ---- attention with learned sink logits ---------------------------------------------------------------------
+
+class SinkAttention(torch.nn.Module):
+    """softmax([q·kᵀ + causal mask | sink]) without the sink column, times v (one learned logit per head)."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d, bias=False) for _ in range(4))
+        self.sinks = torch.nn.Parameter(torch.zeros(heads))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (m(x).view(b, t, self.h, d // self.h).transpose(1, 2) for m in (self.q, self.k, self.v))
+        pos = torch.arange(t)
+        mask = torch.where(pos[None, :] <= pos[:, None], 0.0, float("-inf"))
+        scores = q @ k.transpose(-1, -2) / (d // self.h) ** 0.5 + mask
+        sink = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        return self.o((probs @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class SinkLM(torch.nn.Module):
+    def __init__(self, d: int = 32, depth: int = DEPTH):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, d)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(depth))
+        self.att = torch.nn.ModuleList(SinkAttention(d) for _ in range(depth))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for n, a in zip(self.norms, self.att):
+            x = x + a(n(x))
+        return x
+
+
+def test_attention_sinks_concatenated_before_the_softmax():
+    """The sink logits (from a parameter only) do not hide the scores product; the mask still makes it causal."""
+    torch.manual_seed(0)
+    m = SinkLM().eval()
+    table = vlpet_fx.discover(m, (torch.randint(0, 50, (2, 7)),))
+    assert table.num_layers() == {"decoder": DEPTH}
+    for layer in range(DEPTH):
+        assert {s.role: s.path for s in table.where(layer=layer, block="self_attn")} == {
+            "q": f"att.{layer}.q", "k": f"att.{layer}.k", "v": f"att.{layer}.v", "o": f"att.{layer}.o",
+            "output": f"att.{layer}"}
