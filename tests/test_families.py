@@ -21,8 +21,6 @@ from vlpet_fx.zoo.tiny import tiny_config
 transformers = pytest.importorskip("transformers")
 
 PARTIAL_ROTARY = "k reaches the attention core through partial rotary's concatenation, which the projection search does not cross yet"
-POSTNORM = "needs the residual add found past a norm on the sub-layer output (dataflow residual_of)"
-MOE = "needs pattern MoE experts held as one batched parameter (not in issue 12's registry yet)"
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",
@@ -38,9 +36,9 @@ CASES = {
     "granite": ("causal", "granite", {}, {"gated"}, {}),
     # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
     "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": PARTIAL_ROTARY}),
-    # a norm on each sub-layer's output before the residual add (x + norm(f(x))): stacks and layers hold; the
-    # residual add behind the norm is not found yet, so VL-PET's gate has no block input X
-    "gemma2": ("causal", "gemma2", {}, {"gated"}, {"patch": POSTNORM}),
+    # a norm on each sub-layer's output before the residual add (x + norm(f(x))): the residual branch gives the
+    # block its residual add, so VL-PET's gate reads the block input X
+    "gemma2": ("causal", "gemma2", {}, {"gated"}, {}),
     # causal LMs: plain MLPs, learned / sinusoidal positions, post- and pre-LN
     "opt": ("causal", "opt", {}, set(), {}),
     "opt-eager": ("causal", "opt", {"attn_implementation": "eager"}, set(), {}),
@@ -51,9 +49,10 @@ CASES = {
     # fused q/k/v: HF Conv1D (GPT-2), query_key_value (GPT-NeoX, parallel attention + FFN)
     "gpt2": ("causal", "gpt2", {}, {"fused"}, {}),
     "gpt_neox": ("causal", "gpt_neox", {}, {"fused"}, {}),
-    # MoE
-    "mixtral": ("causal", "mixtral", {}, {"moe"}, {"stacks": MOE, "patch": MOE}),
-    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {"patch": MOE}),
+    # MoE: experts held as one batched 3-D parameter (found as a residual branch: only the block's output is a
+    # site), and routed + shared experts (the shared expert's projections keep their roles)
+    "mixtral": ("causal", "mixtral", {}, {"moe", "batched"}, {}),
+    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {}),
     # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
     "t5": ("seq2seq", "t5", {}, set(), {}),
     "mt5": ("seq2seq", "mt5", {}, {"gated"}, {}),
@@ -145,7 +144,9 @@ def test_roles_of_every_block(name):
     for stack, layer, block in table.blocks():
         roles = {s.role for s in table.where(stack=stack, layer=layer, block=block)}
         if block == "ffn":
-            if stack == "visual" or not gated:
+            if "batched" in CASES[name][3]:  # one 3-D weight per matrix for all experts: no projection site
+                assert roles == {"output"}, (name, stack, layer, roles)
+            elif stack == "visual" or not gated:
                 assert {"in", "out", "output"} <= roles, (name, stack, layer, roles)
             else:  # the projection whose output passes the activation before the product is the gate
                 assert {"gate", "up", "out", "output"} <= roles, (name, stack, layer, roles)

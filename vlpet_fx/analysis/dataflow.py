@@ -54,8 +54,21 @@ class Core:
 
 
 @dataclass(eq=False)
+class Branch:
+    """A residual branch ``x + f(x)``: the residual add, its stream operand ``x``, the branch value ``f(x)`` and
+    the region (every node on a path from ``x`` to ``f(x)``, the value included)."""
+
+    add: Node
+    stream: Node
+    value: Node
+    region: frozenset
+    projections: list[Projection] = field(default_factory=list)  # the projections inside, in graph order
+    operand: Node | None = None  # the add's other operand when it is not ``stream`` (a parallel layout)
+
+
+@dataclass(eq=False)
 class Block:
-    kind: str  # "attn" | "ffn"  (attention is refined to self_attn / cross_attn by the stream pass)
+    kind: str  # "attn" | "ffn" | "mixer"  (attention is refined to self_attn / cross_attn by the stream pass)
     projections: dict[str, list[Projection]]  # role -> projections (ffn "in" may have two: gated)
     core: Core | None = None
     residual_add: Node | None = None
@@ -70,6 +83,8 @@ class Block:
     output_path: str | None = None
     extra: dict = field(default_factory=dict)
 
+    branch: Branch | None = None  # set when the block was found (or completed) as a residual branch
+
     def all_projections(self) -> list[Projection]:
         return [p for ps in self.projections.values() for p in ps]
 
@@ -78,6 +93,24 @@ class Block:
 
     def last(self) -> Projection:
         return max(self.all_projections(), key=lambda p: p._order)  # type: ignore[attr-defined]
+
+    def start_node(self) -> Node:
+        """The block's first node in graph order: its first projection, or (a branch without projections, e.g.
+        a mixture of batched experts) the first node of its branch."""
+        if self.all_projections():
+            return self.first().node
+        return self.extra["start"]
+
+    def end_node(self) -> Node:
+        """The block's last projection, or (without projections) its output value."""
+        return self.last().node if self.all_projections() else self.output
+
+    def widths(self) -> tuple[int, int]:
+        """(input width, output width) of the block's ``output`` site."""
+        if self.all_projections() and self.branch is None:
+            return self.first().in_features, self.last().out_features
+        xs, ys = ops.shape(self.residual), ops.shape(self.output)
+        return (xs[-1] if xs else 0), (ys[-1] if ys else 0)
 
 
 def walk(
@@ -138,6 +171,10 @@ class Dataflow:
         self._products: dict[Node, patterns.ProductPattern | None] = {}
         self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
+        # ops outside ATen (library custom ops, e.g. a grouped matrix product over experts) that map by a weight
+        # of two or more axes: heavy for every walk, as a projection is
+        self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
+                                  and n not in self.projections and self._weighted(n)}
 
     # -- projections -------------------------------------------------------------------------
     def _make_projection(self, node: Node, x: Node, w: Node, pattern: patterns.ProjectionPattern) -> Projection | None:
@@ -194,15 +231,39 @@ class Dataflow:
             if n in seen:
                 continue
             seen[n] = None
-            if not ops.is_heavy(n):
+            if self._light(n):
                 queue.extend(n.users)
         return list(seen)
+
+    def concat_with_weights(self, n: Node) -> bool:
+        """A concatenation of one activation with values made from weights only (learned logits, e.g.
+        attention sinks), through light ops."""
+        if not ops.is_kind(n, ops.CONCAT) or not n.args or not isinstance(n.args[0], (list, tuple)):
+            return False
+        parts = [a for a in n.args[0] if isinstance(a, Node)]
+        return len(parts) >= 2 and sum(not self._weights_only(a) for a in parts) == 1
+
+    def _weights_only(self, node: Node) -> bool:
+        seen, todo = set(), [node]
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m.op == "placeholder":
+                if self.cap.param_of(m) is None:
+                    return False
+                continue
+            if m.op != "call_function" or not self._light(m):
+                return False
+            todo.extend(m.all_input_nodes)
+        return True
 
     def is_projection(self, n: Node) -> bool:
         return n in self.projections
 
     def _light(self, n: Node) -> bool:
-        return not ops.is_heavy(n)
+        return not ops.is_heavy(n) and n not in self.opaque
 
     # -- attention ---------------------------------------------------------------------------
     def cores(self) -> list[Core]:
@@ -278,8 +339,238 @@ class Dataflow:
             b.residual_add, b.residual, b.output = self.residual_of(b.last())
         barriers = {b.residual_add for b in blocks if b.residual_add is not None}
         blocks.extend(self._ffns(used, barriers))
-        blocks.sort(key=lambda b: self.order[b.first().node])
+        blocks.extend(self._branch_blocks(blocks))
+        blocks.sort(key=lambda b: self.order[b.start_node()])
         return blocks
+
+    # -- residual branches -------------------------------------------------------------------
+    def weight_of(self, node: Node) -> tuple[str, tuple[int, ...]] | None:
+        """``(parameter, shape)`` if ``node`` is a parameter or comes from one through shape ops only."""
+        while node.op == "call_function" and node.target in ops.SHAPE:
+            inputs = node.all_input_nodes
+            if len(inputs) != 1:
+                return None
+            node = inputs[0]
+        name = self.cap.param_of(node)
+        if name is None:
+            return None
+        return name, ops.shape(node) or ()
+
+    def _weighted(self, n: Node) -> bool:
+        """A projection, or an op that maps by a weight of two or more axes (a convolution, a batched or grouped
+        matrix product with one weight per expert); a norm's or a bias's vector is not one."""
+        if n in self.projections:
+            return True
+        if n.op != "call_function" or ops.is_kind(n, ops.EMBEDDING):
+            return False
+        for a in n.all_input_nodes:
+            w = self.weight_of(a)
+            if w is not None and len(w[1]) >= 2:
+                return True
+        return False
+
+    def _region(self, stream: Node, value: Node) -> frozenset | None:
+        """Every node on a path from ``stream`` to ``value`` (``value`` included), or None if there is none."""
+        lo = self.order[stream]
+        ancestors: set[Node] = set()
+        todo, reached = [value], False
+        while todo:
+            n = todo.pop()
+            if n in ancestors:
+                continue
+            ancestors.add(n)
+            for i in n.all_input_nodes:
+                if i is stream:
+                    reached = True
+                elif self.order[i] > lo:
+                    todo.append(i)
+        if not reached:
+            return None
+        region: set[Node] = set()
+        todo = [stream]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if u in ancestors and u not in region:
+                    region.add(u)
+                    todo.append(u)
+        return frozenset(region)
+
+    def residual_branches(self) -> list[Branch]:
+        """Every ``x + f(x)`` on a token sequence (batch, tokens, channels) whose branch ``f`` holds a weight
+        matrix, with ``x`` and ``f(x)`` of the add's shape; a branch inside another's region (an inner residual) is
+        left out."""
+        found: list[Branch] = []
+        for n in self.nodes:
+            if not ops.is_tensor_add(n):
+                continue
+            ys = ops.shape(n)
+            val = n.meta.get("val")
+            # a token sequence (batch, tokens, channels); a convolutional feature map's residual is not a block
+            if ys is None or len(ys) != 3 or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+                continue
+            a, b = n.args[0], n.args[1]
+            if ops.shape(a) != ys or ops.shape(b) != ys:
+                continue
+            done = False
+            for x0, fx in ((a, b), (b, a)):
+                # the stream operand may be a copy of the value the branch reads (a cast to float32 for the
+                # residual, a view): the branch starts at the value it was copied from
+                for x in _aliases(x0):
+                    if done or self.order[x] >= self.order[fx]:
+                        continue
+                    region = self._region(x, fx)
+                    if region and any(self._weighted(m) for m in region):
+                        projs = sorted((self.projections[m] for m in region if m in self.projections),
+                                       key=lambda p: p._order)  # type: ignore[attr-defined]
+                        found.append(Branch(n, x, fx, region, projs, operand=x0 if x0 is not x else None))
+                        done = True
+                if done:
+                    break
+        found = [br for br in found if not any(br.add in other.region for other in found if other is not br)]
+        # parallel layouts, (x + attn(x)) + ffn(x): the add's one operand is a residual add of x, the other
+        # is computed from that same x
+        by_add = {br.add: br for br in found}
+        for n in self.nodes:
+            if n in by_add or not ops.is_tensor_add(n) or ops.shape(n) is None or len(ops.shape(n)) != 3:
+                continue
+            for a, fx in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+                first = by_add.get(a)
+                if first is None or ops.shape(fx) != ops.shape(n) or self.order[first.stream] >= self.order[fx]:
+                    continue
+                region = self._region(first.stream, fx)
+                if region and a not in region and any(self._weighted(m) for m in region):
+                    projs = sorted((self.projections[m] for m in region if m in self.projections),
+                                   key=lambda p: p._order)  # type: ignore[attr-defined]
+                    found.append(Branch(n, first.stream, fx, region, projs, operand=a))
+                    break
+        return found
+
+    def _branch_blocks(self, blocks: list[Block]) -> list[Block]:
+        """Residual branches that complete or add blocks.
+
+        * a branch holding blocks whose residual add was not found (an FFN behind a norm on its output, the
+          routed and shared experts of a mixture meeting in a sum) becomes their residual add: the block's
+          ``output`` is the branch value (several feed-forward blocks in one branch are one block);
+        * a branch holding no block is classified by the ``branch`` patterns: a ``mixer`` (token mixing that is
+          not softmax attention) or an ``ffn`` (e.g. experts held as one batched parameter), with the roles of
+          the projections that really are there.
+        * feed-forward blocks inside a branch the branch patterns call token mixing are replaced by one ``mixer``.
+        Branches holding a block whose residual add is known (parallel layouts) are left as they are."""
+        claimed = {b.residual_add for b in blocks if b.residual_add is not None}
+        new: list[Block] = []
+        removed: set[int] = set()
+        for br in self.residual_branches():
+            inside = [b for b in blocks if id(b) not in removed and (
+                any(p.node in br.region for p in b.all_projections())
+                or (b.core is not None and b.core.node in br.region))]
+            if inside and all(b.kind == "ffn" for b in inside) and all(
+                    b.residual_add in (None, br.add) for b in inside):
+                # projection → activation → projection found by the ffn patterns may still mix tokens on the way
+                # (Mamba's in_proj → conv → scan → out_proj): the branch patterns decide
+                kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
+                if kind is not None and kind != "ffn":
+                    removed.update(id(b) for b in inside)
+                    claimed.discard(br.add)
+                    inside = []
+            if any(b.residual_add is not None for b in inside):
+                continue
+            # a feed-forward candidate that crosses the branch's residual add (one projection inside, one
+            # after it, e.g. a shared expert's sigmoid gate paired with the LM head) is no block
+            crossing = [b for b in inside if b.kind == "ffn"
+                        and not all(p.node in br.region for p in b.all_projections())]
+            removed.update(id(b) for b in crossing)
+            inside = [b for b in inside if b not in crossing]
+            if inside:
+                if len(inside) > 1 and any(b.kind != "ffn" for b in inside):
+                    continue
+                keep = inside[0]
+                if len(inside) > 1:  # e.g. routed + shared experts: one feed-forward block, its roles merged
+                    for other in inside[1:]:
+                        for role, ps in other.projections.items():
+                            keep.projections.setdefault(role, []).extend(ps)
+                        keep.extra.setdefault("slices", {}).update(
+                            {r: v for r, v in other.extra.get("slices", {}).items() if r not in keep.extra.get("slices", {})})
+                        removed.add(id(other))
+                self._complete(keep, br)
+                claimed.add(br.add)
+                continue
+            if br.add in claimed:
+                continue
+            kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
+            if kind is None:
+                continue
+            roles, values = self._branch_roles(kind, br)
+            b = Block(kind, roles)
+            self._complete(b, br)
+            b.extra["slices"] = self.shared_slices(b.projections, values)
+            b.extra["start"] = min(br.region, key=self.order.__getitem__)
+            claimed.add(br.add)
+            new.append(b)
+        if removed:
+            blocks[:] = [b for b in blocks if id(b) not in removed]
+        return new
+
+    def _complete(self, b: Block, br: Branch) -> None:
+        b.branch = br
+        b.residual_add, b.residual = br.add, br.operand if br.operand is not None else br.stream
+        if br.operand is not None:
+            b.extra["stream_x"] = br.stream  # the stream value the parallel branch reads (its block input X)
+        # the branch value, or the value a module returned just before it (a scalar multiplier or a cast after
+        # the sub-layer, inside the layer's own forward, is not a module's output)
+        add_scope = set(self.cap.module_stack(br.add))
+        out = br.value
+        while not (set(self.cap.module_stack(out)) - add_scope) and out.op == "call_function":
+            ins = [i for i in ops.tensor_inputs(out) if i in br.region]
+            if len(ins) != 1 or len([i for i in ops.tensor_inputs(out) if ops.shape(i) and len(ops.shape(i)) >= 2]) != 1:
+                break
+            out = ins[0]
+        b.output = out
+
+    def _projection_into_region(self, br: Branch) -> Projection | None:
+        """The projection the branch value comes from through light ops on float values inside the branch (a
+        router's scores reach the value only through a softmax or integer indices, so they are never it)."""
+        if br.value in self.projections:
+            return self.projections[br.value]
+        seen, queue = set(), deque(ops.tensor_inputs(br.value))
+        while queue:
+            n = queue.popleft()
+            if n in seen or n not in br.region or not _floaty(n):
+                continue
+            seen.add(n)
+            if n in self.projections:
+                return self.projections[n]
+            if self._light(n):
+                queue.extend(ops.tensor_inputs(n))
+        return None
+
+    def _branch_roles(self, kind: str, br: Branch) -> tuple[dict[str, list[Projection]], dict[str, Node]]:
+        """Roles of the projections that are really on a new branch block: ``in`` (those reading the stream
+        through light ops) and ``out`` (the one the branch value comes from through light ops); for a
+        feed-forward block, the ``ffn`` patterns decide (gate/up/out, or in/out)."""
+        out = self._projection_into_region(br)
+        ins = [p for p in br.projections if p is not out and _reads_through_light(p.x, br.stream)]
+        if kind == "ffn" and out is not None:
+            candidates = []
+            for p in ins:
+                reached, act = _nonlinear_between(self, p.node, out.x)
+                if reached and p.in_features == out.out_features:
+                    candidates.append((p, act))
+            found = next((r for pat in patterns.patterns("ffn") if candidates and (r := pat.roles(candidates, out, self))),
+                         None)
+            if found:
+                roles, values = found if isinstance(found, tuple) else (found, {})
+                roles = {r: list(ps) for r, ps in roles.items()}
+                roles.setdefault("out", [out])
+                return roles, values
+        roles: dict[str, list[Projection]] = {}
+        if kind == "ffn" and out is None:
+            return roles, {}  # e.g. routed experts held as one batched parameter: only the block's output
+        if ins:
+            roles["in"] = ins
+        if out is not None:
+            roles["out"] = [out]
+        return roles, {}
 
     # -- fused (packed) projections: which output channels feed q, k and v -------------------
     def shared_slices(self, projs: dict[str, list[Projection]], values: dict[str, Node]) -> dict[str, tuple[int, ...]]:
@@ -383,7 +674,7 @@ class Dataflow:
                     if m not in used:
                         groups.setdefault(m, []).append((p, act))
                     continue
-                if ops.is_heavy(m) or m in barriers:
+                if not self._light(m) or m in barriers:
                     continue
                 act2 = act or ops.is_kind(m, ops.ACTIVATION)
                 queue.extend((u, act2) for u in m.users)
@@ -419,6 +710,54 @@ class Dataflow:
             taken |= nodes
             final.append(b)
         return final
+
+
+def _aliases(x: Node) -> list[Node]:
+    """``x`` and the values it is a copy of through single-input shape ops and casts (nearest first)."""
+    out = [x]
+    while (x.op == "call_function" and x.target in ops.SHAPE and x.target not in SLICING
+           and len(ops.tensor_inputs(x)) == 1 and ops.shape(ops.tensor_inputs(x)[0]) == ops.shape(x)):
+        x = ops.tensor_inputs(x)[0]
+        out.append(x)
+    return out
+
+
+def _floaty(n: Node) -> bool:
+    """A float tensor (or a tuple of them, or unknown): not an index, a count or a mask."""
+    val = n.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
+
+
+def _reads_through_light(x: Node, stream: Node) -> bool:
+    """Whether ``x`` is ``stream`` or computed from it through light ops only (a norm, a cast, a reshape)."""
+    seen, todo = set(), [x]
+    while todo:
+        n = todo.pop()
+        if n is stream:
+            return True
+        if n in seen or ops.is_heavy(n) or not _floaty(n):
+            continue
+        seen.add(n)
+        todo.extend(ops.tensor_inputs(n))
+    return False
+
+
+def _nonlinear_between(flow: Dataflow, src: Node, value: Node) -> tuple[bool, bool]:
+    """Whether ``value`` is computed from ``src`` through light ops, and whether a non-linearity (an activation,
+    or one written out of primitives: ``where``, ``exp``, ``clamp`` ...) lies on such a path."""
+    stack, seen = [(value, False)], set()
+    reached = act = False
+    while stack:
+        n, a = stack.pop()
+        if n is src:
+            reached, act = True, act or a
+            continue
+        if (n, a) in seen or (n is not value and ops.is_heavy(n)) or not _floaty(n):
+            continue
+        seen.add((n, a))
+        a2 = a or ops.is_kind(n, ops.NONLINEAR)
+        stack.extend((i, a2) for i in ops.tensor_inputs(n))
+    return reached, act
 
 
 # -- replaying shape ops on channel indices -----------------------------------------------------------------

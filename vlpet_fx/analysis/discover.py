@@ -130,10 +130,10 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
                     Site(b.stack, b.layer, b.block, role, p.path, p.in_features, out, spec,
                          node=p.node.name, param=p.param, x_node=p.x.name, **where)
                 )
-        first, last = b.first(), b.last()
+        width_in, width_out = b.widths()
         sites.append(
-            Site(b.stack, b.layer, b.block, "output", b.output_path, first.in_features, last.out_features,
-                 node=b.output.name if b.output is not None else last.node.name, param=None, **where)
+            Site(b.stack, b.layer, b.block, "output", b.output_path, width_in, width_out,
+                 node=b.output.name if b.output is not None else b.end_node().name, param=None, **where)
         )
     return sites
 
@@ -255,6 +255,7 @@ def _checked_blocks(model: nn.Module, cap: Captured) -> list[Block]:
     if not blocks:
         raise DiscoveryError(
             f"no attention or feed-forward blocks found in {type(model).__name__}: its graph has no "
-            "scaled-dot-product attention, matmul-softmax-matmul or linear-activation-linear pattern"
+            "scaled-dot-product attention, matmul-softmax-matmul or linear-activation-linear pattern and no "
+            "residual branch x + f(x) with a weight in f"
         )
     return blocks

@@ -50,6 +50,15 @@ ACTIVATION = _overloads(
     aten.sigmoid, aten.sigmoid_, aten.erf, aten.hardtanh, aten.leaky_relu, aten.elu, aten.mish,
     aten.glu, aten.hardswish, aten.softplus, aten.selu, aten.celu,
 )
+# element-wise ops that are not affine in their input: an activation written out of primitives (e.g. xIELU:
+# ``where(x > 0, a·x² + b·x, c·expm1(min(x, eps)) + b·x)``) has no ACTIVATION op but these
+NONLINEAR = ACTIVATION | _overloads(
+    aten.where, aten.exp, aten.expm1, aten.log, aten.log1p, aten.clamp, aten.clamp_min, aten.clamp_max,
+    aten.minimum, aten.maximum, aten.abs, aten.pow, aten.square if hasattr(aten, "square") else None,
+    aten.sqrt, aten.rsqrt, aten.sign, _maybe("min"), _maybe("max"),
+)
+SELECT = _overloads(aten.select)
+CUMULATIVE = _overloads(aten.cumsum, aten.cumprod, _maybe("logcumsumexp"), _maybe("cummax"), _maybe("cummin"))
 ADD = _overloads(aten.add, aten.add_)
 MUL = _overloads(aten.mul, aten.mul_)
 SHAPE = _overloads(
@@ -60,13 +69,18 @@ SHAPE = _overloads(
     _maybe("numpy_T"), _maybe("mT"), _maybe("adjoint"), _maybe("swapaxes"), _maybe("movedim"),
 ) | frozenset({operator.getitem})
 
-HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT
+GROUPED_MM = _overloads(_maybe("_grouped_mm"))  # one matrix per group of rows (mixture-of-experts kernels)
+HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT | GROUPED_MM
 _EXTRA_HEAVY: set = set()  # ops of user-registered patterns (vlpet_fx.analysis.patterns.register_pattern)
 
 
 def add_heavy(targets) -> None:
     """Treat ``targets`` as heavy: analysis walks stop at them (as at projections and attention ops)."""
     _EXTRA_HEAVY.update(t for t in targets if t is not None)
+
+
+def is_aten(target) -> bool:
+    return getattr(target, "namespace", None) == "aten" or target is operator.getitem
 
 
 def target(node: torch.fx.Node):

@@ -28,10 +28,10 @@ import torch.fx
 from . import ops
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .dataflow import Core, Dataflow, Projection
+    from .dataflow import Branch, Core, Dataflow, Projection
 
 Node = torch.fx.Node
-KINDS = ("projection", "product", "attention", "ffn")
+KINDS = ("projection", "product", "attention", "ffn", "branch")
 
 
 class Pattern:
@@ -93,6 +93,16 @@ class FfnPattern(Pattern):
         raise NotImplementedError
 
 
+class BranchPattern(Pattern):
+    """Classifies a residual branch no other pattern claimed. Branch patterns are not anchored at an op."""
+
+    kind = "branch"
+
+    def classify(self, branch: "Branch", flow: "Dataflow") -> str | None:
+        """The block kind of ``branch`` (``"ffn"`` or ``"mixer"``), or ``None`` if the pattern does not apply."""
+        raise NotImplementedError
+
+
 _REGISTRY: dict[str, list[Pattern]] = {k: [] for k in KINDS}
 
 
@@ -103,8 +113,8 @@ def register_pattern(pattern: Pattern, *, first: bool = True) -> Pattern:
     The ops an attention or projection pattern is anchored at become *heavy* (analysis does not walk through
     them), as the built-in attention and projection ops are."""
     if not isinstance(pattern, Pattern) or pattern.kind not in KINDS:
-        raise TypeError(f"register_pattern needs an instance of ProjectionPattern, ProductPattern, AttentionPattern "
-                        f"or FfnPattern, got {pattern!r}")
+        raise TypeError(f"register_pattern needs an instance of ProjectionPattern, ProductPattern, AttentionPattern, "
+                        f"FfnPattern or BranchPattern, got {pattern!r}")
     if not pattern.name:
         raise TypeError(f"{type(pattern).__name__} needs a non-empty `name`")
     unregister_pattern(pattern.name, pattern.kind)
@@ -280,7 +290,10 @@ class SoftmaxAttention(AttentionPattern):
         from .dataflow import Core, backward, forward, walk
 
         dim = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else -1
-        before = [h for h in walk([node], backward, flow._light) if flow.product(h) is not None]
+        # scores may be concatenated with learned logits before the softmax (attention sinks): walk through a
+        # concatenation whose other inputs come from weights only
+        before = [h for h in walk([node], backward, lambda n: flow._light(n) or flow.concat_with_weights(n))
+                  if flow.product(h) is not None]
         after = [h for h in walk([node], forward, flow._light) if flow.product(h) is not None]
         if not before or not after:
             return None
@@ -383,8 +396,68 @@ class PlainFfn(FfnPattern):
         return {"in": [p for p, _ in ins], "out": [out]}
 
 
+# -- built-in residual branches ---------------------------------------------------------------------------
+
+def _is_activation_value(flow: "Dataflow", branch: "Branch", node) -> bool:
+    """A value of the branch computed from its stream input (not a weight, a mask or an index)."""
+    if not isinstance(node, Node) or node not in branch.region:
+        return False
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and flow.weight_of(node) is None
+
+
+@dataclass
+class TokenMixingBranch(BranchPattern):
+    """A branch that combines different token positions: a convolution whose kernel spans more than one position
+    (Mamba's causal conv, LFM's short conv), a product of two activations that is not a projection (linear
+    attention, the state updates of an SSM or a recurrence), a cumulative sum/product over activations (chunked
+    scans) or a loop over the positions (an activation of three or more axes read one position at a time along
+    an inner axis: RWKV's recurrence, an unrolled scan). Its kind is ``mixer``."""
+
+    name: str = "token-mixing"
+
+    def classify(self, branch, flow):
+        positions: dict[tuple, set] = {}  # (activation, axis) -> indices selected (a loop over the tokens)
+        for n in branch.region:
+            if ops.is_kind(n, ops.SELECT) and len(n.args) >= 3 and _is_activation_value(flow, branch, n.args[0]):
+                xs = ops.shape(n.args[0])
+                if xs is not None and len(xs) >= 3 and isinstance(n.args[1], int) and n.args[1] % len(xs) not in (
+                        0, len(xs) - 1) and isinstance(n.args[2], int):
+                    seen = positions.setdefault((n.args[0], n.args[1] % len(xs)), set())
+                    seen.add(n.args[2])
+                    if len(seen) >= 2:
+                        return "mixer"
+            if n.op != "call_function":
+                continue
+            if ops.is_kind(n, ops.CONV) and len(n.args) > 1 and isinstance(n.args[1], Node):
+                w = ops.shape(n.args[1])
+                if w is not None and len(w) >= 3 and max(w[2:]) > 1 and _is_activation_value(flow, branch, n.args[0]):
+                    return "mixer"
+            elif n not in flow.projections and flow.product(n) is not None:
+                fs = flow.product(n).factors(n)
+                if fs and all(_is_activation_value(flow, branch, f) for f in fs):
+                    return "mixer"
+            elif ops.is_kind(n, ops.CUMULATIVE) and n.args and _is_activation_value(flow, branch, n.args[0]):
+                xs = ops.shape(n.args[0])
+                if xs is not None and len(xs) >= 3:
+                    return "mixer"
+        return None
+
+
+@dataclass
+class PositionWiseBranch(BranchPattern):
+    """Any other branch with a weight matrix on it maps each token on its own: a feed-forward block (e.g. a
+    mixture of experts whose experts are one batched 3-D parameter, routed by a top-k)."""
+
+    name: str = "position-wise"
+
+    def classify(self, branch, flow):
+        return "ffn"
+
+
 for _p in (LinearProjection(), MatmulProjection(), AddmmProjection(), EinsumProjection(),
            MatmulProduct(), BaddbmmProduct(), EinsumProduct(),
            SdpaAttention(), SoftmaxAttention(),
-           GatedFfn(), FusedGatedFfn(), PlainFfn()):
+           GatedFfn(), FusedGatedFfn(), PlainFfn(),
+           TokenMixingBranch(), PositionWiseBranch()):
     register_pattern(_p, first=False)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Iterator
 
 STACKS = ("visual", "encoder", "decoder")
-BLOCKS = ("self_attn", "cross_attn", "ffn")
+BLOCKS = ("self_attn", "cross_attn", "mixer", "ffn")
 ROLES = ("q", "k", "v", "o", "in", "gate", "up", "out", "output")
 PUBLIC_FIELDS = ("key", "stack", "layer", "block", "role", "path", "in_features", "out_features", "out_slice")
 

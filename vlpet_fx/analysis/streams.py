@@ -45,8 +45,9 @@ _TRIANGLE = ops._overloads(ops.aten.tril, ops.aten.triu)
 _ARANGE = ops._overloads(ops.aten.arange)
 
 
-def _light_closure(start: list[Node]) -> list[Node]:
-    """``start`` and every node upstream of it through light ops (stops at heavy ops and placeholders)."""
+def _light_closure(start: list[Node], flow: Dataflow | None = None) -> list[Node]:
+    """``start`` and every node upstream of it through light ops (stops at heavy ops and placeholders; passes a
+    concatenation with learned logits when ``flow`` is given)."""
     seen: set[Node] = set()
     todo = [n for n in start if isinstance(n, Node)]
     out = []
@@ -56,7 +57,7 @@ def _light_closure(start: list[Node]) -> list[Node]:
             continue
         seen.add(n)
         out.append(n)
-        if n.op == "call_function" and not ops.is_heavy(n):
+        if n.op == "call_function" and (not ops.is_heavy(n) or (flow is not None and flow.concat_with_weights(n))):
             todo.extend(n.all_input_nodes)
     return out
 
@@ -65,7 +66,7 @@ def _from_positions(node: Node) -> bool:
     return any(ops.is_kind(n, _ARANGE) for n in _light_closure([node]))
 
 
-def is_causal(b: Block) -> bool:
+def is_causal(b: Block, flow: Dataflow | None = None) -> bool:
     """Whether an attention core masks keys by position: SDPA's ``is_causal``, a triangular mask, or a mask
     that compares two position ranges (``kv_idx <= q_idx``) — a fact of the dataflow, not of names."""
     core = b.core
@@ -81,7 +82,7 @@ def is_causal(b: Block) -> bool:
         hits = walk([n], backward, lambda x: not ops.is_heavy(x))
         sm = next((h for h in hits if ops.is_kind(h, ops.SOFTMAX)), None)
         start = list(sm.all_input_nodes) if sm is not None else []
-    for m in _light_closure(start):
+    for m in _light_closure(start, flow):
         if ops.is_kind(m, _TRIANGLE):
             return True
         if ops.is_kind(m, _COMPARE):
@@ -184,7 +185,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             i = parent[i]
         return i
 
-    last_of = {bl.last().node: j for j, bl in enumerate(blocks)}
+    last_of = {bl.end_node(): j for j, bl in enumerate(blocks)}
     for i, b in enumerate(blocks):
         front = _frontier(flow, _stream_input(b), bar_set)
         hits = [h for h in front if h in barriers]
@@ -206,7 +207,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     # 2. self vs cross attention
     for b in blocks:
         if b.kind != "attn":
-            b.block = "ffn"
+            b.block = b.kind  # "ffn" or "mixer" (token mixing that is not softmax attention)
             continue
         q = b.projections.get("q", [None])[0]
         k = b.projections.get("k", [None])[0]
@@ -215,14 +216,14 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         same = (q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
                 or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set))
         b.block = "self_attn" if same else "cross_attn"
-        b.extra["causal"] = is_causal(b)
+        b.extra["causal"] = is_causal(b, flow)
 
     # 3. stack kinds
     groups: dict[int, list[Block]] = {}
     for i, b in enumerate(blocks):
         groups.setdefault(find(i), []).append(b)
     for members in groups.values():
-        members.sort(key=lambda b: flow.order[b.first().node])
+        members.sort(key=lambda b: flow.order[b.start_node()])
         if any(b.block == "cross_attn" for b in members):
             kind = "decoder"
         elif _is_visual(flow, _stream_input(members[0])):
@@ -239,9 +240,13 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     for b in blocks:
         stacks = [cap.module_stack(p.node) for p in b.all_projections()]
         common = _common_prefix(stacks)
-        b.block_path = common[-1] if common else ""
-        b.layer_path = _layer_container(b.block_path, modules)
         b.output_path = _output_path(cap, b, common)
+        b.block_path = common[-1] if common else ""
+        if b.branch is not None and b.output_path is not None and all(b.output_path in st for st in stacks):
+            # a residual branch: the block is the module that produces its value when it holds every projection
+            # (the mixture of experts around its shared expert; a branch without projections)
+            b.block_path = b.output_path
+        b.layer_path = _layer_container(b.block_path, modules)
         # a feed-forward map on no residual stream and in no repeated layer (a projector between two towers)
         # is not a layer of a stack
         b.extra["off_stream"] = b.kind == "ffn" and b.residual_add is None and b.layer_path is None
@@ -263,7 +268,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
 
     # 5. layers, numbered per stack kind along the stream (a layer container keeps its number across pieces)
     by_kind: dict[str, list[list[Block]]] = {}
-    for members in sorted(groups.values(), key=lambda ms: flow.order[ms[0].first().node]):
+    for members in sorted(groups.values(), key=lambda ms: flow.order[ms[0].start_node()]):
         by_kind.setdefault(members[0].stack, []).append(members)
     for kind, stacks in by_kind.items():
         layer = -1
@@ -300,6 +305,14 @@ def _layer_container(block_path: str, modules: dict[str, nn.Module]) -> str | No
 
 
 def _output_path(cap, b: Block, common: list[str]) -> str | None:
+    if b.branch is not None:
+        # the outermost module that produced the branch value and is not the one that adds it back
+        add_scope = set(cap.module_stack(b.residual_add))
+        outer = [p for p in cap.module_stack(b.output) if p not in add_scope]
+        if outer:
+            return outer[0]
+        if not b.all_projections():
+            return None
     last = b.last()
     if b.residual_add is None:
         return common[-1] if common and common[-1] else last.path

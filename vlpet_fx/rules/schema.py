@@ -64,7 +64,7 @@ class Selector(BaseModel):
 
     stack: list[Literal["encoder", "decoder", "visual"]] | None = None
     layers: list[LayerItem] | dict[str, list[LayerItem]] | None = None
-    block: list[Literal["self_attn", "cross_attn", "ffn"]] | None = None
+    block: list[Literal["self_attn", "cross_attn", "mixer", "ffn"]] | None = None
     role: list[Literal["q", "k", "v", "o", "in", "gate", "up", "out", "output"]] | None = None
     path_regex: str | None = None
     module_type: str | None = None

@@ -7,7 +7,7 @@ from html import escape
 
 from ..analysis.sites import BLOCKS, ROLES, SiteTable
 
-COLORS = {"self_attn": "#4C78A8", "cross_attn": "#F58518", "ffn": "#54A24B"}
+COLORS = {"self_attn": "#4C78A8", "cross_attn": "#F58518", "mixer": "#B279A2", "ffn": "#54A24B"}
 BOX_W, BOX_H, GAP, ROW_H, COL_GAP, DOT = 150, 22, 6, 34, 40, 8
 
 
