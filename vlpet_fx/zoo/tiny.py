@@ -10,6 +10,8 @@ would fall outside the smaller vocabulary are moved inside it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -21,6 +23,8 @@ HEAD_DIM = 16
 LAYERS = 2
 VOCAB = 512
 EXPERTS = 4
+TOP_K = 2
+LATENT = 128
 
 # (regex over the setting's name, new value); first match wins. The hidden width is HEADS times the default head width
 # (kept), so rotary sections, partial rotary sizes and heads * head_dim == hidden stay consistent.
@@ -34,9 +38,16 @@ _RULES: list[tuple[str, Any]] = [
      r"|embedding_size|projection_dim|out_hidden_size|vision_embed_dim|text_embed_dim)$", HIDDEN),
     (r"^(intermediate_size|ffn_dim|d_ff|n_inner|encoder_ffn_dim|decoder_ffn_dim|ffn_hidden_size|mlp_dim"
      r"|moe_intermediate_size|shared_expert_intermediate_size|expert_intermediate_size|inner_dim"
-     r"|intermediate_dim|d_inner)$", FFN),
-    (r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_routed_experts)$", EXPERTS),
-    (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|num_experts_per_token)$", 2),
+     r"|intermediate_dim|d_inner|expert_ffn_hidden_size)$", FFN),
+    (r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_routed_experts|zero_expert_num)$",
+     EXPERTS),
+    (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|moe_top_k|moe_k|top_k_experts"
+     r"|num_experts_per_token)$", TOP_K),
+    # routed experts in groups (group-limited routing): EXPERTS / 2 experts per group, tokens pick from one group
+    (r"^(n_group)$", 2),
+    (r"^(topk_group)$", 1),
+    # the compressed (latent) widths of multi-head latent attention (not below the shipped LoRA rule's rank)
+    (r"^(q_lora_rank|kv_lora_rank|o_lora_rank)$", LATENT),
     (r"^(vocab_size|decoder_vocab_size|text_vocab_size)$", VOCAB),
     (r"^(image_size)$", 32),
     (r"^(patch_size)$", 8),
@@ -74,6 +85,68 @@ def _head_dim(attrs: dict) -> int | None:
     return hidden // heads if hidden and heads and hidden % heads == 0 else None
 
 
+_KV_KEY = re.compile(_RULES[0][0])
+
+
+_EXPERTS_KEY = re.compile(_RULES[5][0])
+_TOP_K_KEY = re.compile(_RULES[6][0])
+
+
+def _name_top_k(config) -> None:
+    """A bare config with routed experts but no top-k (published checkpoints name one) routes to TOP_K experts."""
+    attrs = vars(config)
+    if any(_EXPERTS_KEY.match(k) and isinstance(v, int) and v > 0 for k, v in attrs.items()):
+        for k, v in list(attrs.items()):
+            if _TOP_K_KEY.match(k) and v is None:
+                setattr(config, k, TOP_K)
+
+
+def _keep_kv_equal_to_heads(config, old: dict) -> None:
+    """Multi-head attention stays multi-head: where the defaults have as many key/value heads as query heads, so
+    does the tiny config (latent-attention models expand k/v to every query head, whatever the k/v head count)."""
+    heads = next((k for k in old if _HEADS_KEY.match(k) and isinstance(old[k], int) and old[k] > 0), None)
+    if heads is None:
+        return
+    for k, v in old.items():
+        if _KV_KEY.match(k) and v == old[heads] and getattr(config, k) != getattr(config, heads):
+            setattr(config, k, getattr(config, heads))
+
+
+def _cut_layers(values: list, n: int) -> list:
+    """The first ``n`` entries of a per-layer list, keeping every kind of layer it names (as many as fit).
+
+    A hybrid model lists layer kinds (``["linear_attention"] * 3 + ["full_attention"]``, mamba/attention ...); its
+    first two would all be of one kind, and the tiny model would have no softmax attention at all. Kinds are
+    only strings; numbers (per-layer widths, ids) are cut as they are."""
+    cut = values[:n]
+    if not n or not all(isinstance(v, str) for v in values):
+        return cut
+    missing = [v for v in dict.fromkeys(values) if v not in cut]
+    for i, kind in zip(range(n - 1, 0, -1), missing):  # replace from the end; the first layer stays
+        if cut.count(cut[i]) > 1:
+            cut[i] = kind
+    return cut
+
+
+_PERIOD = re.compile(r"^(.*layer.*)_(period|interval|frequency)$")
+
+
+def _every_period_in_reach(config, old: dict, layers: int) -> None:
+    """Layer kinds given by a period and an offset (an attention layer every 8 layers from the 4th, ...): the
+    period and offset are brought inside the tiny layer count, so each kind still occurs."""
+    if layers < 2:
+        return
+    for key, period in old.items():
+        m = _PERIOD.match(key)
+        if not m or isinstance(period, bool) or not isinstance(period, int) or period <= layers:
+            continue
+        setattr(config, key, layers)
+        for suffix in ("offset", "start", "start_index"):
+            off = f"{m.group(1)}_{suffix}"
+            if isinstance(old.get(off), int) and not isinstance(old.get(off), bool):
+                setattr(config, off, old[off] % layers)
+
+
 def shrink(config) -> Any:
     """Shrink ``config`` (a ``PretrainedConfig``) in place and return it."""
     attrs = dict(vars(config))
@@ -89,13 +162,20 @@ def shrink(config) -> Any:
         new = _shrink_value(name, value, hidden)
         if new is not value:
             setattr(config, name, new)
+    _keep_kv_equal_to_heads(config, attrs)
+    _name_top_k(config)
     new_layers = {k: getattr(config, k) for k in old_layers}
     for name, value in vars(config).items():
         if isinstance(value, (list, tuple)) and value and not name.startswith("_"):
             for key, n in old_layers.items():
                 if len(value) == n and new_layers[key] < n:
-                    setattr(config, name, type(value)(value[: new_layers[key]]))
+                    setattr(config, name, type(value)(_cut_layers(list(value), new_layers[key])))
                     break
+            else:  # a cycle of layer kinds shorter than the model, longer than the tiny one: cover its kinds
+                n = min(new_layers.values(), default=0)
+                if "type" in name and n and n < len(value) < min(old_layers.values()):
+                    setattr(config, name, type(value)(_cut_layers(list(value), n)))
+    _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
     vocab = getattr(config, "vocab_size", None)
     text = getattr(config, "text_config", None)
     if not isinstance(vocab, int) and text is not None:  # a VLM: its token ids index the language model's vocabulary
@@ -120,6 +200,55 @@ def _subconfigs(config) -> list:
     return [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
 
 
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def rederive(config, before):
+    """Build ``config``'s class again from the settings the shrink changed, so settings a config derives from
+    others (a head width from hidden / heads, an SSM head width, a cross-attention width from the encoder's, layer
+    lists from a count) are derived from the tiny values instead of keeping the large defaults.
+
+    Sub-configs are rebuilt first. Settings that are not constructor fields are carried over when the rebuild does
+    not set them; where the class refuses the rebuilt settings, the shrunk config is kept as it is."""
+    cls = type(config)
+    names = _fields(cls)
+    if not names:
+        return config
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if not hasattr(config, name):
+            continue
+        value, old = getattr(config, name), getattr(before, name, None)
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            kwargs[name] = rederive(value, old) if old is not None else value
+        elif not _equal(value, old):
+            kwargs[name] = value
+    try:
+        new = cls(**kwargs)
+    except Exception:  # noqa: BLE001 -- a class that validates its settings its own way: keep the shrunk one
+        return config
+    for name, value in vars(config).items():
+        if name not in names and not hasattr(new, name):
+            setattr(new, name, value)
+    return new
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- e.g. tensors: treat as changed
+        return False
+
+
+def _same_place(config, shrunk, old_sub):
+    """The sub-config of the rebuilt ``config`` that sits where ``old_sub`` sits in the shrunk one."""
+    for name, value in vars(shrunk).items():
+        if value is old_sub:
+            return getattr(config, name)
+    return old_sub
+
+
 def tiny_config(model_type: str):
     """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
     import transformers as tf
@@ -132,7 +261,11 @@ def tiny_config(model_type: str):
               if isinstance(getattr(c, k, None), int)]
     linked += [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
                for k in ("projection_dim", "output_dim", "text_embed_dim") if getattr(c, k, None) == old_text]
-    config = shrink(config)
+    before = copy.deepcopy(config)
+    shrunk = shrink(config)
+    config = rederive(shrunk, before)
+    text = getattr(config, "text_config", None) or config
+    linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
     for c, k in linked:  # e.g. a vision merger's output width = the language model's width
         setattr(c, k, text.hidden_size)
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
