@@ -44,7 +44,7 @@ _RULES: list[tuple[str, Any]] = [
     (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|moe_top_k|moe_k|top_k_experts"
      r"|num_experts_per_token)$", TOP_K),
     # routed experts in groups (group-limited routing): EXPERTS / 2 experts per group, tokens pick from one group
-    (r"^(n_group)$", 2),
+    (r"^(n_group|num_expert_group|n_expert_groups)$", 2),
     (r"^(topk_group)$", 1),
     # the compressed (latent) widths of multi-head latent attention (not below the shipped LoRA rule's rank)
     (r"^(q_lora_rank|kv_lora_rank|o_lora_rank)$", LATENT),
@@ -52,6 +52,9 @@ _RULES: list[tuple[str, Any]] = [
     (r"^(image_size)$", 32),
     (r"^(patch_size)$", 8),
     (r"^(max_source_positions)$", 16),
+    # an audio encoder's attention window in mel frames (inputs are a multiple of twice it), and its inference span
+    (r"^(n_window)$", 8),
+    (r"^(n_window_infer)$", 32),
     (r"^(num_mel_bins)$", 16),
 ]
 _COMPILED = [(re.compile(p), v) for p, v in _RULES]
@@ -215,6 +218,10 @@ def rederive(config, before):
     names = _fields(cls)
     if not names:
         return config
+    try:  # a sub-config's parent may set settings its class would not: those are passed as they are
+        fresh = cls()
+    except Exception:  # noqa: BLE001
+        return config
     kwargs: dict[str, Any] = {}
     for name in names:
         if not hasattr(config, name):
@@ -222,7 +229,7 @@ def rederive(config, before):
         value, old = getattr(config, name), getattr(before, name, None)
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):
             kwargs[name] = rederive(value, old) if old is not None else value
-        elif not _equal(value, old):
+        elif not _equal(value, old) or not _equal(old, getattr(fresh, name, None)):
             kwargs[name] = value
     try:
         new = cls(**kwargs)
@@ -249,6 +256,68 @@ def _same_place(config, shrunk, old_sub):
     return old_sub
 
 
+_WIDTH_KEYS = ("hidden_size", "hidden_dim", "d_model", "embed_dim")
+
+
+def _width(c) -> int | None:
+    return next((getattr(c, k) for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
+
+
+def _link_encoder_widths(config, text) -> None:
+    """A projector sub-config's ``encoder_hidden_size`` (the width of the features it attends to) is the width of
+    the one modality encoder beside it (bare configs of composite models do not always agree; checkpoints do)."""
+    subs = _subconfigs(config)
+    for c in subs:
+        if c is text or not isinstance(getattr(c, "encoder_hidden_size", None), int):
+            continue
+        encoders = [o for o in subs if o is not c and o is not text and _width(o)
+                    and not isinstance(getattr(o, "encoder_hidden_size", None), int)]
+        if len(encoders) == 1:
+            c.encoder_hidden_size = _width(encoders[0])
+
+
+def _patches(vision) -> int | None:
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
+
+
+def _tokens_per_image(config, before) -> None:
+    """The number of tokens an image becomes (pooled from its patches) keeps its ratio to the patches per image."""
+    vision, old_vision = getattr(config, "vision_config", None), getattr(before, "vision_config", None)
+    new_p, old_p = _patches(vision), _patches(old_vision)
+    if not new_p or not old_p or new_p >= old_p:
+        return
+    for key in ("mm_tokens_per_image",):
+        old = getattr(before, key, None)
+        if isinstance(old, int) and not isinstance(old, bool) and old > new_p:
+            setattr(config, key, max(1, old * new_p // old_p))
+
+
+def _name_modality_tokens(config) -> None:
+    """A composite config with an audio/vision sub-config but no placeholder token id for it (published checkpoints
+    name one) gets a spare id at the top of the language model's vocabulary."""
+    text = getattr(config, "text_config", None)
+    vocab = getattr(text, "vocab_size", None) if text is not None else getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return
+    used = {v for c in [config, *_subconfigs(config)] for k, v in vars(c).items()
+            if _TOKEN_ID.match(k) and isinstance(v, int) and not isinstance(v, bool)}
+    for modality in ("audio", "image", "video"):
+        sub = getattr(config, f"{modality}_config", None) or (
+            getattr(config, "vision_config", None) if modality == "image" else None)
+        if sub is None:
+            continue
+        for key in (f"{modality}_token_id", f"{modality}_token_index"):
+            if key in vars(config) and getattr(config, key) is None:
+                spare = max(i for i in range(vocab) if i not in used)
+                setattr(config, key, spare)
+                used.add(spare)
+
+
 def tiny_config(model_type: str):
     """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
     import transformers as tf
@@ -268,6 +337,9 @@ def tiny_config(model_type: str):
     linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
     for c, k in linked:  # e.g. a vision merger's output width = the language model's width
         setattr(c, k, text.hidden_size)
+    _link_encoder_widths(config, text)
+    _tokens_per_image(config, before)
+    _name_modality_tokens(config)
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         # saved checkpoints name the decoder's first token; a bare config may not
         pad = getattr(config, "pad_token_id", None)
