@@ -43,6 +43,8 @@ _RULES: list[tuple[str, Any]] = [
      EXPERTS),
     (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|moe_top_k|moe_k|top_k_experts"
      r"|num_experts_per_token)$", TOP_K),
+    # how many of the layers are sparse (MoE): one of the tiny model's layers
+    (r"^(num_sparse_\w+_layers)$", 1),
     # routed experts in groups (group-limited routing): EXPERTS / 2 experts per group, tokens pick from one group
     (r"^(n_group|num_expert_group|n_expert_groups)$", 2),
     (r"^(topk_group)$", 1),
