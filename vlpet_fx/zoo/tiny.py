@@ -25,6 +25,9 @@ VOCAB = 512
 EXPERTS = 4
 TOP_K = 2
 LATENT = 128
+SSM_HEADS = 8
+SSM_STATE = 16
+SSM_CHUNK = 16
 
 # (regex over the setting's name, new value); first match wins. The hidden width is HEADS times the default head width
 # (kept), so rotary sections, partial rotary sizes and heads * head_dim == hidden stay consistent.
@@ -45,12 +48,16 @@ _RULES: list[tuple[str, Any]] = [
      r"|num_experts_per_token)$", TOP_K),
     # how many of the layers are sparse (MoE): one of the tiny model's layers
     (r"^(num_sparse_\w+_layers)$", 1),
+    # state-space (Mamba-2 style) mixers: heads, state width and scan chunk in tokens (the tiny inputs are short)
+    (r"^(mamba_n_heads|mamba_num_heads|n_mamba_heads|ssm_num_heads)$", SSM_HEADS),
+    (r"^(mamba_d_state|ssm_state_size|state_size|d_state)$", SSM_STATE),
+    (r"^(mamba_chunk_size|chunk_size)$", SSM_CHUNK),
     # routed experts in groups (group-limited routing): EXPERTS / 2 experts per group, tokens pick from one group
     (r"^(n_group|num_expert_group|n_expert_groups)$", 2),
     (r"^(topk_group)$", 1),
     # the compressed (latent) widths of multi-head latent attention (not below the shipped LoRA rule's rank)
     (r"^(q_lora_rank|kv_lora_rank|o_lora_rank)$", LATENT),
-    (r"^(vocab_size|decoder_vocab_size|text_vocab_size)$", VOCAB),
+    (r"^(vocab_size|decoder_vocab_size|text_vocab_size|\w*hash\w*_vocab)$", VOCAB),
     (r"^(image_size)$", 32),
     (r"^(patch_size)$", 8),
     (r"^(max_source_positions)$", 16),
@@ -265,6 +272,23 @@ def _width(c) -> int | None:
     return next((getattr(c, k) for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
 
 
+def _width_links(config) -> list:
+    """Settings of one (sub-)config that name another's width (``hidden_size_global``, ``cross_attention_hidden_size``
+    ...): a ``*hidden_size*`` setting other than the config's own width, equal in the defaults to the width of
+    exactly one other config of the model."""
+    configs = [config, *_subconfigs(config)]
+    links = []
+    for c in configs:
+        own = next((k for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
+        for k, v in vars(c).items():
+            if k == own or "hidden_size" not in k or isinstance(v, bool) or not isinstance(v, int):
+                continue
+            others = [o for o in configs if o is not c and _width(o) == v]
+            if len(others) == 1:
+                links.append((c, k, others[0]))
+    return links
+
+
 def _link_encoder_widths(config, text) -> None:
     """A projector sub-config's ``encoder_hidden_size`` (the width of the features it attends to) is the width of
     the one modality encoder beside it (bare configs of composite models do not always agree; checkpoints do)."""
@@ -332,6 +356,7 @@ def tiny_config(model_type: str):
               if isinstance(getattr(c, k, None), int)]
     linked += [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
                for k in ("projection_dim", "output_dim", "text_embed_dim") if getattr(c, k, None) == old_text]
+    widths = _width_links(config)
     before = copy.deepcopy(config)
     shrunk = shrink(config)
     config = rederive(shrunk, before)
@@ -339,6 +364,10 @@ def tiny_config(model_type: str):
     linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
     for c, k in linked:  # e.g. a vision merger's output width = the language model's width
         setattr(c, k, text.hidden_size)
+    for c, k, other in widths:  # e.g. a local encoder's `hidden_size_global` = the global transformer's width
+        c, other = _same_place(config, shrunk, c), _same_place(config, shrunk, other)
+        if _width(other):
+            setattr(c, k, _width(other))
     _link_encoder_widths(config, text)
     _tokens_per_image(config, before)
     _name_modality_tokens(config)
