@@ -195,6 +195,9 @@ def fix_for(exc: BaseException) -> str:
     if "not a known type" in text or "pytree" in text:
         return ("the forward returns or takes an object torch.export cannot flatten: register it with "
                 "torch.utils._pytree.register_pytree_node, or wrap the model so it returns tensors")
+    if "couldn't swap" in text:
+        return ("that forward converts its own module (module.to(...)) to another dtype or device, which "
+                "torch.export cannot trace: convert the model to that dtype/device before capture")
     if data_dependent(exc) or names & {"UserError"} or "data dependent" in text:
         code = user_line(exc)
         if re.search(r"`\s*for\b|\bwhile\b", code):

@@ -133,10 +133,12 @@ def _cut_layers(values: list, n: int) -> list:
     cut = values[:n]
     if not n or not all(isinstance(v, str) for v in values):
         return cut
-    missing = [v for v in dict.fromkeys(values) if v not in cut]
-    for i, kind in zip(range(n - 1, 0, -1), missing):  # replace from the end; the first layer stays
-        if cut.count(cut[i]) > 1:
-            cut[i] = kind
+    for kind in [v for v in dict.fromkeys(values) if v not in cut]:
+        # replace from the end a layer whose kind occurs more than once; the first layer stays
+        i = next((i for i in range(n - 1, 0, -1) if cut.count(cut[i]) > 1), None)
+        if i is None:
+            break
+        cut[i] = kind
     return cut
 
 
