@@ -92,6 +92,10 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
                 c.use_cache = False
     if mha is not None:
         mha.set_fastpath_enabled(False)
+    # torch.distributions checks its arguments' values (`if not constraint.check(v).all(): raise`), a branch on
+    # data that only ever raises: off while capturing, as the forward's arithmetic does not depend on it
+    validating = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
     # torch.export logs its own failure reports; we turn failures into one CaptureError line instead
     quiet = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in quiet]
@@ -107,6 +111,7 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
             c.use_cache = True
         if mha is not None:
             mha.set_fastpath_enabled(fast)
+        torch.distributions.Distribution.set_default_validate_args(validating)
 
 
 def _first_line(exc: BaseException) -> str:

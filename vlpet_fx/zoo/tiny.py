@@ -4,8 +4,12 @@ Used by the coverage benchmark and the family tests: every size-like integer of 
 feed-forward widths, layer/head/expert counts, vocabulary, image and audio sizes) is replaced by a small
 value chosen by the *meaning of the setting* in transformers' shared config vocabulary, never by family.
 Sub-configs (``text_config``, ``vision_config``, ``audio_config``, ``encoder``/``decoder``) are shrunk the
-same way. Lists sized by the layer count (``layer_types`` ...) are cut to the new count; token ids that
-would fall outside the smaller vocabulary are moved inside it.
+same way. Lists sized by the layer count (``layer_types`` ...) are cut to the new count keeping every kind of
+layer that fits (a hybrid keeps a softmax-attention layer), periods of layer kinds are brought inside it; token
+ids that would fall outside the smaller vocabulary are moved inside it. Multi-head attention stays multi-head
+(latent attention expands k/v to every query head), routing fits the experts (top-k, expert groups), and the
+config class is built again from the shrunk settings so that settings it derives (head widths, SSM head widths,
+a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it.
 """
 
 from __future__ import annotations
