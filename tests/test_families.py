@@ -39,7 +39,7 @@ CASES = {
     "olmo": ("causal", "olmo", {}, {"gated"}, {}),
     "granite": ("causal", "granite", {}, {"gated"}, {}),
     # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
-    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": PARTIAL_ROTARY}),
+    "stablelm": ("causal", "stablelm", {"num_key_value_heads": 2}, {"gated"}, {"roles": PARTIAL_ROTARY}),  # GQA
     # a norm on each sub-layer's output before the residual add (x + norm(f(x))): stacks and layers hold; the
     # residual add behind the norm is not found yet, so VL-PET's gate has no block input X
     "gemma2": ("causal", "gemma2", {}, {"gated"}, {"patch": POSTNORM}),

@@ -156,15 +156,30 @@ def data_dependent(exc: BaseException) -> bool:
 _USER_FRAME = re.compile(r'File "?([^",\n]+?)"?, line(?:no)? (\d+), in (\S+)\n\s+(?!File )(\S[^\n]*)')
 
 
+def _code(line: str) -> str:
+    """A source line without its trailing comment."""
+    return re.sub(r"\s+#.*$", "", line.strip())
+
+
 def user_line(exc: BaseException) -> str:
     """The model's own source line that torch.export names for a failure (``file.py:123 `code```), or ''."""
     for e in _chain(exc):
         frames = [m for m in _USER_FRAME.finditer(str(e)) if "/torch/" not in m.group(1)]
         if frames:
             path, line, _fn, code = frames[-1].groups()
-            code = code.strip()
+            code = _code(code)
             code = code if len(code) <= 80 else code[:77] + "..."
             return f"{path.rsplit('/', 1)[-1]}:{line} `{code}`"
+    import traceback  # torch did not name it: the innermost frame of the traceback outside torch and this package
+
+    for e in _chain(exc):
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if "/torch/" not in f.filename and "/vlpet_fx/" not in f.filename and f.line]
+        if frames:
+            f = frames[-1]
+            code = _code(f.line)
+            code = code if len(code) <= 80 else code[:77] + "..."
+            return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} `{code}`"
     return ""
 
 
@@ -184,9 +199,9 @@ def _draft(model: nn.Module, args: tuple, kwargs: dict):
     except Exception:  # noqa: BLE001 -- the first failure is the one reported
         return None
     report = getattr(exported, "_report", None)
-    found = [f"{p.rsplit('/', 1)[-1]}:{ln} `{code.strip()[:60]}`" for p, ln, _fn, code in
+    found = [f"{p.rsplit('/', 1)[-1]}:{ln} `{_code(code)[:60]}`" for p, ln, _fn, code in
              (m.groups() for m in _USER_FRAME.finditer(str(report or ""))) if "/torch/" not in p]
-    return exported, tuple(dict.fromkeys(found)) or ("a data-dependent value",)
+    return exported, tuple(dict.fromkeys(found))
 
 
 def fix_for(exc: BaseException) -> str:
@@ -278,6 +293,8 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     f"{type(exc).__name__}: {_first_line(exc)}{f' at {at}' if at else ''} -- fix: {fix_for(exc)}"
                 ) from exc
             exported, specialised = drafted
+            first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
+            specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
             warnings.warn(
                 f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
                 f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
