@@ -264,8 +264,19 @@ def summarise(records: list[dict]) -> dict:
     return by
 
 
+# families torch.export cannot capture, with the reason (written under the table of docs/COVERAGE.md)
+UNSUPPORTED = {
+    "switch_transformers": "its experts loop over the experts the router picked (`for expert_idx in expert_hit`): "
+                           "torch.export cannot unroll a loop whose length is data, and draft_export fails there too",
+    "longcat_flash": "the same per-expert loop over the experts hit (`for expert_idx_tensor in expert_hit` + .item())",
+    "qwen2_vl": "its vision attention splits q/k/v per image by lengths read from a tensor "
+                "(`torch.split(..., lengths.tolist())`, from image_grid_thw): a data-dependent size",
+}
+
 # failure classes, by what the one-line reason says (first match wins)
 CAUSES = [
+    ("loops over values read from tensors", "torch.export: a loop over tensor values (per-expert MoE loops)"),
+    ("sizes tensors by values read from tensors", "torch.export: tensor sizes from tensor values"),
     ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q"),
     ("reads the block input", "VL-PET gate: block input X not tied to a module (MoE, parallel or post-norm blocks)"),
     ("matches no site", "a block the rule set names was not found (e.g. FFN behind a post-norm, fused or MoE)"),
@@ -290,7 +301,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} (torch {meta['torch']}, "
              f"transformers {meta['transformers']}); raw records: `docs/bench/coverage/coverage.json`.", "",
              "Each family is built from its config class's defaults shrunk by `vlpet_fx.zoo.tiny` (2 layers, 4 heads "
-             "of the default head width, FFN 128, vocabulary 512) and saved with `save_pretrained`, then: sites per "
+             "of the default head width, FFN 128, vocabulary 512; a hybrid keeps one layer of each kind, multi-head "
+             "attention stays multi-head, derived settings follow) and saved with `save_pretrained`, then: sites per "
              "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
              "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
              "(zero-initialised B) identical to the unpatched model, and `generate()` with the KV cache equal to "
@@ -325,6 +337,9 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
                 why += f" (inspect DIR: {r['inspect_dir']})"
         lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
                      f"{roles} | {r.get('norms', '')} | {why} |")
+    lines += ["", "Notes: families torch.export cannot capture (the capture error names the line and the fix; a branch "
+              "on data alone is captured with the example inputs' branch, asserted at run time):", ""]
+    lines += [f"- `{t}`: {why}" for t, why in UNSUPPORTED.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

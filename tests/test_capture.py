@@ -51,13 +51,81 @@ class Inner(nn.Module):
         return -y
 
 
-def test_capture_error_names_the_module_and_a_fix():
+def test_capture_error_names_the_module_the_line_and_a_fix():
+    # on the meta device there are no values to decide the branch with, so capture cannot fall back to the branch
+    # the example inputs take: the error names the module, the source line and the fix for a branch on data
     with pytest.raises(vlpet_fx.CaptureError) as info:
-        vlpet_fx.capture(Branchy(), (torch.randn(2, 4),))
+        vlpet_fx.capture(Branchy().to("meta"), (torch.randn(2, 4, device="meta"),))
     msg = str(info.value)
     assert "module 'gate' (Inner)" in msg  # the module, by path and class
-    assert "fix: remove data-dependent Python control flow from that forward (use torch.where / torch.cond)" in msg
+    assert "GuardOnDataDependentSymNode" in msg  # the exception's type and first line
+    assert "test_capture.py:" in msg and "`if y.sum() > 0:`" in msg  # the model's own line
+    assert "fix: that forward branches on tensor values" in msg and "torch.where / torch.cond" in msg
     assert "\n" not in msg.strip()
+
+
+def test_a_branch_on_data_is_captured_as_the_example_inputs_take_it_and_asserted():
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="data-dependent branches fixed by the example inputs"):
+        cap = vlpet_fx.capture(model, (x,))
+    assert cap.specialised and "`if y.sum() > 0:`" in cap.specialised[0]
+    gm = cap.exported.module()
+    torch.testing.assert_close(gm(x), model(x))
+    with torch.no_grad():
+        w, b = model.gate.lin.weight, model.gate.lin.bias
+        # an input on the other side of the branch: x + t * d moves sum(lin(.)) by t * sum(W d), past zero
+        d = torch.ones(2, 4)
+        t = -2 * float((model.gate.lin(x).sum()) / (w @ d[0]).sum() / 2)
+        other = x + t * d
+        assert (model.gate.lin(other).sum() > 0) != (model.gate.lin(x).sum() > 0)
+    with pytest.raises(RuntimeError):  # the other branch is refused at run time, never computed as the captured one
+        gm(other)
+
+
+class ExpertLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, picked):
+        out = torch.zeros_like(x)
+        for i in picked.unique():  # a loop over the experts a router picked
+            out = out + self.experts[int(i)](x)
+        return out
+
+
+def test_a_loop_over_data_gets_the_fix_for_loops():
+    model = ExpertLoop().to("meta")
+    with pytest.raises(vlpet_fx.CaptureError) as info:
+        vlpet_fx.capture(model, (torch.randn(2, 4, device="meta"), torch.tensor([0, 2], device="meta")))
+    msg = str(info.value)
+    assert "fix: that forward loops over values read from tensors" in msg, msg
+    assert "\n" not in msg.strip()
+
+
+class SelfConverting(nn.Module):
+    """Converts its own layer in forward, as some MoE routers do (to the dtype it already has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.lin = self.lin.to(torch.float32)
+        return self.lin(x)
+
+
+def test_a_module_converting_itself_to_its_own_dtype_is_captured():
+    model = SelfConverting()
+    x = torch.randn(2, 4)
+    original = nn.Module.to
+    cap = vlpet_fx.capture(model, (x,))
+    assert not cap.specialised
+    torch.testing.assert_close(cap.exported.module()(x), model(x))
+    assert nn.Module.to is original  # torch's method is back after capture
+    assert model.to(torch.float64).lin.weight.dtype == torch.float64
 
 
 def test_capture_needs_inputs_for_unknown_modules():

@@ -21,10 +21,12 @@ from vlpet_fx.zoo.tiny import tiny_config
 transformers = pytest.importorskip("transformers")
 
 PARTIAL_ROTARY = "k reaches the attention core through partial rotary's concatenation, which the projection search does not cross yet"
+LATENT_K = ("k of multi-head latent attention is a slice of the latent up-projection concatenated with a shared rotary "
+            "part, which the projection search does not cross yet")
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",
-        "speech": "AutoModelForSpeechSeq2Seq"}
+        "speech": "AutoModelForSpeechSeq2Seq", "audio": "AutoModelForSeq2SeqLM"}
 CASES = {
     # causal LMs: rotary + gated MLP (SDPA and eager), GQA, biases on q/k/v, (1 + w) RMSNorm
     "llama": ("causal", "llama", {}, {"gated"}, {}),
@@ -35,7 +37,7 @@ CASES = {
     "olmo": ("causal", "olmo", {}, {"gated"}, {}),
     "granite": ("causal", "granite", {}, {"gated"}, {}),
     # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
-    "stablelm": ("causal", "stablelm", {}, {"gated"}, {"roles": PARTIAL_ROTARY}),
+    "stablelm": ("causal", "stablelm", {"num_key_value_heads": 2}, {"gated"}, {"roles": PARTIAL_ROTARY}),  # GQA
     # a norm on each sub-layer's output before the residual add (x + norm(f(x))): the residual branch gives the
     # block its residual add, so VL-PET's gate reads the block input X
     "gemma2": ("causal", "gemma2", {}, {"gated"}, {}),
@@ -53,6 +55,10 @@ CASES = {
     # site), and routed + shared experts (the shared expert's projections keep their roles)
     "mixtral": ("causal", "mixtral", {}, {"moe", "batched"}, {}),
     "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {}),
+    # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts
+    "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {"roles": LATENT_K}),
+    # a hybrid: recurrent (linear-time) mixers and softmax attention; the tiny config keeps one layer of each kind
+    "recurrent_gemma": ("causal", "recurrent_gemma", {}, {"gated", "hybrid"}, {}),
     # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
     "t5": ("seq2seq", "t5", {}, set(), {}),
     "mt5": ("seq2seq", "mt5", {}, {"gated"}, {}),
@@ -66,8 +72,11 @@ CASES = {
     "llava": ("vlm", "llava", {}, {"gated"}, {}),
     "paligemma": ("vlm", "paligemma", {}, {"gated"}, {}),
     "whisper": ("speech", "whisper", {}, set(), {}),
+    # an audio LLM: audio encoder -> projector -> causal LM, inputs with one audio token per audio embedding
+    "voxtral": ("audio", "voxtral", {}, {"gated"}, {}),
 }
-RULES = {"causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm", "seq2seq": "vlpet_large", "speech": "vlpet_large"}
+RULES = {"causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm", "seq2seq": "vlpet_large", "speech": "vlpet_large",
+         "audio": "vlpet_causal_lm"}
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "decoder_layers", "depth")
 ENC_KEYS = ("encoder_layers", "num_layers", "num_hidden_layers")
 DEC_KEYS = ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers")
@@ -87,12 +96,20 @@ def expected_layers(kind: str, cfg) -> dict[str, int]:
         return {"decoder": _count(cfg, LAYER_KEYS)}
     if kind == "vlm":
         return {"visual": _count(cfg.vision_config, LAYER_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
+    if kind == "audio":  # the audio encoder is an encoder stack, the language model a decoder (no cross-attention)
+        return {"encoder": _count(cfg.audio_config, ENC_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
     return {"encoder": _count(cfg, ENC_KEYS), "decoder": _count(cfg, DEC_KEYS)}
 
 
-def expected_blocks(kind: str, stack: str) -> set[str]:
+RECURRENT = ("linear", "recurrent", "mamba", "conv")
+
+
+def expected_blocks(kind: str, stack: str, cfg=None, layer: int = 0) -> set[str]:
     if stack == "decoder" and kind in ("seq2seq", "speech"):
         return {"self_attn", "cross_attn", "ffn"}
+    kinds = getattr(getattr(cfg, "text_config", None) or cfg, "layer_types", None) if cfg is not None else None
+    if kinds and any(w in str(kinds[layer % len(kinds)]) for w in RECURRENT):
+        return {"ffn"}  # a hybrid's recurrent mixer has no softmax attention
     return {"self_attn", "ffn"}
 
 
@@ -134,7 +151,7 @@ def test_stacks_and_layers_from_the_dataflow(name):
     for stack in table.stacks():
         for layer in range(table.num_layers()[stack]):
             got = {s.block for s in table.where(stack=stack, layer=layer)}
-            assert got == expected_blocks(kind, stack), (name, stack, layer, got)
+            assert got == expected_blocks(kind, stack, model.config, layer), (name, stack, layer, got)
 
 
 @pytest.mark.parametrize("name", cases_for("roles"))
@@ -146,7 +163,7 @@ def test_roles_of_every_block(name):
         if block == "ffn":
             if "batched" in CASES[name][3]:  # one 3-D weight per matrix for all experts: no projection site
                 assert roles == {"output"}, (name, stack, layer, roles)
-            elif stack == "visual" or not gated:
+            elif stack == "visual" or (kind == "audio" and stack == "encoder") or not gated:  # plain towers
                 assert {"in", "out", "output"} <= roles, (name, stack, layer, roles)
             else:  # the projection whose output passes the activation before the product is the gate
                 assert {"gate", "up", "out", "output"} <= roles, (name, stack, layer, roles)
@@ -191,7 +208,7 @@ def test_patch_forward_backward_lora_identity_and_generate(name):
     out.float().sum().backward()
     trainable = [p for p in patched.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable), name
-    if kind in ("causal", "vlm"):
+    if kind in ("causal", "vlm", "audio"):
         extra = {k: v for k, v in kwargs.items() if k != "use_cache"}
         with torch.no_grad():
             cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
@@ -201,6 +218,6 @@ def test_patch_forward_backward_lora_identity_and_generate(name):
 
 def test_the_table_spans_the_patterns():
     traits = set().union(*(c[3] for c in CASES.values()))
-    assert {"gated", "fused", "moe"} <= traits
+    assert {"gated", "fused", "moe", "latent", "hybrid"} <= traits
     assert len(CASES) >= 25
     assert {c[0] for c in CASES.values()} == set(AUTO)

@@ -24,6 +24,9 @@ class Captured:
     user_inputs: list[str]
     exported: object | None = None  # torch.export.ExportedProgram when method == "export"
     example_inputs: tuple[tuple, dict] = ((), {})
+    # where the forward branched or looped on tensor values: the graph follows the example inputs' path there and
+    # asserts it at run time (capture fell back to torch.export.draft_export); empty for an ordinary capture
+    specialised: tuple[str, ...] = ()
     _order: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property

@@ -196,20 +196,78 @@ def _image_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[di
     return None
 
 
-def _rows_from(get, inputs: dict) -> int | None:
-    """Embeddings per example that ``get`` (a model's ``get_audio_features``) makes of ``inputs``."""
-    if not callable(get):
-        return None
+def _lengths_function(model: nn.Module):
+    """The audio encoder's own frames -> embeddings formula (``_get_feat_extract_output_lengths``), if it has one."""
+    for m in model.modules():
+        fn = getattr(m, "_get_feat_extract_output_lengths", None)
+        if callable(fn) and m is not model:
+            return fn
+    return None
+
+
+def _audio_rows(model: nn.Module, inputs: dict, frames: int) -> int | None:
+    """How many embeddings one example's audio becomes: from ``get_audio_features`` when it can be called on the
+    audio inputs alone (with the arguments its signature names), else from the encoder's own length formula."""
     import inspect
 
+    get = getattr(model, "get_audio_features", None)
+    if callable(get):
+        try:
+            sig = inspect.signature(get).parameters
+        except (TypeError, ValueError):
+            sig = {}
+        required = {n for n, p in sig.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                     p.KEYWORD_ONLY)}
+        if required <= set(inputs):
+            named = {n for n in sig if n not in ("args", "kwargs")}
+            given = {k: v for k, v in inputs.items() if k in named or not named or "kwargs" in sig}
+            try:
+                with torch.no_grad():
+                    rows = _rows_per_image(get(**given), BATCH)
+                if rows:
+                    return rows
+            except Exception:  # noqa: BLE001 -- not callable this way: use the length formula
+                pass
+    fn = _lengths_function(model)
+    if fn is None:
+        return None
     try:
-        names = set(inspect.signature(get).parameters)
-        given = {k: v for k, v in inputs.items() if k in names} if not names & {"kwargs"} else {
-            k: v for k, v in inputs.items() if k != "use_cache"}
         with torch.no_grad():
-            return _rows_per_image(get(**given), BATCH)
+            out = fn(torch.full((BATCH,), frames, dtype=torch.long))
+        out = out[-1] if isinstance(out, (tuple, list)) else out
+        return int(out.reshape(-1)[0]) if isinstance(out, torch.Tensor) else int(out)
     except Exception:  # noqa: BLE001 -- no count: the builder declines
         return None
+
+
+def _audio_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[dict, int] | None:
+    """``input_features`` (with the frame masks the forward names) and the number of audio tokens per example.
+
+    Mel bins come from the config; frames are ``max_source_positions`` times the strides of the model's 1-D
+    convolutions. The layout is the first the model's audio encoder accepts: (B, mel bins, frames) as Whisper's
+    feature extractor gives, or (B, frames, features). A model with an audio token (an audio LLM) gets as many
+    of them as its audio encoder makes embeddings."""
+    cfg = model.config
+    mel = _find(cfg, "num_mel_bins", "feature_size", "n_mels", "input_dim") or 80
+    positions = _find(cfg, "max_source_positions")
+    stride = 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d):
+            stride *= int(m.stride[0])
+    frames = positions * stride if positions else 64
+    audio_id = _find(cfg, "audio_token_id", "audio_token_index")
+    g = torch.Generator().manual_seed(0)
+    masks = [n for n in params if "feature" in n and "mask" in n]  # frame masks, whatever the forward calls them
+    for shape in ((BATCH, mel, frames), (BATCH, frames, mel)):
+        kwargs: dict[str, Any] = {"input_features": torch.randn(*shape, generator=g).to(device, dtype)}
+        for name in masks:
+            kwargs[name] = torch.ones(BATCH, frames, dtype=torch.bool, device=device)
+        if audio_id is None:
+            return kwargs, 0
+        rows = _audio_rows(model, kwargs, frames)
+        if rows:
+            return kwargs, rows
+    return None
 
 
 def _wrapped(cfg, modality: str, tokens: list[int]) -> list[int]:
@@ -229,6 +287,7 @@ def _hf_auto(model: nn.Module):
       ``max_source_positions`` times the strides of the model's 1-D convolutions;
     * ``pixel_values`` for vision-language models, with as many image tokens in ``input_ids`` (the config's
       image token id, between its vision start/end tokens if it has them) as ``get_image_features`` makes;
+    * ``lang_ids`` (the config's first language) for models with per-language modules;
     * ``use_cache=False`` whenever the forward accepts it (a cache object is not a graph output).
     """
     if not _is_hf(model):
@@ -241,25 +300,18 @@ def _hf_auto(model: nn.Module):
     avoid = _special_ids(cfg)
     n_vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else _find(cfg, "vocab_size")
     placeholders: list[int] = []  # image/audio placeholder tokens that go before the text
+    retry: dict[str, torch.Tensor] = {}  # other inputs to use if the forward refuses the first ones
     if "input_features" in params:
-        mel = _find(cfg, "num_mel_bins", "feature_size", "n_mels", "input_dim") or 80
-        positions = _find(cfg, "max_source_positions")
-        stride = 1
-        for m in model.modules():
-            if isinstance(m, nn.Conv1d):
-                stride *= int(m.stride[0])
-        frames = positions * stride if positions else 64
-        g = torch.Generator().manual_seed(0)
-        kwargs["input_features"] = torch.randn(BATCH, mel, frames, generator=g).to(device, dtype)
-        for name in params:  # a mask over the audio frames, under whatever name the forward gives it
-            if "feature" in name and "mask" in name:
-                kwargs[name] = torch.ones(BATCH, frames, dtype=torch.bool, device=device)
-        audio_id = _find(cfg, "audio_token_id", "audio_token_index")
-        if audio_id is not None:  # an audio-LLM: as many audio tokens as the audio encoder makes
-            rows = _rows_from(getattr(model, "get_audio_features", None), kwargs)
-            if not rows:
-                return None
-            placeholders += _wrapped(cfg, "audio", [audio_id] * rows)
+        found = _audio_inputs(model, params, device, dtype)
+        if found is None:
+            return None
+        audio, audio_tokens = found
+        kwargs.update(audio)
+        masks = [n for n in audio if n != "input_features"]
+        if audio_tokens and masks:  # a mask over the frames, or over the audio embeddings: the forward decides
+            retry = {n: torch.ones(BATCH, audio_tokens, dtype=torch.bool, device=device) for n in masks}
+        if audio_tokens:
+            placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * audio_tokens)
     if "pixel_values" in params and getattr(cfg, "vision_config", None) is not None:
         found = _image_inputs(model, params, device, dtype)
         if found is None:
@@ -281,6 +333,8 @@ def _hf_auto(model: nn.Module):
             kwargs["mm_token_type_ids"] = (ids == image_id).long()
         if "attention_mask" in params or var_kw:
             kwargs["attention_mask"] = torch.ones_like(ids)
+    if "lang_ids" in params and isinstance(getattr(cfg, "languages", None), (list, tuple)) and cfg.languages:
+        kwargs["lang_ids"] = torch.zeros(BATCH, dtype=torch.long, device=device)  # the config's first language
     if getattr(cfg, "is_encoder_decoder", False) and ("decoder_input_ids" in params or var_kw):
         dec = model.get_decoder() if hasattr(model, "get_decoder") else None
         d_emb = dec.get_input_embeddings() if dec is not None and hasattr(dec, "get_input_embeddings") else None
@@ -291,7 +345,21 @@ def _hf_auto(model: nn.Module):
         return None
     if "use_cache" in params or var_kw:
         kwargs["use_cache"] = False
+    if retry and not _runs(model, kwargs) and _runs(model, {**kwargs, **retry}):
+        kwargs.update(retry)
     return (), kwargs
+
+
+def _runs(model: nn.Module, kwargs: dict) -> bool:
+    """Whether the forward accepts ``kwargs`` (True on the meta device, where nothing can be run)."""
+    if any(p.is_meta for p in model.parameters()):
+        return True
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    except Exception:  # noqa: BLE001 -- the caller tries another layout
+        return False
+    return True
 
 
 @register_example_inputs("image-tower", first=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -40,6 +42,33 @@ def _module_tracker(model: nn.Module) -> Iterator[list[str]]:
         h2.remove()
 
 
+@contextlib.contextmanager
+def _no_op_conversions() -> Iterator[None]:
+    """``module.to(dtype/device)`` inside a forward (a router keeping its classifier in float32 ...) is a no-op when
+    every tensor of the module already has that dtype and device; torch.export cannot trace the parameter swap a
+    real conversion makes, so during capture such a call returns the module unchanged. Real conversions still
+    go to torch (and fail with torch's message)."""
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        try:
+            device, dtype, _non_blocking, fmt = torch._C._nn._parse_to(*args, **kwargs)
+        except Exception:  # noqa: BLE001 -- arguments torch will refuse itself
+            return original(self, *args, **kwargs)
+        if fmt is None and all(
+                (dtype is None or not (t.is_floating_point() or t.is_complex()) or t.dtype == dtype)
+                and (device is None or t.device == torch.device(device))
+                for t in (*self.parameters(), *self.buffers())):
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
                   "torch._subclasses.fake_tensor")
 
@@ -63,6 +92,10 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
                 c.use_cache = False
     if mha is not None:
         mha.set_fastpath_enabled(False)
+    # torch.distributions checks its arguments' values (`if not constraint.check(v).all(): raise`), a branch on
+    # data that only ever raises: off while capturing, as the forward's arithmetic does not depend on it
+    validating = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
     # torch.export logs its own failure reports; we turn failures into one CaptureError line instead
     quiet = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in quiet]
@@ -78,6 +111,7 @@ def _capture_mode(model: nn.Module, train: bool) -> Iterator[None]:
             c.use_cache = True
         if mha is not None:
             mha.set_fastpath_enabled(fast)
+        torch.distributions.Distribution.set_default_validate_args(validating)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -109,6 +143,67 @@ def _eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> BaseException
     return None
 
 
+_DATA_DEPENDENT = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "PendingUnbackedSymbolNotFound"}
+
+
+def data_dependent(exc: BaseException) -> bool:
+    """Whether torch.export failed because the forward depends on tensor *values* (a branch, a loop, a size)."""
+    chain = _chain(exc)
+    text = " ".join(str(e) for e in chain).lower()
+    return bool({type(e).__name__ for e in chain} & _DATA_DEPENDENT) or "data-dependent" in text
+
+
+_USER_FRAME = re.compile(r'File "?([^",\n]+?)"?, line(?:no)? (\d+), in (\S+)\n\s+(?!File )(\S[^\n]*)')
+
+
+def _code(line: str) -> str:
+    """A source line without its trailing comment."""
+    return re.sub(r"\s+#.*$", "", line.strip())
+
+
+def user_line(exc: BaseException) -> str:
+    """The model's own source line that torch.export names for a failure (``file.py:123 `code```), or ''."""
+    for e in _chain(exc):
+        frames = [m for m in _USER_FRAME.finditer(str(e)) if "/torch/" not in m.group(1)]
+        if frames:
+            path, line, _fn, code = frames[-1].groups()
+            code = _code(code)
+            code = code if len(code) <= 80 else code[:77] + "..."
+            return f"{path.rsplit('/', 1)[-1]}:{line} `{code}`"
+    import traceback  # torch did not name it: the innermost frame of the traceback outside torch and this package
+
+    for e in _chain(exc):
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if "/torch/" not in f.filename and "/vlpet_fx/" not in f.filename and f.line]
+        if frames:
+            f = frames[-1]
+            code = _code(f.line)
+            code = code if len(code) <= 80 else code[:77] + "..."
+            return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} `{code}`"
+    return ""
+
+
+def _draft(model: nn.Module, args: tuple, kwargs: dict):
+    """Capture again with ``torch.export.draft_export``: real values decide the data-dependent branches and loops,
+    and the graph asserts them at run time (another branch raises instead of computing something else).
+
+    Returns ``(exported, assumptions)`` or None (also on the meta device, where there are no values)."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    draft = getattr(torch.export, "draft_export", None)
+    if draft is None:
+        return None
+    try:
+        with _no_op_conversions(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            exported = draft(model, args, kwargs, strict=False)
+    except Exception:  # noqa: BLE001 -- the first failure is the one reported
+        return None
+    report = getattr(exported, "_report", None)
+    found = [f"{p.rsplit('/', 1)[-1]}:{ln} `{_code(code)[:60]}`" for p, ln, _fn, code in
+             (m.groups() for m in _USER_FRAME.finditer(str(report or ""))) if "/torch/" not in p]
+    return exported, tuple(dict.fromkeys(found))
+
+
 def fix_for(exc: BaseException) -> str:
     """The fix that fits a capture failure, decided from the exception (and its causes), not guessed."""
     chain = _chain(exc)
@@ -120,10 +215,20 @@ def fix_for(exc: BaseException) -> str:
     if "not a known type" in text or "pytree" in text:
         return ("the forward returns or takes an object torch.export cannot flatten: register it with "
                 "torch.utils._pytree.register_pytree_node, or wrap the model so it returns tensors")
-    if (names & {"GuardOnDataDependentSymNode", "UserError", "DataDependentOutputException"}
-            or "data-dependent" in text or "data dependent" in text):
-        return ("remove data-dependent Python control flow from that forward (use torch.where / torch.cond), "
-                "or pass example_inputs that match it")
+    if "couldn't swap" in text:
+        return ("that forward converts its own module (module.to(...)) to another dtype or device, which "
+                "torch.export cannot trace: convert the model to that dtype/device before capture")
+    if data_dependent(exc) or names & {"UserError"} or "data dependent" in text:
+        code = user_line(exc)
+        if re.search(r"`\s*for\b|\bwhile\b", code):
+            return ("that forward loops over values read from tensors (e.g. the experts a router picked), which "
+                    "torch.export cannot unroll: use a vectorised form of the module (transformers: "
+                    "experts_implementation='batched_mm' where the model offers it), or capture without it")
+        if re.search(r"tolist\(|\.item\(|split\(|nonzero|repeat_interleave|\[[^]]*mask", code):
+            return ("that forward sizes tensors by values read from tensors, which torch.export cannot trace: "
+                    "pass example_inputs whose sizes fix them, or capture a sub-module that does not do it")
+        return ("that forward branches on tensor values (a Python `if` on data), and capturing with the example "
+                "inputs' branch failed too: rewrite the branch with torch.where / torch.cond")
     if "TypeError" in names and ("argument" in text or "keyword" in text or "positional" in text):
         return ("the example inputs do not fit the forward's signature: pass example_inputs with the arguments "
                 "it takes (or register a builder with vlpet_fx.register_example_inputs)")
@@ -162,8 +267,9 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
 
     with _capture_mode(model, train):
         tracker_stack: list[str] = []
+        specialised: tuple[str, ...] = ()
         try:
-            with _module_tracker(model) as tracker_stack:
+            with _module_tracker(model) as tracker_stack, _no_op_conversions():
                 # on failure torch.export prints the partial graph to stderr; the CaptureError says it in one line
                 with contextlib.redirect_stderr(io.StringIO()):
                     exported = torch.export.export(model, args, kwargs, strict=False)
@@ -179,10 +285,19 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     f"torch.export: {type(eager).__name__}: {_first_line(eager)} -- fix: pass example_inputs "
                     "that its forward accepts (or register a builder with vlpet_fx.register_example_inputs)"
                 ) from exc
-            raise CaptureError(
-                f"cannot capture {type(model).__name__}: torch.export failed in {where_txt}: "
-                f"{type(exc).__name__}: {_first_line(exc)} -- fix: {fix_for(exc)}"
-            ) from exc
+            drafted = _draft(model, args, kwargs) if data_dependent(exc) else None
+            if drafted is None:
+                at = user_line(exc)
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__}: torch.export failed in {where_txt}: "
+                    f"{type(exc).__name__}: {_first_line(exc)}{f' at {at}' if at else ''} -- fix: {fix_for(exc)}"
+                ) from exc
+            exported, specialised = drafted
+            first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
+            specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
+            warnings.warn(
+                f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
+                f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
 
     sig = exported.graph_signature
     return Captured(
@@ -193,4 +308,5 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
         user_inputs=list(sig.user_inputs),
         exported=exported,
         example_inputs=(args, kwargs),
+        specialised=specialised,
     )

@@ -4,12 +4,18 @@ Used by the coverage benchmark and the family tests: every size-like integer of 
 feed-forward widths, layer/head/expert counts, vocabulary, image and audio sizes) is replaced by a small
 value chosen by the *meaning of the setting* in transformers' shared config vocabulary, never by family.
 Sub-configs (``text_config``, ``vision_config``, ``audio_config``, ``encoder``/``decoder``) are shrunk the
-same way. Lists sized by the layer count (``layer_types`` ...) are cut to the new count; token ids that
-would fall outside the smaller vocabulary are moved inside it.
+same way. Lists sized by the layer count (``layer_types`` ...) are cut to the new count keeping every kind of
+layer that fits (a hybrid keeps a softmax-attention layer), periods of layer kinds are brought inside it; token
+ids that would fall outside the smaller vocabulary are moved inside it. Multi-head attention stays multi-head
+(latent attention expands k/v to every query head), routing fits the experts (top-k, expert groups), and the
+config class is built again from the shrunk settings so that settings it derives (head widths, SSM head widths,
+a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -21,6 +27,11 @@ HEAD_DIM = 16
 LAYERS = 2
 VOCAB = 512
 EXPERTS = 4
+TOP_K = 2
+LATENT = 128
+SSM_HEADS = 8
+SSM_STATE = 16
+SSM_CHUNK = 16
 
 # (regex over the setting's name, new value); first match wins. The hidden width is HEADS times the default head width
 # (kept), so rotary sections, partial rotary sizes and heads * head_dim == hidden stay consistent.
@@ -34,13 +45,29 @@ _RULES: list[tuple[str, Any]] = [
      r"|embedding_size|projection_dim|out_hidden_size|vision_embed_dim|text_embed_dim)$", HIDDEN),
     (r"^(intermediate_size|ffn_dim|d_ff|n_inner|encoder_ffn_dim|decoder_ffn_dim|ffn_hidden_size|mlp_dim"
      r"|moe_intermediate_size|shared_expert_intermediate_size|expert_intermediate_size|inner_dim"
-     r"|intermediate_dim|d_inner)$", FFN),
-    (r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_routed_experts)$", EXPERTS),
-    (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|num_experts_per_token)$", 2),
-    (r"^(vocab_size|decoder_vocab_size|text_vocab_size)$", VOCAB),
+     r"|intermediate_dim|d_inner|expert_ffn_hidden_size)$", FFN),
+    (r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_routed_experts|zero_expert_num)$",
+     EXPERTS),
+    (r"^(num_experts_per_tok|num_selected_experts|top_k|moe_topk|moe_top_k|moe_k|top_k_experts"
+     r"|num_experts_per_token)$", TOP_K),
+    # how many of the layers are sparse (MoE): one of the tiny model's layers
+    (r"^(num_sparse_\w+_layers)$", 1),
+    # state-space (Mamba-2 style) mixers: heads, state width and scan chunk in tokens (the tiny inputs are short)
+    (r"^(mamba_n_heads|mamba_num_heads|n_mamba_heads|ssm_num_heads)$", SSM_HEADS),
+    (r"^(mamba_d_state|ssm_state_size|state_size|d_state)$", SSM_STATE),
+    (r"^(mamba_chunk_size|chunk_size)$", SSM_CHUNK),
+    # routed experts in groups (group-limited routing): EXPERTS / 2 experts per group, tokens pick from one group
+    (r"^(n_group|num_expert_group|n_expert_groups)$", 2),
+    (r"^(topk_group)$", 1),
+    # the compressed (latent) widths of multi-head latent attention (not below the shipped LoRA rule's rank)
+    (r"^(q_lora_rank|kv_lora_rank|o_lora_rank)$", LATENT),
+    (r"^(vocab_size|decoder_vocab_size|text_vocab_size|\w*hash\w*_vocab)$", VOCAB),
     (r"^(image_size)$", 32),
     (r"^(patch_size)$", 8),
     (r"^(max_source_positions)$", 16),
+    # an audio encoder's attention window in mel frames (inputs are a multiple of twice it), and its inference span
+    (r"^(n_window)$", 8),
+    (r"^(n_window_infer)$", 32),
     (r"^(num_mel_bins)$", 16),
 ]
 _COMPILED = [(re.compile(p), v) for p, v in _RULES]
@@ -74,6 +101,70 @@ def _head_dim(attrs: dict) -> int | None:
     return hidden // heads if hidden and heads and hidden % heads == 0 else None
 
 
+_KV_KEY = re.compile(_RULES[0][0])
+
+
+_EXPERTS_KEY = re.compile(_RULES[5][0])
+_TOP_K_KEY = re.compile(_RULES[6][0])
+
+
+def _name_top_k(config) -> None:
+    """A bare config with routed experts but no top-k (published checkpoints name one) routes to TOP_K experts."""
+    attrs = vars(config)
+    if any(_EXPERTS_KEY.match(k) and isinstance(v, int) and v > 0 for k, v in attrs.items()):
+        for k, v in list(attrs.items()):
+            if _TOP_K_KEY.match(k) and v is None:
+                setattr(config, k, TOP_K)
+
+
+def _keep_kv_equal_to_heads(config, old: dict) -> None:
+    """Multi-head attention stays multi-head: where the defaults have as many key/value heads as query heads, so
+    does the tiny config (latent-attention models expand k/v to every query head, whatever the k/v head count)."""
+    heads = next((k for k in old if _HEADS_KEY.match(k) and isinstance(old[k], int) and old[k] > 0), None)
+    if heads is None:
+        return
+    for k, v in old.items():
+        if _KV_KEY.match(k) and v == old[heads] and getattr(config, k) != getattr(config, heads):
+            setattr(config, k, getattr(config, heads))
+
+
+def _cut_layers(values: list, n: int) -> list:
+    """The first ``n`` entries of a per-layer list, keeping every kind of layer it names (as many as fit).
+
+    A hybrid model lists layer kinds (``["linear_attention"] * 3 + ["full_attention"]``, mamba/attention ...); its
+    first two would all be of one kind, and the tiny model would have no softmax attention at all. Kinds are
+    only strings; numbers (per-layer widths, ids) are cut as they are."""
+    cut = values[:n]
+    if not n or not all(isinstance(v, str) for v in values):
+        return cut
+    for kind in [v for v in dict.fromkeys(values) if v not in cut]:
+        # replace from the end a layer whose kind occurs more than once; the first layer stays
+        i = next((i for i in range(n - 1, 0, -1) if cut.count(cut[i]) > 1), None)
+        if i is None:
+            break
+        cut[i] = kind
+    return cut
+
+
+_PERIOD = re.compile(r"^(.*layer.*)_(period|interval|frequency)$")
+
+
+def _every_period_in_reach(config, old: dict, layers: int) -> None:
+    """Layer kinds given by a period and an offset (an attention layer every 8 layers from the 4th, ...): the
+    period and offset are brought inside the tiny layer count, so each kind still occurs."""
+    if layers < 2:
+        return
+    for key, period in old.items():
+        m = _PERIOD.match(key)
+        if not m or isinstance(period, bool) or not isinstance(period, int) or period <= layers:
+            continue
+        setattr(config, key, layers)
+        for suffix in ("offset", "start", "start_index"):
+            off = f"{m.group(1)}_{suffix}"
+            if isinstance(old.get(off), int) and not isinstance(old.get(off), bool):
+                setattr(config, off, old[off] % layers)
+
+
 def shrink(config) -> Any:
     """Shrink ``config`` (a ``PretrainedConfig``) in place and return it."""
     attrs = dict(vars(config))
@@ -89,13 +180,20 @@ def shrink(config) -> Any:
         new = _shrink_value(name, value, hidden)
         if new is not value:
             setattr(config, name, new)
+    _keep_kv_equal_to_heads(config, attrs)
+    _name_top_k(config)
     new_layers = {k: getattr(config, k) for k in old_layers}
     for name, value in vars(config).items():
         if isinstance(value, (list, tuple)) and value and not name.startswith("_"):
             for key, n in old_layers.items():
                 if len(value) == n and new_layers[key] < n:
-                    setattr(config, name, type(value)(value[: new_layers[key]]))
+                    setattr(config, name, type(value)(_cut_layers(list(value), new_layers[key])))
                     break
+            else:  # a cycle of layer kinds shorter than the model, longer than the tiny one: cover its kinds
+                n = min(new_layers.values(), default=0)
+                if "type" in name and n and n < len(value) < min(old_layers.values()):
+                    setattr(config, name, type(value)(_cut_layers(list(value), n)))
+    _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
     vocab = getattr(config, "vocab_size", None)
     text = getattr(config, "text_config", None)
     if not isinstance(vocab, int) and text is not None:  # a VLM: its token ids index the language model's vocabulary
@@ -120,6 +218,138 @@ def _subconfigs(config) -> list:
     return [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
 
 
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def rederive(config, before):
+    """Build ``config``'s class again from the settings the shrink changed, so settings a config derives from
+    others (a head width from hidden / heads, an SSM head width, a cross-attention width from the encoder's, layer
+    lists from a count) are derived from the tiny values instead of keeping the large defaults.
+
+    Sub-configs are rebuilt first. Settings that are not constructor fields are carried over when the rebuild does
+    not set them; where the class refuses the rebuilt settings, the shrunk config is kept as it is."""
+    cls = type(config)
+    names = _fields(cls)
+    if not names:
+        return config
+    try:  # a sub-config's parent may set settings its class would not: those are passed as they are
+        fresh = cls()
+    except Exception:  # noqa: BLE001
+        return config
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if not hasattr(config, name):
+            continue
+        value, old = getattr(config, name), getattr(before, name, None)
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            kwargs[name] = rederive(value, old) if old is not None else value
+        elif not _equal(value, old) or not _equal(old, getattr(fresh, name, None)):
+            kwargs[name] = value
+    try:
+        new = cls(**kwargs)
+    except Exception:  # noqa: BLE001 -- a class that validates its settings its own way: keep the shrunk one
+        return config
+    for name, value in vars(config).items():
+        if name not in names and not hasattr(new, name):
+            setattr(new, name, value)
+    return new
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- e.g. tensors: treat as changed
+        return False
+
+
+def _same_place(config, shrunk, old_sub):
+    """The sub-config of the rebuilt ``config`` that sits where ``old_sub`` sits in the shrunk one."""
+    for name, value in vars(shrunk).items():
+        if value is old_sub:
+            return getattr(config, name)
+    return old_sub
+
+
+_WIDTH_KEYS = ("hidden_size", "hidden_dim", "d_model", "embed_dim")
+
+
+def _width(c) -> int | None:
+    return next((getattr(c, k) for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
+
+
+def _width_links(config) -> list:
+    """Settings of one (sub-)config that name another's width (``hidden_size_global``, ``cross_attention_hidden_size``
+    ...): a ``*hidden_size*`` setting other than the config's own width, equal in the defaults to the width of
+    exactly one other config of the model."""
+    configs = [config, *_subconfigs(config)]
+    links = []
+    for c in configs:
+        own = next((k for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
+        for k, v in vars(c).items():
+            if k == own or "hidden_size" not in k or isinstance(v, bool) or not isinstance(v, int):
+                continue
+            others = [o for o in configs if o is not c and _width(o) == v]
+            if len(others) == 1:
+                links.append((c, k, others[0]))
+    return links
+
+
+def _link_encoder_widths(config, text) -> None:
+    """A projector sub-config's ``encoder_hidden_size`` (the width of the features it attends to) is the width of
+    the one modality encoder beside it (bare configs of composite models do not always agree; checkpoints do)."""
+    subs = _subconfigs(config)
+    for c in subs:
+        if c is text or not isinstance(getattr(c, "encoder_hidden_size", None), int):
+            continue
+        encoders = [o for o in subs if o is not c and o is not text and _width(o)
+                    and not isinstance(getattr(o, "encoder_hidden_size", None), int)]
+        if len(encoders) == 1:
+            c.encoder_hidden_size = _width(encoders[0])
+
+
+def _patches(vision) -> int | None:
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
+
+
+def _tokens_per_image(config, before) -> None:
+    """The number of tokens an image becomes (pooled from its patches) keeps its ratio to the patches per image."""
+    vision, old_vision = getattr(config, "vision_config", None), getattr(before, "vision_config", None)
+    new_p, old_p = _patches(vision), _patches(old_vision)
+    if not new_p or not old_p or new_p >= old_p:
+        return
+    for key in ("mm_tokens_per_image",):
+        old = getattr(before, key, None)
+        if isinstance(old, int) and not isinstance(old, bool) and old > new_p:
+            setattr(config, key, max(1, old * new_p // old_p))
+
+
+def _name_modality_tokens(config) -> None:
+    """A composite config with an audio/vision sub-config but no placeholder token id for it (published checkpoints
+    name one) gets a spare id at the top of the language model's vocabulary."""
+    text = getattr(config, "text_config", None)
+    vocab = getattr(text, "vocab_size", None) if text is not None else getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return
+    used = {v for c in [config, *_subconfigs(config)] for k, v in vars(c).items()
+            if _TOKEN_ID.match(k) and isinstance(v, int) and not isinstance(v, bool)}
+    for modality in ("audio", "image", "video"):
+        sub = getattr(config, f"{modality}_config", None) or (
+            getattr(config, "vision_config", None) if modality == "image" else None)
+        if sub is None:
+            continue
+        for key in (f"{modality}_token_id", f"{modality}_token_index"):
+            if key in vars(config) and getattr(config, key) is None:
+                spare = max(i for i in range(vocab) if i not in used)
+                setattr(config, key, spare)
+                used.add(spare)
+
+
 def tiny_config(model_type: str):
     """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
     import transformers as tf
@@ -132,9 +362,21 @@ def tiny_config(model_type: str):
               if isinstance(getattr(c, k, None), int)]
     linked += [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
                for k in ("projection_dim", "output_dim", "text_embed_dim") if getattr(c, k, None) == old_text]
-    config = shrink(config)
+    widths = _width_links(config)
+    before = copy.deepcopy(config)
+    shrunk = shrink(config)
+    config = rederive(shrunk, before)
+    text = getattr(config, "text_config", None) or config
+    linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
     for c, k in linked:  # e.g. a vision merger's output width = the language model's width
         setattr(c, k, text.hidden_size)
+    for c, k, other in widths:  # e.g. a local encoder's `hidden_size_global` = the global transformer's width
+        c, other = _same_place(config, shrunk, c), _same_place(config, shrunk, other)
+        if _width(other):
+            setattr(c, k, _width(other))
+    _link_encoder_widths(config, text)
+    _tokens_per_image(config, before)
+    _name_modality_tokens(config)
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         # saved checkpoints name the decoder's first token; a bare config may not
         pad = getattr(config, "pad_token_id", None)
