@@ -74,6 +74,7 @@ class Site:
     x_node: str | None = field(default=None, compare=False)  # graph node of the projection's input x
     input_features: int | None = field(default=None, compare=False)  # width of the block input X
     calls: tuple[Call, ...] = field(default=(), compare=False)  # every call of the module (graph nodes)
+    input_call: str | None = field(default=None, compare=False)  # which call of input_path receives X
 
     def call_nodes(self) -> tuple[Call, ...]:
         """The site's calls in the captured graph (``(node, x_node, input_node)``; one unless the module is
@@ -150,8 +151,11 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
         for s in group:
             for c in s.call_nodes():
                 calls.setdefault(c, None)
+        # the eager back end takes X from the latest call of input_path: right only when every call of the
+        # site has its own call of that module (a module called once for two calls would hand both the same X)
         inputs = {s.input_path for s in group}
-        input_path = first.input_path if len(inputs) == 1 else None
+        own = [s.input_call for s in group]
+        input_path = first.input_path if len(inputs) == 1 and None not in own and len(set(own)) == len(own) else None
         widths = {s.input_features for s in group}
         out.append(replace(first, calls=tuple(calls) if any(c.node for c in calls) else (),
                            input_path=input_path, input_features=first.input_features if len(widths) == 1 else None))
@@ -318,5 +322,13 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
     for s in sites:
         if s.path is not None and not returns_value(cap, s, exits.get(s.path, set()), nodes):
             s = replace(s, path=None)
+        if s.input_path is not None and s.input_node in nodes:
+            s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
         out.append(s)
     return out
+
+
+def _call_receiving(x, path: str) -> str | None:
+    """Which call of module ``path`` takes ``x`` (its ``nn_module_stack`` key, unique per call), if one does."""
+    keys = {k for u in x.users for k, (p, _t) in (u.meta.get("nn_module_stack") or {}).items() if p == path}
+    return next(iter(keys)) if len(keys) == 1 else None
