@@ -92,7 +92,7 @@ class Site:
         return out
 
     def __str__(self) -> str:
-        where = self.path if self.path is not None else f"<{self.param or 'slice'}>"
+        where = self.path if self.path is not None else f"<{self.param or 'a value in the graph'}>"
         shape = f"{self.in_features}->{self.out_features}"
         return f"{self.key or self.base_key} ({where}{slice_text(self.out_slice)}: {shape})"
 
