@@ -291,6 +291,7 @@ CAUSES = [
     ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q"),
     ("reads the block input", "VL-PET gate: block input X not tied to a module (MoE, parallel or post-norm blocks)"),
     ("matches no site", "a block the rule set names was not found (e.g. FFN behind a post-norm, fused or MoE)"),
+    ("not the output of a module", "a site its module does not return: graph back end only (e.g. a mixer's gate map)"),
     ("cannot be multiplied", "shape error in the patched forward (fused q/k/v or X of another width)"),
     ("must match the size", "shape error in the patched forward (fused q/k/v or X of another width)"),
     ("no example inputs known", "no example inputs built (audio-LLM placeholders, model-specific layouts)"),
