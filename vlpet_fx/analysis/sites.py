@@ -124,13 +124,14 @@ def assign_keys(sites: Iterable[Site]) -> list[Site]:
 
 
 def merge_calls(sites: Iterable[Site]) -> list[Site]:
-    """One site per module call site: sites that name the same module, role and output slice (the module is
+    """One site per module: sites that name the same module, role and output slice (the module is
     called several times) become one site whose ``calls`` are all of theirs, at the first call's place
     (stack, layer, block). A PET module on a module sees every call of it, so two sites there could never get
     two different modules; the graph back end applies the one module at every call as the eager hook does.
 
     Calls whose shapes differ (in or out features) stay separate sites (the planner refuses two modules with
-    one name on one module). The block input X is kept only when every call reads it from the same module."""
+    one name on one module). The block input X is kept only when every call reads it from the same module,
+    each from a call of its own (``input_call``)."""
     sites = list(sites)
     groups: dict[tuple, list[Site]] = {}
     order: list[tuple] = []

@@ -210,7 +210,8 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             continue
         q = b.projections.get("q", [None])[0]
         q_in = q.x if q is not None else b.core.q
-        # keys joined from several parts (a merged self + cross attention): cross when any part is
+        # keys joined from several parts (a merged self + cross attention): cross when any part comes from another
+        # stream
         k_ins = [k.x for k in b.projections.get("k", ())] or [b.core.k]
         same = all(q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
                    or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set) for k_in in k_ins)
