@@ -51,6 +51,27 @@ def rules_for(table) -> str:
     return "vl_adapter"
 
 
+# The LoRA step: the shipped `lora` rule set (LoRA on q and v of every attention, zero-initialised B), with its
+# rank (128) capped at the narrowest q/v site the rule set selects: a tiny model's sites can be narrower than
+# 128 (BLOOM's per-head slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity
+# at init does not depend on the rank.
+LORA_RANK = 128
+LORA_SELECT = {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"], "role": ["q", "v"]}
+
+
+def lora_rules(table):
+    """The coverage-local LoRA rule set for ``table`` (see LORA_RANK) and its rank."""
+    from vlpet_fx.rules import parse_rules
+
+    widths = [min(s.in_features, s.out_features) for s in table.where(**LORA_SELECT)]
+    rank = max(1, min([LORA_RANK, *widths]))
+    return parse_rules(
+        "name: coverage-lora\n"
+        "methods: {lora: {type: lora, rank: %d, alpha: 32, dropout: 0.1}}\n"
+        "rules: [{name: attention-qv, select: %s, insert: lora, placement: parallel}]\n"
+        % (rank, json.dumps(LORA_SELECT)), source="coverage-lora"), rank
+
+
 def families() -> list[tuple[str, str]]:
     from transformers.models.auto import modeling_auto as ma
 
@@ -180,7 +201,8 @@ def run_family(mapping: str, model_type: str) -> dict:
 
     # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
     try:
-        vlpet_fx.patch(base, "lora", table=plan.table)  # the same module paths: no second capture
+        lora, rec["lora_rank"] = lora_rules(plan.table)
+        vlpet_fx.patch(base, lora, table=plan.table)  # the same module paths: no second capture
         with torch.no_grad():
             diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
         rec["lora_max_diff"] = diff
@@ -280,6 +302,7 @@ CAUSES = [
     ("'str' object has no attribute 'all_input_nodes'", "einsum attention read as q"),
     ("reads the block input", "VL-PET gate: block input X not tied to a module (MoE, parallel or post-norm blocks)"),
     ("matches no site", "a block the rule set names was not found (e.g. FFN behind a post-norm, fused or MoE)"),
+    ("not the output of a module", "a site its module does not return: graph back end only (e.g. a mixer's gate map)"),
     ("cannot be multiplied", "shape error in the patched forward (fused q/k/v or X of another width)"),
     ("must match the size", "shape error in the patched forward (fused q/k/v or X of another width)"),
     ("no example inputs known", "no example inputs built (audio-LLM placeholders, model-specific layouts)"),
@@ -305,7 +328,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "attention stays multi-head, derived settings follow) and saved with `save_pretrained`, then: sites per "
              "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
              "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
-             "(zero-initialised B) identical to the unpatched model, and `generate()` with the KV cache equal to "
+             "(the shipped `lora` rule set on q and v, zero-initialised B, its rank 128 capped at the narrowest q/v site "
+             "of the tiny model: `LORA_RANK` in `bench/coverage.py`) identical to the unpatched model, and `generate()` with the KV cache equal to "
              "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
              "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",

@@ -20,9 +20,10 @@ from vlpet_fx.zoo.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-PARTIAL_ROTARY = "k reaches the attention core through partial rotary's concatenation, which the projection search does not cross yet"
 LATENT_K = ("k of multi-head latent attention is a slice of the latent up-projection concatenated with a shared rotary "
             "part, which the projection search does not cross yet")
+NORM_TWICE = ("VL-PET's gate has no block input X: the FFN's norm is called on two streams of other lengths, which "
+              "input_path_of reads as a module taking activations of another shape")
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",
@@ -36,8 +37,8 @@ CASES = {
     "gemma": ("causal", "gemma", {}, {"gated"}, {}),
     "olmo": ("causal", "olmo", {}, {"gated"}, {}),
     "granite": ("causal", "granite", {}, {"gated"}, {}),
-    # partial rotary: k reaches the core through a concatenation, which the projection search does not pass yet
-    "stablelm": ("causal", "stablelm", {"num_key_value_heads": 2}, {"gated"}, {"roles": PARTIAL_ROTARY}),  # GQA
+    # partial rotary: q and k reach the core through the concatenation of a rotated and a passed-through part
+    "stablelm": ("causal", "stablelm", {"num_key_value_heads": 2}, {"gated"}, {}),  # GQA
     # a norm on each sub-layer's output before the residual add (x + norm(f(x))): the residual branch gives the
     # block its residual add, so VL-PET's gate reads the block input X
     "gemma2": ("causal", "gemma2", {}, {"gated"}, {}),
@@ -68,6 +69,12 @@ CASES = {
     "pegasus": ("seq2seq", "pegasus", {}, set(), {}),
     "marian": ("seq2seq", "marian", {}, set(), {}),
     "m2m_100": ("seq2seq", "m2m_100", {}, set(), {}),
+    # sites and calls: einsum with "..." and keys/values joined from neighbouring blocks (LongT5's local
+    # attention); two softmaxes sharing q/k/v and one output projection after their concatenation (DiffLlama);
+    # one FFN called on two token streams per layer: one site, applied at both calls (Pegasus-X)
+    "longt5": ("seq2seq", "longt5", {}, set(), {}),
+    "diffllama": ("causal", "diffllama", {}, {"gated"}, {}),
+    "pegasus_x": ("seq2seq", "pegasus_x", {}, set(), {"patch": NORM_TWICE}),
     # VLMs (vision tower -> projector -> causal LM) and speech
     "llava": ("vlm", "llava", {}, {"gated"}, {}),
     "paligemma": ("vlm", "paligemma", {}, {"gated"}, {}),

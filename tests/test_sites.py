@@ -456,3 +456,201 @@ def test_gpt_neox_interleaved_slices_agree_between_back_ends():
     out_e, out_g = eager(**kw).logits, graph(**kw).logits
     assert not torch.allclose(out_e, m(**kw).logits, atol=1e-4)
     torch.testing.assert_close(out_e, out_g, rtol=1e-5, atol=1e-5)
+
+
+# ---- a module called more than once is one site ---------------------------------------------------------------
+
+class TwoStreamLayer(nn.Module):
+    """One attention and one FFN (and their norms) applied to two token streams: each module is called twice
+    per layer (Pegasus-X's encoder feeds its tokens and its global tokens through one FFN)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.n1 = nn.LayerNorm(d)
+        self.att = ATTENTION_FOR_TESTS(d)
+        self.n2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def ffn(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(self.n2(x))))
+
+    def forward(self, x, g):
+        x, g = x + self.att(self.n1(x)), g + self.att(self.n1(g))
+        return x + self.ffn(x), g + self.ffn(g)
+
+
+def ATTENTION_FOR_TESTS(d: int) -> nn.Module:
+    from toy_patterns import AlibiAttention
+
+    return AlibiAttention(d, 4)
+
+
+class TwoStreams(nn.Module):
+    def __init__(self, d: int = D, depth: int = 2, vocab: int = 40):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.emb_g = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(TwoStreamLayer(d) for _ in range(depth))
+        self.head = nn.Linear(d, vocab)
+        self.vocab = vocab
+
+    def forward(self, ids):
+        x, g = self.emb(ids), self.emb_g(ids)
+        for layer in self.layers:
+            x, g = layer(x, g)
+        return self.head(x + g)
+
+    def example_inputs(self):
+        return (torch.randint(0, self.vocab, (2, 6), generator=torch.Generator().manual_seed(0)),)
+
+
+@pytest.fixture(scope="module")
+def two_streams():
+    torch.manual_seed(0)
+    m = TwoStreams().eval()
+    return m, vlpet_fx.discover(m, m.example_inputs())
+
+
+def test_a_module_called_twice_is_one_site_with_two_calls(two_streams):
+    m, table = two_streams
+    ffn = table.where(layer=1, block="ffn")
+    assert sorted(s.role for s in ffn) == ["in", "out", "output"]  # not in×2 out×2 output×2
+    assert {s.key for s in ffn} == {"encoder.1.ffn.in", "encoder.1.ffn.out", "encoder.1.ffn.output"}
+    for s in ffn:
+        assert len(s.call_nodes()) == 2 and len({c.node for c in s.call_nodes()}) == 2
+    assert table.get("encoder", 1, "ffn", "output").path == "layers.1.fc2"
+    assert len(table) == len(set(table.keys())) == 2 * (5 + 3)
+    # X of each FFN call is handed to its own call of the norm; both attention calls read X that enters through
+    # one call of the layer, so the eager back end could not hand each its own X: not tied
+    assert table.get("encoder", 1, "ffn", "output").input_path == "layers.1.n2"
+    att = table.get("encoder", 0, "self_attn", "output")
+    assert len(att.call_nodes()) == 2 and att.input_path is None
+
+
+def _by_hand(m: TwoStreams, ids, pets: dict[int, nn.Module]) -> torch.Tensor:
+    """The forward of TwoStreams with ``pets[i]`` applied after layer i's FFN, at both of its calls."""
+    x, g = m.emb(ids), m.emb_g(ids)
+    for i, layer in enumerate(m.layers):
+        x, g = x + layer.att(layer.n1(x)), g + layer.att(layer.n1(g))
+        x, g = x + pets[i](layer.ffn(x)), g + pets[i](layer.ffn(g))
+    return m.head(x + g)
+
+
+def test_a_module_called_twice_gets_one_pet_module_applied_at_every_call(two_streams):
+    """A rule on the FFN output gives one placement per layer (not a name clash); its module changes both calls,
+    as an independent computation says, and the graph back end agrees with the eager one."""
+    m, table = two_streams
+    r = rules("name: a\nmethods: {a: {type: adapter, reduction: 4}}\n"
+              "rules: [{select: {block: ffn, role: output}, insert: a, placement: after}]")
+    plan = vlpet_fx.plan(m, r, table=table)
+    assert [p.site.key for p in plan.placements] == ["encoder.0.ffn.output", "encoder.1.ffn.output"]
+    (ids,) = m.example_inputs()
+    eager = vlpet_fx.patch(copy.deepcopy(m), plan)
+    perturb(eager)
+    modules = {p.site.layer: eager.get_submodule(path) for path, p in eager.vlpet_patch.attached.items()}
+    with torch.no_grad():
+        want = _by_hand(m, ids, modules)
+        torch.testing.assert_close(eager(ids), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want, m(ids), atol=1e-4)  # the modules do change the output
+    graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=(ids,))
+    copy_pets(eager, graph)
+    torch.testing.assert_close(graph(ids), eager(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gate_reading_x_at_every_call_eager_equals_graph(two_streams):
+    """VL-PET's gate reads the block input X of each call (the tokens for the first, the other stream for the
+    second): the eager pre-hook and the graph's per-call X agree; LoRA on the called-twice fc1 too."""
+    m, table = two_streams
+    r = rules("name: v\nmethods: {v: {type: vlpet, dim: 8, heads: 1, gate: large, gate_dim: 4},"
+              " l: {type: lora, rank: 2}}\n"
+              "rules: [{select: {block: ffn, role: output}, insert: v, placement: after},"
+              " {select: {block: ffn, role: in}, insert: l, placement: parallel}]")
+    (ids,) = m.example_inputs()
+    eager = vlpet_fx.patch(copy.deepcopy(m), r, table=table)
+    perturb(eager)
+    graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=(ids,))
+    copy_pets(eager, graph)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(ids), eager(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(eager(ids), m(ids), atol=1e-4)
+
+
+# ---- a site's module must return the site's value; shapes are checked when planning ---------------------------
+
+class NarrowingMix(nn.Module):
+    """A map lift → act → back to the input's width, used as a gate inside the module, which returns a
+    narrower mix: its module's output is not the map's value (a hyper-connection mixer)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.down = nn.Linear(2 * d, 8)
+        self.up = nn.Linear(8, 2 * d)
+
+    def forward(self, h):
+        w = torch.sigmoid(self.up(nn.functional.silu(self.down(h))))
+        return (w * h).unflatten(-1, (2, -1)).mean(-2)
+
+
+class MixLayer(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mix = NarrowingMix(d)
+        self.n = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h):
+        x = self.mix(h)
+        x = x + self.mlp(self.n(x))
+        return torch.cat([x, h[..., x.shape[-1]:]], dim=-1)
+
+
+class MixModel(nn.Module):
+    def __init__(self, d: int = D, vocab: int = 40):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 2 * d)
+        self.layers = nn.ModuleList(MixLayer(d) for _ in range(2))
+        self.vocab = vocab
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def example_inputs(self):
+        return (torch.randint(0, self.vocab, (2, 6), generator=torch.Generator().manual_seed(0)),)
+
+
+def test_a_site_its_module_does_not_return_is_refused_before_the_forward():
+    """The mixer's lift → act → back map is found as a feed-forward block, but its module returns a narrower
+    value: the site keeps no module path, so the eager back end refuses it in one line (a shape error in the
+    forward before), and the graph back end places the module at the value itself."""
+    torch.manual_seed(0)
+    m = MixModel().eval()
+    (ids,) = m.example_inputs()
+    table = vlpet_fx.discover(m, (ids,))
+    mixes = [s for s in table.where(role="output") if s.block_path and s.block_path.endswith(".mix")]
+    assert mixes and all(s.path is None and s.out_features == 2 * D for s in mixes)
+    ffn = [s for s in table.where(role="output") if s not in mixes]
+    assert ffn and all(s.path is not None for s in ffn)  # the real FFN keeps its module
+    r = rules("name: a\nmethods: {a: {type: adapter, reduction: 4}}\n"
+              "rules: [{select: {block: ffn, role: output}, insert: a, placement: after}]")
+    plan = vlpet_fx.plan(m, r, table=table)
+    with pytest.raises(vlpet_fx.PlanError, match="not the output of a module") as err:
+        vlpet_fx.patch(copy.deepcopy(m), plan)
+    assert "\n" not in str(err.value)
+    graph = vlpet_fx.patch(copy.deepcopy(m), r, backend="graph", example_inputs=(ids,))
+    assert graph(ids).shape == m(ids).shape
+
+
+def test_a_gate_reading_x_of_another_width_is_refused_when_planning():
+    """VL-PET's large gate is built for X of the site's width: on an FFN's input projection (2d wide, X is d
+    wide) it would fail in the forward; the plan refuses it in one line."""
+    m = build_model("bart", "tiny")
+    r = rules("name: g\nmethods: {v: {type: vlpet, dim: 8, heads: 1, gate: large, gate_dim: 4}}\n"
+              "rules: [{select: {stack: encoder, block: ffn, role: in}, insert: v, placement: after}]")
+    with pytest.raises(vlpet_fx.RulesError, match="reads the block input X") as err:
+        vlpet_fx.plan(m, r)
+    msg = str(err.value)
+    assert "\n" not in msg and "encoder.0.ffn.in" in msg and "gate: middleY or none" in msg

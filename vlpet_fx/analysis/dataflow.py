@@ -297,6 +297,30 @@ class Dataflow:
                 return self.projections[h]
         return None
 
+    # keys/values joined from several parts (local attention's neighbouring blocks, a merged self + cross
+    # attention, a value made of two projections) and two attention outputs joined before one output projection
+    def _inside_core_module(self, core: Core, found: list[Projection]) -> list[Projection]:
+        """The projections that run inside the module that runs the attention core (a concatenation does not
+        lead out of the attention to another layer's projections)."""
+        scope = self.cap.module_path(core.node)
+        if scope is None:
+            return found
+        return [p for p in found if scope in self.cap.module_stack(p.node)]
+
+    def joined_into(self, value: Node, core: Core) -> list[Projection]:
+        """The projections upstream of ``value`` through light ops and concatenations, when no projection is
+        reached through light ops alone (each part of a concatenated key or value is a site)."""
+        hits = walk([value], backward, lambda n: self._light(n) or ops.is_kind(n, ops.CONCAT))
+        found = list(dict.fromkeys(self.projections[h] for h in hits if h in self.projections))
+        return self._inside_core_module(core, found)
+
+    def joined_from(self, core: Core) -> Projection | None:
+        """The nearest projection downstream of the core through light ops and concatenations, inside the
+        attention's module."""
+        hits = walk([core.out], forward, lambda n: self._light(n) or ops.is_kind(n, ops.CONCAT))
+        found = self._inside_core_module(core, [self.projections[h] for h in hits if h in self.projections])
+        return found[0] if found else None
+
     def residual_of(self, proj: Projection) -> tuple[Node | None, Node | None, Node]:
         """Follow a block's last projection forward through single-input light ops to the residual add.
 
@@ -319,18 +343,26 @@ class Dataflow:
     def blocks(self) -> list[Block]:
         blocks: list[Block] = []
         used: set[Node] = set()
+        seen_blocks: set[frozenset] = set()
         for core in self.cores():
             projs: dict[str, list[Projection]] = {}
             for role, val in (("q", core.q), ("k", core.k), ("v", core.v)):
                 p = self.projection_into(val) if isinstance(val, Node) else None
-                if p is not None:
-                    projs[role] = [p]
+                found = [p] if p is not None else self.joined_into(val, core) if isinstance(val, Node) else []
+                if found:
+                    projs[role] = found
             slices = self.shared_slices(projs, {"q": core.q, "k": core.k, "v": core.v})
-            o = self.projection_from(core.out, exclude=set())
+            o = self.projection_from(core.out, exclude=set()) or self.joined_from(core)
             if o is not None:
                 projs["o"] = [o]
             if not projs:
                 continue
+            # cores that share every projection (two softmaxes of one attention: differential attention) are
+            # one block
+            signature = frozenset((role, p.node) for role, ps in projs.items() for p in ps)
+            if signature in seen_blocks:
+                continue
+            seen_blocks.add(signature)
             b = Block("attn", projs, core=core)
             b.extra["slices"] = slices
             used.update(p.node for p in b.all_projections())

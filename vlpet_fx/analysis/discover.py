@@ -13,7 +13,7 @@ from ..capture.reduce import Reduction, reduced
 from ..errors import DiscoveryError, VlpetError
 from .dataflow import Block, Dataflow
 from .norms import norm_modules
-from .sites import Site, SiteTable
+from .sites import Site, SiteTable, merge_calls, settle_paths
 from .streams import assign_streams
 
 
@@ -119,8 +119,11 @@ def spec_width(spec: tuple[int, ...]) -> int:
 def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
     for b in blocks:
+        x = block_input(b)
+        x_shape = _shape(x) if x is not None else None
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
-                     input_node=block_input(b).name if block_input(b) is not None else None)
+                     input_node=x.name if x is not None else None,
+                     input_features=x_shape[-1] if x_shape else None)
         slices = b.extra.get("slices", {})
         for role, projs in b.projections.items():
             for p in projs:
@@ -197,8 +200,7 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
             if red:
                 try:
                     cap = capture(model, example_inputs)
-                    sites = expand_reduced(
-                        _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap)), red)
+                    sites = expand_reduced(_analysed(model, cap, lambda: _sites(model, cap)), red)
                     norms = expand_paths(norm_modules(cap), red)
                     graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
                 except VlpetError:
@@ -207,16 +209,21 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
                     sites = None
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
-        sites = _analysed(model, cap, lambda: sites_of(_checked_blocks(model, cap), cap))
+        sites = _analysed(model, cap, lambda: _sites(model, cap))
         norms = norm_modules(cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()
     return SiteTable(
-        sites,
+        merge_calls(sites),
         model=name or type(model).__name__,
         total_params=count_params(model),
         meta={"seconds": t2 - t0, "graph_nodes": graph_nodes, "method": method, "norms": norms},
     )
+
+
+def _sites(model: nn.Module, cap: Captured) -> list[Site]:
+    """The sites of one capture; a site whose module does not return its value is left to the graph back end."""
+    return settle_paths(sites_of(_checked_blocks(model, cap), cap), cap)
 
 
 def _analysed(model: nn.Module, cap: Captured, run):

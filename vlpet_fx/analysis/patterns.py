@@ -154,14 +154,36 @@ def einsum_parts(node: Node) -> tuple[list[str], str, list] | None:
     if len(node.args) < 2 or not isinstance(node.args[0], str) or not isinstance(node.args[1], (list, tuple)):
         return None
     eq = node.args[0].replace(" ", "")
-    if "->" not in eq or "." in eq:
+    if "->" not in eq:
         return None
     lhs, out = eq.split("->")
     subs = lhs.split(",")
     operands = list(node.args[1])
     if len(subs) != 2 or len(operands) != 2 or not all(isinstance(o, Node) for o in operands):
         return None
+    if "." in eq:  # "...": the broadcast axes, spelled out with letters the equation does not use
+        subs = [_no_ellipsis(sub, ops.shape(o)) for sub, o in zip(subs, operands)]
+        val = node.meta.get("val")
+        out = _no_ellipsis(out, tuple(val.shape) if hasattr(val, "shape") else None)
+        if None in subs or out is None:
+            return None
     return subs, out, operands
+
+
+def _no_ellipsis(sub: str, shape: tuple | None) -> str | None:
+    """``sub`` with its ``...`` replaced by one letter per broadcast axis (right-aligned, as einsum aligns
+    them), given the operand's shape; ``None`` if that cannot be done."""
+    if "..." not in sub:
+        return sub if "." not in sub else None
+    if shape is None or sub.count("...") != 1:
+        return None
+    n = len(shape) - (len(sub) - 3)
+    if n < 0 or n > len(_BROADCAST):
+        return None
+    return sub.replace("...", _BROADCAST[len(_BROADCAST) - n:])
+
+
+_BROADCAST = "ABCDEFGHIJKLMNOP"  # upper case: never used by the attention and projection equations we read
 
 
 # -- built-in projections --------------------------------------------------------------------------------

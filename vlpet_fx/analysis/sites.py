@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 STACKS = ("visual", "encoder", "decoder")
 BLOCKS = ("self_attn", "cross_attn", "mixer", "ffn")
@@ -29,6 +29,15 @@ def slice_channels(out_slice: tuple[int, ...]) -> list[int]:
     return [j * period + c for j in range(count) for c in range(a, b)]
 
 
+class Call(NamedTuple):
+    """One call of a site's module in the captured graph: the node of its value, of the projection's input x
+    and of the block input X (graph node names; ``None`` where there is none)."""
+
+    node: str | None
+    x_node: str | None
+    input_node: str | None
+
+
 @dataclass(frozen=True)
 class Site:
     """One insertion site. ``key`` and the fields up to ``out_slice`` are the public (JSON) contract.
@@ -39,6 +48,11 @@ class Site:
     of q, k, v made by a fused (packed) projection it names the output channels: ``(start, stop)``, or
     ``(start, stop, period, count)`` for ``start:stop`` in each of ``count`` blocks of ``period`` channels
     (per-head packing). ``out_features`` is then the slice's width.
+
+    A module called more than once (one FFN applied to two token streams, a layer reused by a recurrence, a
+    projection applied to the decoder's and the encoder's states of a merged attention) is *one* site: a PET
+    module placed on it applies at every call, in both back ends. ``calls`` lists them in graph order (the
+    first is ``node``/``x_node``/``input_node``); the site's stack, layer and block are those of the first call.
     """
 
     stack: str
@@ -58,6 +72,14 @@ class Site:
     input_path: str | None = field(default=None, compare=False)  # module whose first input is the block input X
     input_node: str | None = field(default=None, compare=False)  # graph node of the block input X
     x_node: str | None = field(default=None, compare=False)  # graph node of the projection's input x
+    input_features: int | None = field(default=None, compare=False)  # width of the block input X
+    calls: tuple[Call, ...] = field(default=(), compare=False)  # every call of the module (graph nodes)
+    input_call: str | None = field(default=None, compare=False)  # which call of input_path receives X
+
+    def call_nodes(self) -> tuple[Call, ...]:
+        """The site's calls in the captured graph (``(node, x_node, input_node)``; one unless the module is
+        called several times)."""
+        return self.calls or (Call(self.node, self.x_node, self.input_node),)
 
     @property
     def base_key(self) -> str:
@@ -70,7 +92,7 @@ class Site:
         return out
 
     def __str__(self) -> str:
-        where = self.path if self.path is not None else f"<{self.param or 'slice'}>"
+        where = self.path if self.path is not None else f"<{self.param or 'a value in the graph'}>"
         shape = f"{self.in_features}->{self.out_features}"
         return f"{self.key or self.base_key} ({where}{slice_text(self.out_slice)}: {shape})"
 
@@ -85,7 +107,7 @@ def assign_keys(sites: Iterable[Site]) -> list[Site]:
     for s in sites:
         k = s.base_key
         if base[k] > 1:
-            where = s.path if s.path is not None else f"<{s.param}>" if s.param else ""
+            where = s.path if s.path is not None else f"<{s.param or s.block_path or ''}>"
             k = f"{k}@{where}{slice_text(s.out_slice)}"
         keys.append(k)
     seen: dict[str, int] = {}
@@ -98,6 +120,46 @@ def assign_keys(sites: Iterable[Site]) -> list[Site]:
             counter[k] = counter.get(k, 0) + 1
             k = f"{k}#{counter[k]}"
         out.append(replace(s, key=k))
+    return out
+
+
+def merge_calls(sites: Iterable[Site]) -> list[Site]:
+    """One site per module: sites that name the same module, role and output slice (the module is
+    called several times) become one site whose ``calls`` are all of theirs, at the first call's place
+    (stack, layer, block). A PET module on a module sees every call of it, so two sites there could never get
+    two different modules; the graph back end applies the one module at every call as the eager hook does.
+
+    Calls whose shapes differ (in or out features) stay separate sites (the planner refuses two modules with
+    one name on one module). The block input X is kept only when every call reads it from the same module,
+    each from a call of its own (``input_call``)."""
+    sites = list(sites)
+    groups: dict[tuple, list[Site]] = {}
+    order: list[tuple] = []
+    for i, s in enumerate(sites):
+        k = ((s.path, s.role, s.out_slice, s.in_features, s.out_features) if s.path is not None else ("#", i))
+        if k not in groups:
+            groups[k] = []
+            order.append(k)
+        groups[k].append(s)
+    out = []
+    for k in order:
+        group = groups[k]
+        first = group[0]
+        if len(group) == 1:
+            out.append(first)
+            continue
+        calls: dict[Call, None] = {}
+        for s in group:
+            for c in s.call_nodes():
+                calls.setdefault(c, None)
+        # the eager back end takes X from the latest call of input_path: right only when every call of the
+        # site has its own call of that module (a module called once for two calls would hand both the same X)
+        inputs = {s.input_path for s in group}
+        own = [s.input_call for s in group]
+        input_path = first.input_path if len(inputs) == 1 and None not in own and len(set(own)) == len(own) else None
+        widths = {s.input_features for s in group}
+        out.append(replace(first, calls=tuple(calls) if any(c.node for c in calls) else (),
+                           input_path=input_path, input_features=first.input_features if len(widths) == 1 else None))
     return out
 
 
@@ -198,3 +260,76 @@ class SiteTable:
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
+
+
+# -- a site's module must return the site's value ----------------------------------------------------------
+
+def module_exits(cap) -> dict[str, set]:
+    """For every module path: the graph nodes its calls return (made inside it, used outside it or returned)."""
+    out: dict[str, set] = {}
+    for n in cap.graph.nodes:
+        inside = cap.module_stack(n)
+        if not inside:
+            continue
+        for u in n.users:
+            theirs = () if u.op == "output" else cap.module_stack(u)
+            for path in inside:
+                if path not in theirs:
+                    out.setdefault(path, set()).add(n)
+    return out
+
+
+def returns_value(cap, site: Site, exits: set, nodes: dict) -> bool:
+    """Whether the site's module hands out the site's value at every call: the value's node is among what
+    the module returns, or reaches it (or is reached from it) through light ops only (a dropout, a cast, a
+    scaling or a view between them), and what the module returns there has the value's width. Otherwise an
+    eager hook on the module would change another value (of another width, or before a non-linearity) than
+    the graph back end does."""
+    from . import ops
+
+    width = site.out_features if not site.out_slice else None
+    for call in site.call_nodes():
+        start = nodes.get(call.node) if call.node else None
+        if start is None:
+            continue
+        ok = False
+        for step in (lambda n: n.all_input_nodes, lambda n: list(n.users)):
+            seen, todo = set(), [start]
+            while todo and not ok:
+                n = todo.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                if n in exits:
+                    shape = ops.shape(n)
+                    ok = width is None or shape is None or (len(shape) > 0 and shape[-1] == width)
+                    if ok:
+                        break
+                if n is start or not ops.is_heavy(n):
+                    todo.extend(step(n))
+            if ok:
+                break
+        if not ok:
+            return False
+    return True
+
+
+def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
+    """Sites whose module does not return their value keep it only in the graph (``path=None``): the eager
+    back end then refuses them at patch time, in one line, instead of a shape error in the forward."""
+    nodes = {n.name: n for n in cap.graph.nodes}
+    exits = module_exits(cap)
+    out = []
+    for s in sites:
+        if s.path is not None and not returns_value(cap, s, exits.get(s.path, set()), nodes):
+            s = replace(s, path=None)
+        if s.input_path is not None and s.input_node in nodes:
+            s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
+        out.append(s)
+    return out
+
+
+def _call_receiving(x, path: str) -> str | None:
+    """Which call of module ``path`` takes ``x`` (its ``nn_module_stack`` key, unique per call), if one does."""
+    keys = {k for u in x.users for k, (p, _t) in (u.meta.get("nn_module_stack") or {}).items() if p == path}
+    return next(iter(keys)) if len(keys) == 1 else None

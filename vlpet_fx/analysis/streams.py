@@ -210,11 +210,12 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             b.block = b.kind  # "ffn" or "mixer" (token mixing that is not softmax attention)
             continue
         q = b.projections.get("q", [None])[0]
-        k = b.projections.get("k", [None])[0]
         q_in = q.x if q is not None else b.core.q
-        k_in = k.x if k is not None else b.core.k
-        same = (q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
-                or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set))
+        # keys joined from several parts (a merged self + cross attention): cross when any part comes from another
+        # stream
+        k_ins = [k.x for k in b.projections.get("k", ())] or [b.core.k]
+        same = all(q_in is k_in or _frontier(flow, q_in, bar_set) == _frontier(flow, k_in, bar_set)
+                   or _stream_key(flow, q_in, bar_set) == _stream_key(flow, k_in, bar_set) for k_in in k_ins)
         b.block = "self_attn" if same else "cross_attn"
         b.extra["causal"] = is_causal(b, flow)
 

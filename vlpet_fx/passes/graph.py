@@ -2,7 +2,8 @@
 
 The model is captured in full (every layer), the plan's sites are found again in that graph by their key
 (``Site.key``, checked to name the same projection), and each PET module is inserted as a ``call_module`` node
-right after the site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
+right after the site's node — after every call's node when the site's module is called several times, with
+one PET module (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
 ``x`` the projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block
 input X get the residual operand of the block's residual add. The graph is linted and recompiled. The result
 is a ``torch.fx.GraphModule`` that takes the same inputs as the model; sites that are not module outputs
@@ -61,6 +62,7 @@ class GraphPatch(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         table = self.table
         nodes = {n.name: n for n in graph_module.graph.nodes}
+        changed: dict[torch.fx.Node, torch.fx.Node] = {}  # a site's node -> the node that now stands for it
         modified = False
         for i, p in enumerate(self.plan.placements):
             if not get_method(p.method).module.inserts_module:
@@ -69,33 +71,40 @@ class GraphPatch(PassBase):
             full = table[s.key] if s.key in table else None
             if full is None or full.public() != s.public():
                 raise PlanError(f"site {s} is not in the full capture's graph: plan against this model's own sites")
-            node = nodes.get(full.node)
-            if node is None:
-                raise PlanError(f"graph node '{full.node}' of site {s} is missing from the graph module")
+            calls = full.call_nodes()
+            if any(c.node not in nodes for c in calls):
+                missing = next(c.node for c in calls if c.node not in nodes)
+                raise PlanError(f"graph node '{missing}' of site {s} is missing from the graph module")
             device, dtype = site_device_dtype(graph_module)
             pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
             name = "vlpet_{}_{}_{}".format(i, _SAFE.sub("_", s.key), p.placement)
-            if p.placement == "parallel":
-                x = nodes.get(full.x_node) if full.x_node else None
-                if x is None or s.role == "output":
-                    raise PlanError(f"a parallel placement needs the input of a projection; {s} has none in the graph")
-                wrapper, args = _Apply(pet, "parallel", s.out_slice), (x, node)
-            elif getattr(pet, "needs_block_input", False):
-                if full.input_node not in nodes:
-                    raise PlanError(f"no block input found in the graph for {s}")
-                x_in = nodes[full.input_node]
-                xs, ys = ops.shape(x_in), ops.shape(node)
-                same = xs is None or ys is None or xs[:-1] == ys[:-1]
-                wrapper = (_Apply if same else _ApplyAsBlockInput)(pet, "gated", s.out_slice)
-                args = (x_in, node)
-            else:
-                wrapper, args = _Apply(pet, "after", s.out_slice), (node,)
-            graph_module.add_submodule(name, wrapper)
-            with graph_module.graph.inserting_after(node):
-                new = graph_module.graph.call_module(name, args)
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            new.meta = dict(node.meta)
-            modified = True
+            wrappers: dict[type, str] = {}  # one PET module for every call of the site's module
+            for call in calls:
+                node = nodes[call.node]
+                if p.placement == "parallel":
+                    x = changed.get(nodes.get(call.x_node)) or nodes.get(call.x_node) if call.x_node else None
+                    if x is None or s.role == "output":
+                        raise PlanError(f"a parallel placement needs the input of a projection; {s} has none in the graph")
+                    kind, args = _Apply, (x, node)
+                    method = "parallel"
+                elif getattr(pet, "needs_block_input", False):
+                    if call.input_node not in nodes:
+                        raise PlanError(f"no block input found in the graph for {s}")
+                    x_in = changed.get(nodes[call.input_node]) or nodes[call.input_node]
+                    xs, ys = ops.shape(x_in), ops.shape(node)
+                    same = xs is None or ys is None or xs[:-1] == ys[:-1]
+                    kind, args, method = (_Apply if same else _ApplyAsBlockInput), (x_in, node), "gated"
+                else:
+                    kind, args, method = _Apply, (node,), "after"
+                if kind not in wrappers:  # (a second wrapper kind shares the same PET module)
+                    wrappers[kind] = name if not wrappers else f"{name}_{len(wrappers) + 1}"
+                    graph_module.add_submodule(wrappers[kind], kind(pet, method, s.out_slice))
+                with graph_module.graph.inserting_after(node):
+                    new = graph_module.graph.call_module(wrappers[kind], args)
+                node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+                new.meta = dict(node.meta)
+                changed[node] = new
+                modified = True
         graph_module.graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, modified)

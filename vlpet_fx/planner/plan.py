@@ -97,6 +97,29 @@ def check_placement(cls, site: Site, placement: str) -> str | None:
     return None
 
 
+def check_widths(cls, site: Site, placement: str, cfg: MethodConfig) -> str | None:
+    """Why the module ``cls`` builds for ``site`` would not fit the values it is given in the forward (one
+    line), or ``None``: a method that reads the block input X (VL-PET's gates) is built for X of the site's
+    output width, so X must have that width. (The site's own widths are the module's by construction: discovery
+    keeps a module path only where the module returns the site's value.)"""
+    if not cls.inserts_module or site.input_features is None:
+        return None
+    if _reads_block_input(cls, site.in_features, site.out_features, placement, cfg) and \
+            site.input_features != site.out_features:
+        return (f"{cls.name} reads the block input X ({site.input_features} wide) to gate a value "
+                f"{site.out_features} wide; use a gate that does not read X (gate: middleY or none) here")
+    return None
+
+
+def _reads_block_input(cls, in_features: int, out_features: int, placement: str, cfg: MethodConfig) -> bool:
+    """Whether the method's module reads X (built on the meta device, as for the parameter count)."""
+    import torch
+
+    with torch.device("meta"):
+        mod = cls(in_features, out_features, cfg, placement=placement)
+    return bool(getattr(mod, "needs_block_input", False))
+
+
 @dataclass
 class Plan:
     model: str
@@ -197,6 +220,10 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             except MethodConfigError as exc:
                 raise RulesError(f"{rs.where('rules', i)}: rule '{shown(rs.rule_name(i))}' does not fit site {s}: "
                                  f"{exc}") from None
+            why = check_widths(cls, s, rule.placement, site_cfg)
+            if why:
+                raise RulesError(f"{rs.where('rules', i)}: rule '{shown(rs.rule_name(i))}' does not fit site {s}: "
+                                 f"{why}")
             n = _count(cls, s, rule.placement, site_cfg)
             p = Placement(rs.rule_name(i), i, alias, mtype, site_cfg, rule.placement, s, n)
             chosen[p.key] = p
