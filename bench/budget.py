@@ -7,12 +7,15 @@ encoder is a stand-in giving 36 tokens of 2048-d CLIP-RN101-grid-shaped features
 like any user's encoder. The CLIP backbone is not part of the paper's model (its features are precomputed), so
 the image encoder is not in the denominator. Built on the meta device: no memory, no weights.
 
-    python bench/budget.py
+    python bench/budget.py            # the two tables
+    python bench/budget.py --json     # {"bart": [[rule set, PET modules, trainable, total], ...], "t5": [...]}
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -77,12 +80,16 @@ def rows(text: str, rule_sets: list[str]) -> list[tuple[str, int, int, int]]:
 
 
 def main() -> None:
-    for text, rule_sets in (("bart", BART_RULES), ("t5", T5_RULES)):
+    results = {text: rows(text, rule_sets) for text, rule_sets in (("bart", BART_RULES), ("t5", T5_RULES))}
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(results))
+        return
+    for text, table_rows in results.items():
         t = Table(title=f"trainable parameters of the runtime VL-{text.upper()}-base model (meta device; the image "
                         "encoder not counted)")
         for col in ("rule set", "PET modules", "trainable", "total", "trainable %", "paper %"):
             t.add_column(col, justify="left" if col == "rule set" else "right")
-        for name, n, trainable, total in rows(text, rule_sets):
+        for name, n, trainable, total in table_rows:
             paper = PAPER.get(name) if text == "bart" else None
             t.add_row(name, f"{n}", f"{trainable:,}", f"{total:,}", f"{100 * trainable / total:.2f}",
                       f"{paper:.2f}" if paper is not None else "-")
