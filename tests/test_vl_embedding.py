@@ -197,3 +197,39 @@ def test_generate_and_training_go_through_the_join(bart):
     bart.eval()
     seq = bart.generate(x["input_ids"], x["attention_mask"], visual_features=x["visual_features"], max_new_tokens=3)
     assert seq.shape[0] == 2
+
+
+def _text_forward(model, x, embeds, mask):
+    return model.text(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=x["decoder_input_ids"],
+                      use_cache=False).logits
+
+
+def test_two_threads_share_a_model(bart):
+    """The join's hook acts only in the thread whose forward installed it: each thread's forward, run while the
+    other's hook is installed, gets its own visual tokens."""
+    import threading
+
+    xs = [_inputs(bart, seed=s) for s in (1, 2)]
+    with torch.no_grad():
+        want = [bart(**x).logits for x in xs]
+    ready, go, other = threading.Event(), threading.Event(), []
+
+    def second():
+        x = xs[1]
+        with torch.no_grad(), bart._encoder_inputs(x["input_ids"], x["attention_mask"], None, x["visual_features"],
+                                                   None) as (embeds, mask):
+            ready.set()
+            go.wait(60)
+            other.append(_text_forward(bart, x, embeds, mask))
+
+    x = xs[0]
+    with torch.no_grad(), bart._encoder_inputs(x["input_ids"], x["attention_mask"], None, x["visual_features"],
+                                               None) as (embeds, mask):
+        t = threading.Thread(target=second)
+        t.start()
+        ready.wait(60)  # the second thread's hook is installed after ours
+        mine = _text_forward(bart, x, embeds, mask)
+        go.set()
+        t.join()
+    torch.testing.assert_close(mine, want[0])
+    torch.testing.assert_close(other[0], want[1])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from typing import Iterator
 
 import torch
@@ -298,8 +299,11 @@ class EncoderJoin:
             yield
             return
         n = visual.shape[1]
+        owner = threading.get_ident()
 
         def swap(mod, args, out):
+            if threading.get_ident() != owner:  # another thread's forward of the same model: not this join
+                return None
             if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[-2] < n:
                 raise ModelSpecError(f"the text encoder's '{self.path}' gave {type(out).__name__} "
                                      f"{tuple(getattr(out, 'shape', ()))}, not the (batch, tokens, d) the visual "
