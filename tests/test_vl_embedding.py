@@ -233,3 +233,33 @@ def test_two_threads_share_a_model(bart):
         t.join()
     torch.testing.assert_close(mine, want[0])
     torch.testing.assert_close(other[0], want[1])
+
+
+class _OnePlusRMSNorm(torch.nn.Module):  # Gemma's convention: (1 + weight) · x / rms(x), weight starting at 0
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((d,), 0.7))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+class _LayerScale(torch.nn.Module):  # a per-channel scale: has a (d,) weight but does not normalise
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_the_norm_is_found_by_what_it_computes():
+    from vlpet_fx.vl.embedding import norm_like
+
+    d = 8
+    got = norm_like(torch.nn.Sequential(_LayerScale(d), _OnePlusRMSNorm(d)), d)
+    assert isinstance(got, _OnePlusRMSNorm) and torch.equal(got.weight, torch.zeros(d))  # unit gain: 1 + 0
+    x = torch.randn(3, d)
+    torch.testing.assert_close(got(x).pow(2).mean(-1), torch.ones(3), atol=1e-4, rtol=0)
+    assert type(norm_like(torch.nn.Sequential(_LayerScale(d)), d)) is torch.nn.LayerNorm  # none: LayerNorm

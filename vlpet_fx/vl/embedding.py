@@ -135,17 +135,13 @@ def norm_like(text: nn.Module, d: int) -> nn.Module:
     for m in encoder.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)) or not _affine_params(m, d):
             continue
-        if not _set_unit_gain(_probe_copy(m), d):
+        fresh = _probe_copy(m)
+        if not _set_unit_gain(fresh, d):  # leaves the gain that gives unit RMS
             continue
-        fresh = copy.deepcopy(m)
-        if any(p.is_meta for p in fresh.parameters()):
-            return fresh  # shapes only (the budget on the meta device)
-        fresh = fresh.to(dtype=torch.get_default_dtype())
-        probe = _probe_copy(fresh)
-        _set_unit_gain(probe, d)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(fresh.named_parameters(recurse=False), probe.named_parameters(recurse=False)):
-                p.copy_(q)
+        weight = next(m.parameters())
+        if weight.is_meta:
+            return copy.deepcopy(m)  # shapes only (the budget on the meta device)
+        fresh = fresh.to(device=weight.device, dtype=torch.get_default_dtype())
         for p in fresh.parameters():
             p.requires_grad_(True)
             if hasattr(p, "_is_hf_initialized"):
