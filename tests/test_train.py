@@ -39,7 +39,8 @@ def test_vl_model_has_three_stacks_and_rules_train_projector_only():
     assert table.num_layers() == {"visual": 2, "encoder": 2, "decoder": 2}
     vlpet_fx.patch(m, "vlpet_large")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert {"visual_projection.0.weight", "visual_projection.1.bias"} <= trainable
+    assert {"visual_projection.feat_embedding.0.weight", "visual_projection.feat_embedding.1.weight",
+            "visual_projection.absolute_vis_pos_embedding.0.weight", "visual_projection.img_order_embedding.weight"} <= trainable
     assert not any(n.startswith("visual.") for n in trainable)
 
 
@@ -145,7 +146,7 @@ def test_train_bad_input(tmp_path, args, needle):
 
 def test_tokens_per_image_concatenates_encoder_tokens():
     m = build_vl("t5", "tiny", vocab_size=64, tokens_per_image=2)  # tiny ViT: 16 patch tokens of width 64
-    assert m.group == 8 and m.visual_projection[0].in_features == 8 * 64
+    assert m.group == 8 and m.visual_projection.feat_embedding[0].in_features == 8 * 64
     ids = torch.ones(2, 5, dtype=torch.long)
     embeds, mask = m.embed(ids, torch.ones_like(ids), pixel_values=torch.randn(2, 3, 3, 32, 32),
                            visual_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))

@@ -9,7 +9,7 @@ the images next to the text.
 
 ``pixel_values`` is (batch, images, 3, S, S) scaled to [-1, 1] (:func:`vlpet_fx.vl.model.to_pixels`), and
 ``visual_mask`` (batch, images) marks real images (1) and padded slots (0). Batch, text length, number of images
-(1-64) and decoded length are dynamic.
+(1 to the model's ``max_images``, at most 64) and decoded length are dynamic.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ class VLEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, pixel_values, visual_mask):
-        embeds, mask = self.model.embed(input_ids, attention_mask, pixel_values=pixel_values, visual_mask=visual_mask)
-        hidden = self.model.text.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return hidden, mask
+        return self.model.encode(input_ids, attention_mask, pixel_values=pixel_values, visual_mask=visual_mask)
 
 
 def vl_example(model, batch: int = 2, src: int = 9, images: int = 2, tgt: int = 5):
@@ -57,11 +55,12 @@ def vl_example(model, batch: int = 2, src: int = 9, images: int = 2, tgt: int = 
 def export_vl_programs(model) -> dict[str, torch.export.ExportedProgram]:
     ids, mask, pix, vmask, dec = vl_example(model)
     batch, src = Dim("batch", min=1, max=1024), Dim("src", min=2, max=MAX_LEN)
-    k, tgt = Dim("images", min=1, max=MAX_IMAGES), Dim("tgt", min=1, max=MAX_LEN)
+    images = min(MAX_IMAGES, getattr(model, "max_images", MAX_IMAGES))  # the image-order embedding's rows
+    k, tgt = Dim("images", min=1, max=images), Dim("tgt", min=1, max=MAX_LEN)
     enc, enc_mask = VLEncoder(model)(ids, mask, pix, vmask)
     per_image = (enc.shape[1] - ids.shape[1]) // pix.shape[1]
     # the encoder's length: text tokens + visual tokens (a dimension of its own for the decoder step)
-    enc_len = Dim("enc_len", min=2, max=MAX_LEN + per_image * MAX_IMAGES)
+    enc_len = Dim("enc_len", min=2, max=MAX_LEN + per_image * images)
     img = {0: batch, 1: k}
     return {
         "model": torch.export.export(VLScore(model), (ids, mask, pix, vmask, dec), strict=False,

@@ -11,9 +11,10 @@ from torch import nn
 from ..errors import ModelSpecError
 from ..zoo import build_model, load_model
 from ..zoo.resolve import unpickling_refusal
-from .model import VLModel
+from .model import MAX_IMAGES, VLModel
 
-# name -> builder(size) -> (image encoder, feature dim)
+# name -> builder(size) -> (image encoder, feature dim). An encoder whose tokens are patches says where they sit
+# with a `token_grid = (rows, cols)` attribute (row-major), so each visual token carries its patch's box.
 _ENCODERS: dict[str, Callable[[str], tuple[nn.Module, int]]] = {}
 
 
@@ -29,13 +30,21 @@ def list_image_encoders() -> list[str]:
     return sorted(_ENCODERS)
 
 
+def _vit_tokens(tower: nn.Module) -> nn.Module:
+    """An open_clip ViT giving its tokens: patch tokens on its grid, or an attentional pooler's query tokens
+    (pooled: each sees the whole image)."""
+    tower.output_tokens = True
+    if getattr(tower, "attn_pool", None) is None and getattr(tower, "pool_type", "tok") in ("tok", "avg"):
+        tower.token_grid = tuple(int(v) for v in tower.grid_size)
+    return tower
+
+
 def _open_clip(name: str):
     def build(size: str):
         tower = build_model(name, size)
         if hasattr(tower, "output_tokens") and hasattr(tower, "conv1") and hasattr(tower, "transformer"):
             # a ViT: its patch tokens (after the final LayerNorm) are the visual tokens, one per patch
-            tower.output_tokens = True
-            return tower, int(tower.transformer.width)
+            return _vit_tokens(tower), int(tower.transformer.width)
         return tower, int(getattr(tower, "output_dim"))
 
     return build
@@ -81,8 +90,7 @@ def _any_open_clip(spec: str):
         model = open_clip.create_model(arch) if not ckpt else _open_clip_from_checkpoint(open_clip, arch, ckpt)
     tower = model.visual
     if hasattr(tower, "output_tokens") and hasattr(tower, "transformer"):
-        tower.output_tokens = True
-        return tower, int(tower.transformer.width)
+        return _vit_tokens(tower), int(tower.transformer.width)
     return tower, int(tower.output_dim)
 
 
@@ -100,13 +108,14 @@ def _open_clip_from_checkpoint(open_clip, arch: str, ckpt: str):
 
 def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-32", visual_size: str = "tiny",
              vocab_size: int | None = None, tokens_per_image: int | None = None, seed: int = 0,
-             allow_factory: bool = True, tokenizer=None) -> VLModel:
+             allow_factory: bool = True, tokenizer=None, max_images: int = MAX_IMAGES) -> VLModel:
     """A VL model: ``visual`` image encoder + ``text`` encoder-decoder (built-in name with ``size``, or a local
     Hugging Face directory). ``vocab_size`` resizes the text embeddings to a word-level tokenizer's (ids: pad 0,
     ``</s>`` 1). ``tokenizer``: the checkpoint's own tokenizer (:func:`vlpet_fx.data.tokenizer.checkpoint_tokenizer`)
     instead: vocabulary and embeddings are kept (grown only for tokens it added), the special-token ids the
     config lacks come from it. ``allow_factory=False`` refuses a ``module:factory`` text model (a spec read from a
-    file, not typed)."""
+    file, not typed). ``max_images``: images per example the image-order embedding tells apart (the paper's
+    data: 2)."""
     if visual not in _ENCODERS:
         raise ModelSpecError(f"unknown image encoder '{visual}': choose one of {', '.join(list_image_encoders())}")
     if tokenizer is not None and vocab_size is not None:
@@ -128,7 +137,7 @@ def build_vl(text: str = "t5", size: str = "tiny", *, visual: str = "clip-vit-b-
         resize_text_embeddings(txt, vocab_size)
         set_special_ids(txt, pad=0, start=0, eos=1, overwrite=True)
     torch.manual_seed(seed + 1)
-    return VLModel(tower, txt, feat_dim, tokens_per_image).eval()
+    return VLModel(tower, txt, feat_dim, tokens_per_image, max_images).eval()
 
 
 def resize_text_embeddings(txt: nn.Module, n: int) -> None:
