@@ -116,7 +116,7 @@ def expected_blocks(kind: str, stack: str, cfg=None, layer: int = 0) -> set[str]
         return {"self_attn", "cross_attn", "ffn"}
     kinds = getattr(getattr(cfg, "text_config", None) or cfg, "layer_types", None) if cfg is not None else None
     if kinds and any(w in str(kinds[layer % len(kinds)]) for w in RECURRENT):
-        return {"ffn"}  # a hybrid's recurrent mixer has no softmax attention
+        return {"mixer", "ffn"}  # a hybrid's recurrent layer: token mixing without softmax attention (a `mixer`)
     return {"self_attn", "ffn"}
 
 
@@ -174,6 +174,8 @@ def test_roles_of_every_block(name):
                 assert {"in", "out", "output"} <= roles, (name, stack, layer, roles)
             else:  # the projection whose output passes the activation before the product is the gate
                 assert {"gate", "up", "out", "output"} <= roles, (name, stack, layer, roles)
+        elif block == "mixer":  # projections into the mixer and the one its value comes from
+            assert {"in", "out", "output"} <= roles, (name, stack, layer, block, roles)
         else:
             assert {"q", "k", "v", "o", "output"} <= roles, (name, stack, layer, block, roles)
 
