@@ -103,8 +103,9 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
     sub-layer's output before the add, a shared expert whose output is combined with the routed experts' before
     the add) the adds downstream of the block's last projection are tried in graph order, through light ops: the
     first whose other operand is computed, through light ops, from a value the sub-layer reads gives X (the
-    latest such value) and, when the block had no residual add, the block's output (the whole residual branch:
-    the outermost module of the block's last projection that ends before that add)."""
+    latest such value) and the block's output: the whole residual branch that add merges (the outermost module
+    of the block's last projection that the add is not in: the sub-layer, e.g. a mixture of experts rather than
+    its shared expert, or the attention of a parallel block rather than the sum with the FFN)."""
     reads = _upstream_light(_reads(b))
     current = block_input(b)
     if current is not None and current in reads:
@@ -127,8 +128,7 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
                 if common:
                     x = max(common, key=order.__getitem__)
                     b.extra["stream_x"] = x
-                    if b.residual_add is None:
-                        _set_branch_output(flow, b, n, next(a for a in n.args[:2] if a is not other))
+                    _set_branch_output(flow, b, n, next(a for a in n.args[:2] if a is not other))
                     return
         if not ops.is_heavy(n):
             for u in n.users:
@@ -234,6 +234,7 @@ def spec_width(spec: tuple[int, ...]) -> int:
 
 def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
+    outputs: set[tuple] = set()
     for b in blocks:
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
                      input_node=block_input(b).name if block_input(b) is not None else None)
@@ -247,6 +248,11 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
                          node=p.node.name, param=p.param, x_node=p.x.name, **where)
                 )
         first, last = b.first(), b.last()
+        # two blocks of one sub-layer (the routed and the shared experts of a mixture) have one output
+        mark = (b.stack, b.layer, b.block, b.output_path, b.output)
+        if b.output is not None and mark in outputs:
+            continue
+        outputs.add(mark)
         sites.append(
             Site(b.stack, b.layer, b.block, "output", b.output_path, first.in_features, last.out_features,
                  node=b.output.name if b.output is not None else last.node.name, param=None, **where)

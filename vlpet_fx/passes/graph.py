@@ -21,7 +21,7 @@ from ..analysis import SiteTable, ops
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Plan
-from .base import SiteApply, build_pet, site_device_dtype
+from .base import SiteApply, build_pet, gated_on_block_input, site_device_dtype
 
 _SAFE = re.compile(r"[^0-9A-Za-z_]")
 
@@ -46,8 +46,7 @@ class _ApplyAsBlockInput(_Apply):
     the module's output) and flattened back."""
 
     def forward(self, x, y):
-        out = self.site_apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
-        return out.reshape(y.shape[:-1] + out.shape[-1:])
+        return gated_on_block_input(self.site_apply, x, y)
 
 
 class GraphPatch(PassBase):
