@@ -67,9 +67,10 @@ def _upstream_light(start: Node) -> set[Node]:
     return seen
 
 
-def _carried(start: Node) -> set[Node]:
-    """The values ``start`` carries unchanged, up to reshapes, casts, scaling by a constant and other branches
-    added in: what a skip path of the residual stream can be made of."""
+def _carried(start: Node, weights: set[str]) -> set[Node]:
+    """The values ``start`` carries unchanged, up to reshapes, casts, scaling by a constant or a parameter and
+    other branches added in: what a skip path of the residual stream can be made of (``weights``: the names of
+    the parameter and buffer nodes)."""
     seen: set[Node] = set()
     todo = [start]
     while todo:
@@ -81,9 +82,13 @@ def _carried(start: Node) -> set[Node]:
             continue
         if ops.is_tensor_add(n):
             todo.extend(a for a in n.args[:2] if isinstance(a, Node))
-        elif n.target in ops.SHAPE or (ops.is_kind(n, _SCALE) and len(n.all_input_nodes) == 1):
+        elif n.target in ops.SHAPE:
             if n.args and isinstance(n.args[0], Node):
                 todo.append(n.args[0])
+        elif ops.is_kind(n, _SCALE):
+            values = [a for a in n.args[:2] if isinstance(a, Node) and a.name not in weights]
+            if len(values) == 1 and (ops.is_kind(n, ops.MUL) or values[0] is n.args[0]):  # x * w, x / w
+                todo.append(values[0])
     return seen
 
 
@@ -112,6 +117,7 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
         return
     last = b.last().node
     order = flow.order
+    weights = set(flow.cap.param_names) | set(flow.cap.buffer_names)
     heap = [(order[u], u) for u in last.users]
     heapq.heapify(heap)
     branch: set[Node] = {last}
@@ -124,7 +130,7 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
             for other in n.args[:2]:
                 if other in branch:
                     continue
-                common = _carried(other) & reads
+                common = _carried(other, weights) & reads
                 if common:
                     x = max(common, key=order.__getitem__)
                     b.extra["stream_x"] = x
