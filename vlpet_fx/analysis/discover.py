@@ -136,9 +136,19 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
                     b.extra["stream_x"] = x
                     _set_branch_output(flow, b, n, next(a for a in n.args[:2] if a is not other))
                     return
-        if not ops.is_heavy(n):
+        if not ops.is_heavy(n) or _joins_tokens(n):
             for u in n.users:
                 heapq.heappush(heap, (order[u], u))
+
+
+def _joins_tokens(n: Node) -> bool:
+    """A concatenation along an axis other than the channels (e.g. of several token streams' outputs): the values
+    keep their meaning, so the search for the residual add goes on through it."""
+    if not ops.is_kind(n, ops.CONCAT):
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    out = ops.shape(n)
+    return isinstance(dim, int) and out is not None and dim % len(out) != len(out) - 1
 
 
 def _set_branch_output(flow: Dataflow, b: Block, add: Node, branch: Node) -> None:
