@@ -4,7 +4,8 @@ The model is captured in full (every layer), the plan's sites are found again in
 (``Site.key``, checked to name the same projection), and each PET module is inserted as a ``call_module`` node
 right after the site's node (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
 ``x`` the projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block
-input X get the residual operand of the block's residual add. The graph is linted and recompiled. The result
+input X get its node (``Site.input_node``: the residual-stream value entering the sub-layer, see
+``analysis.discover.tie_block_input``). The graph is linted and recompiled. The result
 is a ``torch.fx.GraphModule`` that takes the same inputs as the model; sites that are not module outputs
 (packed ``in_proj_weight`` slices) are reachable here.
 """
