@@ -136,6 +136,9 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
                     b.extra["stream_x"] = x
                     _set_branch_output(flow, b, n, next(a for a in n.args[:2] if a is not other))
                     return
+            # never past the first add outside the block's layer (the next layers' adds carry X on, too)
+            if b.layer_path is not None and b.layer_path not in flow.cap.module_stack(n):
+                return
         if not ops.is_heavy(n) or _joins_tokens(n):
             for u in n.users:
                 heapq.heappush(heap, (order[u], u))
