@@ -47,8 +47,6 @@ _SHAPE_ONLY = ops._overloads(
     ops.aten.new_ones, ops.aten.new_empty, ops.aten.new_full, ops.aten.sym_size, ops.aten.rand_like,
     ops.aten.randn_like,
 )
-
-
 _SCALE = ops.MUL | ops._overloads(ops.aten.div)
 
 
@@ -106,9 +104,11 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
     carries it to the add that merges the sub-layer's output back. When the residual operand of the block's add
     is that value nothing changes. Otherwise (``x + attn(x) + ffn(x)`` adds in any order, a norm on the
     sub-layer's output before the add, a shared expert whose output is combined with the routed experts' before
-    the add) the adds downstream of the block's last projection are tried in graph order, through light ops: the
-    first whose other operand is computed, through light ops, from a value the sub-layer reads gives X (the
-    latest such value) and the block's output: the whole residual branch that add merges (the outermost module
+    the add, a skip path scaled by a parameter) the adds downstream of the block's last projection are tried in
+    graph order, through light ops and concatenations along a token axis, up to the first add outside the
+    block's layer: the first whose other operand carries a value the sub-layer reads (:func:`_carried`: a skip
+    path, not another computation from it, such as the routed experts' output) gives X (the latest such value)
+    and the block's output: the whole residual branch that add merges (the outermost module
     of the block's last projection that the add is not in: the sub-layer, e.g. a mixture of experts rather than
     its shared expert, or the attention of a parallel block rather than the sum with the FFN)."""
     reads = _upstream_light(_reads(b))
@@ -171,7 +171,7 @@ def _set_branch_output(flow: Dataflow, b: Block, add: Node, branch: Node) -> Non
 
 
 def input_path_of(cap: Captured | None, b: Block) -> str | None:
-    """The module whose call receives the block's input X (the residual-stream operand of its residual add).
+    """The module whose call receives the block's input X (:func:`block_input`, tied by :func:`tie_block_input`).
 
     It is the outermost module that consumes X but did not produce it, inside the block's layer. PET methods
     that read X (VL-PET's gates) take it from that module's first input.
