@@ -39,9 +39,12 @@ CASES = {
     "granite": ("causal", "granite", {}, {"gated"}, {}),
     # partial rotary: q and k reach the core through the concatenation of a rotated and a passed-through part
     "stablelm": ("causal", "stablelm", {"num_key_value_heads": 2}, {"gated"}, {}),  # GQA
-    # a norm on each sub-layer's output before the residual add (x + norm(f(x))): the residual branch gives the
-    # block its residual add, so VL-PET's gate reads the block input X
-    "gemma2": ("causal", "gemma2", {}, {"gated"}, {}),
+    # a norm on each sub-layer's output before the residual add: sandwich (x + norm(f(norm(x))), Gemma-2) and
+    # post-norm only (x + norm(f(x)), OLMo-2); VL-PET's gate reads the stream value before the add
+    "gemma2": ("causal", "gemma2", {}, {"gated", "post-norm"}, {}),
+    "olmo2": ("causal", "olmo2", {}, {"gated", "post-norm"}, {}),
+    # parallel attention and FFN on one norm (x + attn(norm(x)) + ffn(norm(x))): both read the same X
+    "cohere": ("causal", "cohere", {}, {"gated", "parallel"}, {}),
     # causal LMs: plain MLPs, learned / sinusoidal positions, post- and pre-LN
     "opt": ("causal", "opt", {}, set(), {}),
     "opt-eager": ("causal", "opt", {"attn_implementation": "eager"}, set(), {}),
@@ -53,9 +56,10 @@ CASES = {
     "gpt2": ("causal", "gpt2", {}, {"fused"}, {}),
     "gpt_neox": ("causal", "gpt_neox", {}, {"fused"}, {}),
     # MoE: experts held as one batched 3-D parameter (found as a residual branch: only the block's output is a
-    # site), and routed + shared experts (the shared expert's projections keep their roles)
+    # site), and routed + shared experts (the shared expert's projections keep their roles; the FFN's output is
+    # the whole mixture)
     "mixtral": ("causal", "mixtral", {}, {"moe", "batched"}, {}),
-    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated"}, {}),
+    "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated", "shared-expert"}, {}),
     # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts
     "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {"roles": LATENT_K}),
     # a hybrid: recurrent (linear-time) mixers and softmax attention; the tiny config keeps one layer of each kind
@@ -230,3 +234,65 @@ def test_the_table_spans_the_patterns():
     assert {"gated", "fused", "moe", "latent", "hybrid"} <= traits
     assert len(CASES) >= 25
     assert {c[0] for c in CASES.values()} == set(AUTO)
+
+
+# The block input X each VL-PET gate must read, computed independently from the model's own modules: the
+# self-attention reads the layer's input; the FFN reads the layer's input plus what the attention sub-layer
+# adds to it (the output of the module named here, relative to the layer), or the layer's input too in a
+# parallel block (None). And the module whose output is the FFN sub-layer's (the whole residual branch).
+X_ROWS = {
+    "gemma2": ("post_attention_layernorm", "mlp"),
+    "olmo2": ("post_attention_layernorm", "mlp"),
+    "cohere": (None, "mlp"),
+    "qwen2_moe": ("self_attn", "mlp"),
+}
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@pytest.mark.parametrize("name", list(X_ROWS))
+def test_gates_read_the_stream_value_and_back_ends_agree(name):
+    """Post-norm, parallel and shared-expert blocks: every VL-PET gate reads the residual-stream value that
+    enters its sub-layer (checked against the layers' own inputs), the FFN output site is the whole residual
+    branch, and the graph back end computes what the eager one does for the same plan."""
+    kind, model, table = built(name)
+    added, ffn_module = X_ROWS[name]
+    _, args, kwargs = build_example_inputs(model)
+    layers = model.model.layers
+    for i in range(len(layers)):
+        (site,) = table.where(stack="decoder", layer=i, block="ffn", role="output")
+        assert site.path == f"model.layers.{i}.{ffn_module}", (name, site)
+    plan = vlpet_fx.plan(model, RULES[kind], table=table)
+    eager = vlpet_fx.patch(copy.deepcopy(model), plan)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(eager.model.layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen.__setitem__((i, "in"), _hidden(a, kw)), with_kwargs=True))
+        if added is not None:
+            handles.append(layer.get_submodule(added).register_forward_hook(
+                lambda m, a, out, i=i: seen.__setitem__((i, "added"), _first_float(out) if isinstance(out, tuple)
+                                                        else out)))
+    with torch.no_grad():
+        out_e = _first_float(eager(*args, **kwargs))
+    for h in handles:
+        h.remove()
+    gates = 0
+    for path, p in eager.vlpet_patch.attached.items():
+        pet = eager.get_submodule(path)
+        if not getattr(pet, "needs_block_input", False):
+            continue
+        want = seen[(p.site.layer, "in")]
+        if p.site.block == "ffn" and added is not None:
+            want = want + seen[(p.site.layer, "added")]
+        torch.testing.assert_close(pet.block_input, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} {p.site}: {m}")
+        gates += 1
+    assert gates == 2 * len(layers), name
+    graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=(args, kwargs))
+    with torch.no_grad():
+        out_g = _first_float(graph(*args, **kwargs))
+        reference = _first_float(model(*args, **kwargs))
+    assert not torch.allclose(out_e, reference), name
+    torch.testing.assert_close(out_g, out_e, rtol=1e-5, atol=1e-5)

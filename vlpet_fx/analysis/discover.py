@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import replace
 from typing import Any
@@ -11,7 +12,8 @@ from torch import nn
 from ..capture import Captured, capture
 from ..capture.reduce import Reduction, reduced
 from ..errors import DiscoveryError, VlpetError
-from .dataflow import Block, Dataflow
+from . import ops
+from .dataflow import Block, Dataflow, Node
 from .norms import norm_modules
 from .sites import Site, SiteTable, merge_calls, settle_paths
 from .streams import assign_streams
@@ -26,17 +28,150 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     flow = Dataflow(cap, leaves)
     blocks = flow.blocks()
     assign_streams(flow, blocks, model)
-    return [b for b in blocks if not b.extra.get("off_stream")]
+    blocks = [b for b in blocks if not b.extra.get("off_stream")]
+    for b in blocks:
+        tie_block_input(flow, b)
+    return blocks
 
 
 def block_input(b: Block):
-    """The residual-stream value X a block reads: its residual operand, or for parallel blocks
-    (``x + attn(x) + ffn(x)``, where the residual operand is the other block's output) the stream value."""
+    """The residual-stream value X a block reads: its residual operand, or the stream value where the residual
+    operand is not X (parallel blocks ``x + attn(x) + ffn(x)``, a norm on the sub-layer's output, a shared expert
+    inside a mixture of experts): see :func:`tie_block_input`."""
     return b.extra.get("stream_x", b.residual)
 
 
+# ops whose result depends only on their input's shape and dtype, not its values (a walk of the values stops there)
+_SHAPE_ONLY = ops._overloads(
+    ops.aten.zeros_like, ops.aten.ones_like, ops.aten.empty_like, ops.aten.full_like, ops.aten.new_zeros,
+    ops.aten.new_ones, ops.aten.new_empty, ops.aten.new_full, ops.aten.sym_size, ops.aten.rand_like,
+    ops.aten.randn_like,
+)
+_SCALE = ops.MUL | ops._overloads(ops.aten.div)
+
+
+def _upstream_light(start: Node) -> set[Node]:
+    """``start`` and every value it is computed from through light ops (the heavy ops and inputs where the walk
+    stops are included; ops that read only a shape are not walked through)."""
+    seen: set[Node] = set()
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and not ops.is_heavy(n) and n.target not in _SHAPE_ONLY:
+            todo.extend(ops.tensor_inputs(n))
+    return seen
+
+
+def _carried(start: Node, weights: set[str]) -> set[Node]:
+    """The values ``start`` carries unchanged, up to reshapes, casts, scaling by a constant or a parameter and
+    other branches added in: what a skip path of the residual stream can be made of (``weights``: the names of
+    the parameter and buffer nodes)."""
+    seen: set[Node] = set()
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op != "call_function":
+            continue
+        if ops.is_tensor_add(n):
+            todo.extend(a for a in n.args[:2] if isinstance(a, Node))
+        elif n.target in ops.SHAPE:
+            if n.args and isinstance(n.args[0], Node):
+                todo.append(n.args[0])
+        elif ops.is_kind(n, _SCALE):
+            values = [a for a in n.args[:2] if isinstance(a, Node) and a.name not in weights]
+            if len(values) == 1 and (ops.is_kind(n, ops.MUL) or values[0] is n.args[0]):  # x * w, x / w
+                todo.append(values[0])
+    return seen
+
+
+def _reads(b: Block) -> Node:
+    """The value the block's sub-layer reads from the stream side: the query projection's input for attention
+    (k and v of cross-attention read the other stream), the first projection's input otherwise."""
+    q = b.projections.get("q")
+    return q[0].x if q else b.first().x
+
+
+def tie_block_input(flow: Dataflow, b: Block) -> None:
+    """Make sure ``block_input(b)`` is the residual-stream value X that enters the block's sub-layer.
+
+    X is where the stream forks: the sub-layer reads it (through light ops: a norm, a cast) and the skip path
+    carries it to the add that merges the sub-layer's output back. When the residual operand of the block's add
+    is that value nothing changes. Otherwise (``x + attn(x) + ffn(x)`` adds in any order, a norm on the
+    sub-layer's output before the add, a shared expert whose output is combined with the routed experts' before
+    the add, a skip path scaled by a parameter) the adds downstream of the block's last projection are tried in
+    graph order, through light ops and concatenations along a token axis, up to the first add outside the
+    block's layer: the first whose other operand carries a value the sub-layer reads (:func:`_carried`: a skip
+    path, not another computation from it, such as the routed experts' output) gives X (the latest such value)
+    and the block's output: the whole residual branch that add merges (the outermost module
+    of the block's last projection that the add is not in: the sub-layer, e.g. a mixture of experts rather than
+    its shared expert, or the attention of a parallel block rather than the sum with the FFN)."""
+    reads = _upstream_light(_reads(b))
+    current = block_input(b)
+    if current is not None and current in reads:
+        return
+    last = b.last().node
+    order = flow.order
+    weights = set(flow.cap.param_names) | set(flow.cap.buffer_names)
+    heap = [(order[u], u) for u in last.users]
+    heapq.heapify(heap)
+    branch: set[Node] = {last}
+    while heap:
+        _, n = heapq.heappop(heap)
+        if n in branch:
+            continue
+        branch.add(n)
+        if ops.is_tensor_add(n):
+            for other in n.args[:2]:
+                if other in branch:
+                    continue
+                common = _carried(other, weights) & reads
+                if common:
+                    x = max(common, key=order.__getitem__)
+                    b.extra["stream_x"] = x
+                    _set_branch_output(flow, b, n, next(a for a in n.args[:2] if a is not other))
+                    return
+            # never past the first add outside the block's layer (the next layers' adds carry X on, too)
+            if b.layer_path is not None and b.layer_path not in flow.cap.module_stack(n):
+                return
+        if not ops.is_heavy(n) or _joins_tokens(n):
+            for u in n.users:
+                heapq.heappush(heap, (order[u], u))
+
+
+def _joins_tokens(n: Node) -> bool:
+    """A concatenation along an axis other than the channels (e.g. of several token streams' outputs): the values
+    keep their meaning, so the search for the residual add goes on through it."""
+    if not ops.is_kind(n, ops.CONCAT):
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    out = ops.shape(n)
+    return isinstance(dim, int) and out is not None and dim % len(out) != len(out) - 1
+
+
+def _set_branch_output(flow: Dataflow, b: Block, add: Node, branch: Node) -> None:
+    """The block's output is the residual branch merged by ``add``: the outermost module on the block's last
+    projection's module stack that the add is not in, and its latest value the branch is computed from."""
+    cap = flow.cap
+    add_scope = set(cap.module_stack(add))
+    feeds = _upstream_light(branch)
+    for path in cap.module_stack(b.last().node):
+        if path in add_scope or not path:
+            continue
+        inside = [n for n in feeds if path in cap.module_stack(n)]
+        if inside:
+            b.output_path = path
+            b.output = max(inside, key=flow.order.__getitem__)
+        return
+
+
 def input_path_of(cap: Captured | None, b: Block) -> str | None:
-    """The module whose call receives the block's input X (the residual-stream operand of its residual add).
+    """The module whose call receives the block's input X (:func:`block_input`, tied by :func:`tie_block_input`).
 
     It is the outermost module that consumes X but did not produce it, inside the block's layer. PET methods
     that read X (VL-PET's gates) take it from that module's first input.
@@ -118,6 +253,7 @@ def spec_width(spec: tuple[int, ...]) -> int:
 
 def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
     sites: list[Site] = []
+    outputs: set[tuple] = set()
     for b in blocks:
         x = block_input(b)
         x_shape = _shape(x) if x is not None else None
@@ -134,6 +270,11 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
                          node=p.node.name, param=p.param, x_node=p.x.name, **where)
                 )
         width_in, width_out = b.widths()
+        # two blocks of one sub-layer (the routed and the shared experts of a mixture) have one output
+        mark = (b.stack, b.layer, b.block, b.output_path, b.output)
+        if b.output is not None and mark in outputs:
+            continue
+        outputs.add(mark)
         sites.append(
             Site(b.stack, b.layer, b.block, "output", b.output_path, width_in, width_out,
                  node=b.output.name if b.output is not None else b.end_node().name, param=None, **where)

@@ -98,3 +98,13 @@ class SiteApply:
     def _sliced(self, *tensors):
         *extra, y = tensors
         return put_slice(y, self.out_slice, self.fn(*extra, take_slice(y, self.out_slice)))
+
+
+def gated_on_block_input(apply, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``apply(x, y)`` for a method that reads the block input ``x``; where the site's value ``y`` has its token
+    axes flattened (a mixture of experts or HF ``Conv1D`` working on ``(tokens, d)``) it is viewed with ``x``'s
+    leading shape for the call and flattened back."""
+    if x.shape[:-1] == y.shape[:-1]:
+        return apply(x, y)
+    out = apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
+    return out.reshape(y.shape[:-1] + out.shape[-1:])

@@ -2,7 +2,8 @@
 
 Each PET module becomes a child of its site's module (``<site module>.pet_<role>_<placement>``), so the base
 model's own parameter names and ``state_dict`` keys do not change, and is called from a forward hook on that
-module: ``after`` replaces the module's output ``y`` by ``pet.after(y)``; ``parallel`` by ``pet.parallel(x, y)``.
+module: ``after`` replaces the module's output ``y`` by ``pet.after(y)`` (``pet.gated(X, y)`` for a method that reads the
+block input X); ``parallel`` by ``pet.parallel(x, y)``.
 On a slice site (q, k or v of a packed projection, ``Site.out_slice``) the method sees and changes only its
 slice of ``y`` (``pet_<role>_<slice>_<placement>``); the other channels pass unchanged.
 A method that reads the block input X (VL-PET's gates) gets it from a forward pre-hook on the module that
@@ -20,7 +21,7 @@ from .._text import shown
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Placement, Plan
-from .base import ModulePass, SiteApply, build_pet, site_device_dtype
+from .base import ModulePass, SiteApply, build_pet, gated_on_block_input, site_device_dtype
 
 
 def _first(output):
@@ -52,6 +53,18 @@ class AfterHook:
 
     def __call__(self, module, args, output):
         return _replace_first(output, self.apply(_first(output)))
+
+
+class BlockInputHook:
+    """forward hook for a method that reads the block input X (stashed on the PET module by :class:`StashInput`):
+    y -> pet.gated(X, y), with y viewed with X's token axes where the module returns them flattened."""
+
+    def __init__(self, pet: nn.Module, out_slice=None):
+        self.pet = pet
+        self.apply = SiteApply(pet, "gated", out_slice).apply
+
+    def __call__(self, module, args, output):
+        return _replace_first(output, gated_on_block_input(self.apply, self.pet.block_input, _first(output)))
 
 
 class ParallelHook:
@@ -131,7 +144,9 @@ class EagerPatch(ModulePass):
                 owner.add_module(name, pet)
                 added.append((owner, name))
                 attached[full] = p
-                if p.placement == "after":
+                if p.placement == "after" and getattr(pet, "needs_block_input", False):
+                    handles.append(target.register_forward_hook(BlockInputHook(pet, p.site.out_slice)))
+                elif p.placement == "after":
                     handles.append(target.register_forward_hook(AfterHook(pet, p.site.out_slice)))
                 else:
                     handles.append(target.register_forward_hook(ParallelHook(pet, p.site.out_slice), with_kwargs=True))

@@ -5,7 +5,8 @@ The model is captured in full (every layer), the plan's sites are found again in
 right after the site's node — after every call's node when the site's module is called several times, with
 one PET module (``after``: ``y' = pet.after(y)``; ``parallel``: ``y' = pet.parallel(x, y)`` with
 ``x`` the projection's input; on a slice site only the slice of ``y`` changes). Methods that read the block
-input X get the residual operand of the block's residual add. The graph is linted and recompiled. The result
+input X get its node (``Site.input_node``: the residual-stream value entering the sub-layer, see
+``analysis.discover.tie_block_input``). The graph is linted and recompiled. The result
 is a ``torch.fx.GraphModule`` that takes the same inputs as the model; sites that are not module outputs
 (packed ``in_proj_weight`` slices) are reachable here.
 """
@@ -22,7 +23,7 @@ from ..analysis import SiteTable, ops
 from ..errors import PlanError
 from ..modules.base import get_method
 from ..planner.plan import Plan
-from .base import SiteApply, build_pet, site_device_dtype
+from .base import SiteApply, build_pet, gated_on_block_input, site_device_dtype
 
 _SAFE = re.compile(r"[^0-9A-Za-z_]")
 
@@ -47,8 +48,7 @@ class _ApplyAsBlockInput(_Apply):
     the module's output) and flattened back."""
 
     def forward(self, x, y):
-        out = self.site_apply(x, y.reshape(*x.shape[:-1], y.shape[-1]))
-        return out.reshape(y.shape[:-1] + out.shape[-1:])
+        return gated_on_block_input(self.site_apply, x, y)
 
 
 class GraphPatch(PassBase):
