@@ -239,10 +239,12 @@ def test_the_table_spans_the_patterns():
 # The block input X each VL-PET gate must read, computed independently from the model's own modules: the
 # self-attention reads the layer's input; the FFN reads the layer's input plus what the attention sub-layer
 # adds to it (the output of the module named here, relative to the layer), or the layer's input too in a
-# parallel block (None). And the module whose output is the FFN sub-layer's (the whole residual branch).
+# parallel block (None). And the module whose output is the FFN sub-layer's: the value added back to the stream
+# (the whole residual branch; behind a norm on the sub-layer's output, that norm: a gate placed before it would be
+# normalised away, e.g. the small gate's one scalar by an RMS norm).
 X_ROWS = {
-    "gemma2": ("post_attention_layernorm", "mlp"),
-    "olmo2": ("post_attention_layernorm", "mlp"),
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
     "cohere": (None, "mlp"),
     "qwen2_moe": ("self_attn", "mlp"),
 }

@@ -533,6 +533,12 @@ class Dataflow:
             if kind is None:
                 continue
             roles, values = self._branch_roles(kind, br)
+            mine = [p.path for ps in roles.values() for p in ps]
+            found_paths = {p.path for b in blocks if id(b) not in removed for p in b.all_projections()}
+            if mine and None not in mine and all(path in found_paths for path in mine):
+                # the same modules as a block found already, called on other tokens (Pegasus-X's global
+                # tokens through the attention of its local ones): another call of that block, not a new block
+                continue
             b = Block(kind, roles)
             self._complete(b, br)
             b.extra["slices"] = self.shared_slices(b.projections, values)

@@ -111,6 +111,8 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
     and the block's output: the whole residual branch that add merges (the outermost module
     of the block's last projection that the add is not in: the sub-layer, e.g. a mixture of experts rather than
     its shared expert, or the attention of a parallel block rather than the sum with the FFN)."""
+    if not b.all_projections():  # a residual branch without projections: its stream value is X already
+        return
     reads = _upstream_light(_reads(b))
     current = block_input(b)
     if current is not None and current in reads:
