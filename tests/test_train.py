@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import vlpet_fx
 from vlpet_fx.vl import build_vl
 
-FAST = ["--train-per-task", "16", "--eval-per-task", "4", "--batch-size", "8", "--eval-every", "0"]
+FAST = ["--batch-size", "8", "--eval-every", "0"]  # both modes
+BUILTIN = ["--train-per-task", "16", "--eval-per-task", "4"]  # built-in tasks only (refused with --data)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
@@ -59,7 +60,7 @@ def test_feature_cache_equals_on_the_fly(tmp_path):
 
 def test_run_writes_metrics_plot_report_and_model(tmp_path):
     run = tmp_path / "run"
-    res = cli("train", "--out", str(run), "--steps", "4", "--save-every", "2", "--source", "digits", *FAST)
+    res = cli("train", "--out", str(run), "--steps", "4", "--save-every", "2", "--source", "digits", *BUILTIN, *FAST)
     assert "average" in res.stdout
     for f in ["metrics.jsonl", "metrics.csv", "curves.png", "report.json", "run.json", "model/vlpet.json",
               "tokenizer/tokenizer.json"]:
@@ -73,7 +74,8 @@ def test_run_writes_metrics_plot_report_and_model(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-    args = ["--steps", "10", "--save-every", "2", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    args = ["--steps", "10", "--save-every", "2", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *BUILTIN,
+            *FAST]
     cli("train", "--out", str(tmp_path / "full"), *args)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "vlpet_fx.cli.main", "train", "--out", str(killed), *args],
@@ -91,7 +93,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    args = ["--steps", "3", "--save-every", "0", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    args = ["--steps", "3", "--save-every", "0", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *BUILTIN,
+            *FAST]
     cli("train", "--out", str(tmp_path / "one"), *args)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29531", "-m", "vlpet_fx.cli.main", "train", "--out", str(tmp_path / "two"), *args],
@@ -136,7 +139,8 @@ def test_train_bad_input(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "new")]
-    res = cli("train", *args, "--steps", "1", "--source", "digits", *FAST, check=False)
+    builtin = [] if "--data" in args else ["--source", "digits", *BUILTIN]
+    res = cli("train", *args, "--steps", "1", *builtin, *FAST, check=False)
     assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-1000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
