@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpetError
 from .config import TrainConfig, TrainConfigError, TrainError
+from .recipe import backbone_type, param_groups, resolve, set_dropout  # noqa: F401  (set_dropout: public here)
 
 PAD, EOS = 0, 1
 
@@ -106,7 +107,7 @@ _ARTEFACTS = ("run.json", "tokenizer", "metrics.jsonl", "metrics.csv", "checkpoi
 _COMPARED_AS_PATHS = ("init_from", "data", "eval_data")
 # options a resumed run may change: they do not change the trajectory (or are its length, or this invocation's)
 _MAY_CHANGE = ("out", "resume", "steps", "eval_every", "save_every", "keep_checkpoints", "feature_cache",
-               "eval_batch_size", "max_new_tokens", "on_the_fly", "trust_code")
+               "eval_batch_size", "max_new_tokens", "on_the_fly", "trust_code", "num_beams")
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def read_run_record(record: Path) -> dict:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
         raise TrainError(f"'{record}' is damaged ({reason}): delete it to --resume with the options you give, or "
                          "choose a new --out") from None
-    if not isinstance(doc, dict) or not set(doc) <= set(CONFIG_FIELDS):
+    if not isinstance(doc, dict) or not set(doc) <= {*CONFIG_FIELDS, "resolved"}:
         raise TrainError(f"'{record}' is damaged (not a mapping of training options): delete it to --resume with "
                          "the options you give, or choose a new --out")
     return doc
@@ -272,8 +273,9 @@ class Trainer:
                          "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
-        if cfg.dropout is not None:
-            set_dropout(self.model.text, cfg.dropout)
+        self.recipe = resolve(cfg, backbone_type(self.model.text))
+        if self.recipe.dropout is not None:
+            self.recipe.dropout_fields = set_dropout(self.model.text, self.recipe.dropout)
         self.summary = vlpet_fx.summary(self.model)
         if self.summary.trainable == 0:
             raise VlpetError(f"rule set '{cfg.rules}' leaves nothing trainable: add rules or `trainable:` entries")
@@ -300,16 +302,14 @@ class Trainer:
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # weight decay on matrices only (biases and norm weights are 1-d): a partition of `params` by construction
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
+        r = self.recipe
+        # decayed / undecayed by the recipe's grouping: a partition of the trainable parameters by construction
+        groups, r.param_groups = param_groups(self.model, r.decay_grouping, r.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=r.lr, eps=r.adam_eps)
         from transformers import get_scheduler
 
         names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-        self.sched = get_scheduler(names[cfg.schedule], self.opt, num_warmup_steps=int(cfg.warmup * self.total_steps),
+        self.sched = get_scheduler(names[cfg.schedule], self.opt, num_warmup_steps=int(r.warmup * self.total_steps),
                                    num_training_steps=self.total_steps)
         if self.resumed:
             self.start = self._load_newest_checkpoint()
@@ -373,7 +373,8 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         with writing(self.run / "run.json"):
-            write_atomic(self.run / "run.json", json.dumps(self.cfg.to_dict(), indent=1))
+            write_atomic(self.run / "run.json", json.dumps({**self.cfg.to_dict(), "resolved": self.recipe.to_dict()},
+                                                           indent=1))
         with writing(self.run / "tokenizer"):
             self.tok.save_pretrained(str(self.run / "tokenizer"))
 
@@ -449,8 +450,8 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not math.isfinite(total):
             self._stop(step + 1, "NaN" if math.isnan(total) else "infinite")
-        if self.cfg.grad_clip:
-            norm = self.acc.clip_grad_norm_(trainable, self.cfg.grad_clip)
+        if self.recipe.grad_clip:
+            norm = self.acc.clip_grad_norm_(trainable, self.recipe.grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measures only: the factor is 1
         # fp16: the gradient scaler skips steps whose scaled gradients overflow; that is not a failure
@@ -485,7 +486,8 @@ class Trainer:
         for s in range(0, len(split.inputs), bs):
             idx = list(range(s, min(s + bs, len(split.inputs))))
             preds += [g.text for g in generate_answers(model, self.tok, self._inputs(split, idx),
-                                                       max_new_tokens=self.cfg.max_new_tokens, with_scores=False)]
+                                                       max_new_tokens=self.cfg.max_new_tokens,
+                                                       num_beams=self.recipe.num_beams, with_scores=False)]
         scores = {}
         for t in dict.fromkeys(split.tasks):
             ii = [i for i, x in enumerate(split.tasks) if x == t]
@@ -561,6 +563,7 @@ class Trainer:
                 "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
                 "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
                 "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
+                "recipe": self.cfg.recipe, "num_beams": self.recipe.num_beams,
                 "bad_rows": self.problems,
             }
             report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
@@ -574,15 +577,6 @@ class Trainer:
             self.kept = True
         self.acc.wait_for_everyone()
         return report
-
-
-def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Every dropout of the model: nn.Dropout modules and attention modules' float ``dropout`` rates."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = p
 
 
 def builtin_vocabulary_texts() -> list[str]:
