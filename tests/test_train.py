@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import vlpet_fx
 from vlpet_fx.vl import build_vl
 
+from trajectory import assert_same_trajectory, same_length_data
+
 FAST = ["--batch-size", "8", "--eval-every", "0"]  # both modes
 BUILTIN = ["--train-per-task", "16", "--eval-per-task", "4"]  # built-in tasks only (refused with --data)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -93,16 +95,17 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    args = ["--steps", "3", "--save-every", "0", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *BUILTIN,
-            *FAST]
+    args = ["--steps", "3", "--save-every", "0", "--data", str(same_length_data(tmp_path / "d")), *FAST,
+            "--dropout", "0"]
     cli("train", "--out", str(tmp_path / "one"), *args)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29531", "-m", "vlpet_fx.cli.main", "train", "--out", str(tmp_path / "two"), *args],
                          capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # really two processes (on a CPU-only machine Accelerate needs cpu=True for that): one writer, and the
+    # process group's sums in the loss
+    assert res.stdout.count("trainable") == 1, res.stdout
+    assert_same_trajectory(tmp_path / "one", tmp_path / "two")
 
 
 def test_user_jsonl_data(tmp_path):
