@@ -58,6 +58,20 @@ def reported(writing: Path | None = None):
         fail(f"cannot write '{writing}': {exc.strerror or exc}")
 
 
+def given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among ``names`` (parameter names) that were typed on the command line, as spelled in help."""
+    # by name: typer ships its own copy of click, so click's ParameterSource enum is another class
+    opts = {p.name: p.opts[0] for p in ctx.command.params}
+    return [opts[n] for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+
+
+def refuse_ignored(ctx: typer.Context, names: tuple[str, ...], why: str, fix: str) -> None:
+    """Exit 2 (one line) if an option that would be ignored was given: no flag is silently dropped."""
+    hit = given(ctx, *names)
+    if hit:
+        fail(f"{' '.join(hit)} {'has' if len(hit) == 1 else 'have'} no effect {why}: {fix}")
+
+
 RULES_HELP = "A shipped rule set name (e.g. vlpet_large; see `vlpet-fx rules`) or a path to a YAML file."
 TRUST_HELP = ("Import and call the package.module:factory that the directory's vlpet.json names as its base model "
               "(off: such a directory is refused; see docs/SECURITY.md). Only for directories you trust.")
@@ -250,6 +264,7 @@ def _load_predictor(src: Path, base: Path | None, tokenizer: Path | None, device
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     src: Path = typer.Argument(..., help=SRC_HELP),
     prompt: str = typer.Option(None, "--prompt", "-p", help="The question with its task prefix, e.g. 'vqa: what is this?'."),
     image: list[Path] = typer.Option(None, "--image", "-i", help="An image file the prompt is about; repeat for several."),
@@ -276,6 +291,8 @@ def predict(
         fail("--image goes with --prompt; the rows of --data name their own images")
     if out_file is not None and data is None:
         fail("--out writes the answers of --data; without --data the answer is printed")
+    if data is None:
+        refuse_ignored(ctx, ("batch_size",), "without --data (one prompt is one example)", "drop it")
     with reported(writing=out_file):
         pred = _load_predictor(src, base, tokenizer, device, force)
         if prompt is not None:
@@ -298,6 +315,7 @@ def predict(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     src: Path = typer.Argument(..., help=SRC_HELP),
     data: Path = typer.Option(None, "--data", help="Held-out examples (JSONL, the format `train --data` reads)."),
     task: list[str] = typer.Option(None, "--task", "-t", help="A built-in task to score on instead (vqa, gqa, nlvr, caption); repeat."),
@@ -325,6 +343,11 @@ def evaluate(
         fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
     if data is None and split not in ("train", "val", "test"):
         fail(f"--split must be train, val or test, not '{split}'")
+    if data is not None:
+        refuse_ignored(ctx, ("source", "n", "split", "seed"), "with --data (they choose built-in task examples)",
+                       "drop them, or give --task instead of --data")
+    else:
+        refuse_ignored(ctx, ("on_bad_rows",), "without --data", "drop it, or give --data FILE.jsonl")
     with reported(writing=out_dir):
         pred = _load_predictor(src, base, tokenizer, device, force)
         result = run_evaluate(pred, data=data, tasks=list(task) if task else None, source=source, n=n, split=split,
@@ -407,6 +430,7 @@ def _tasks(specs: list[str]) -> list[tuple[str, float]]:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     out_dir: Path = typer.Option(Path("runs/vl-t5"), "--out", "-o", help="Run directory (new, or an old one with --resume)."),
     rules: str = typer.Option("vlpet_large", "--rules", "-r", help=RULES_HELP),
     init_from: Path = typer.Option(None, "--init-from", help="Backbone: the model of an earlier full fine-tuning run."),
@@ -426,16 +450,20 @@ def train(
     train_per_task: int = typer.Option(2000, "--train-per-task", help="Training examples built per built-in task."),
     eval_per_task: int = typer.Option(100, "--eval-per-task", help="Validation examples built per built-in task."),
     text_only: bool = typer.Option(False, "--text-only", help="Control run: blank images (shows the image is used)."),
-    steps: int = typer.Option(300, "--steps", help="Optimizer steps (ignored when --epochs is given)."),
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps (not with --epochs)."),
     epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Split each process's share into this many micro-batches."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of AdamW."),
+    recipe: str = typer.Option("quick", "--recipe", help="Defaults of the options below: quick (lr 1e-3, decay of matrices only, the model's dropout, greedy evaluation) or paper (the VL-PET authors': lr 1e-3 BART / 3e-4 T5, no decay only for names with bias or LayerNorm.weight, dropout 0.1, 5 beams). Both: warm-up 0.1, clip 5, eps 1e-6, decay 0.01. Options given explicitly win; run.json records the result."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate of AdamW (default: the recipe's for the backbone)."),
     schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
-    warmup: float = typer.Option(0.1, "--warmup", help="Warm-up as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay of matrices (not of biases/norms)."),
-    grad_clip: float = typer.Option(5.0, "--grad-clip", help="Clip the gradient norm to this value; 0 turns it off."),
-    dropout: float = typer.Option(None, "--dropout", help="Override the text model's dropout rates (default: its config's)."),
+    warmup: float = typer.Option(None, "--warmup", help="Warm-up as a fraction of the steps (default 0.1)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay of the decayed group (default 0.01)."),
+    decay_grouping: str = typer.Option(None, "--decay-grouping", help="Which parameters are not decayed: paper (names with bias or LayerNorm.weight) or ndim (every parameter of at most 1 dimension). Default: paper with --recipe paper or a paper rule set (vlpet_*, vl_adapter), else ndim."),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value (default 5); 0 turns it off."),
+    adam_eps: float = typer.Option(None, "--adam-eps", help="AdamW epsilon (default 1e-6)."),
+    dropout: float = typer.Option(None, "--dropout", help="Every dropout rate of the text model (default: quick keeps its config's, paper 0.1)."),
+    num_beams: int = typer.Option(None, "--num-beams", help="Beam-search width of the evaluations during training (default: quick 1 = greedy, paper 5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model's initialisation, the data sampling and the steps' batches."),
     precision: str = typer.Option("no", "--precision", help="no, bf16 or fp16 (mixed precision)."),
     eval_every: int = typer.Option(100, "--eval-every", help="Evaluate on the validation examples every N steps (and at the end); 0 turns the periodic ones off."),
@@ -469,11 +497,25 @@ def train(
                       rules=rules, tasks=tasks, data=str(data) if data else None,
                       eval_data=str(eval_data) if eval_data else None, on_bad_rows=on_bad_rows, source=source,
                       train_per_task=train_per_task, eval_per_task=eval_per_task, text_only=text_only, steps=steps,
-                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
-                      weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, precision=precision,
+                      epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, recipe=recipe, lr=lr, schedule=schedule,
+                      warmup=warmup, weight_decay=weight_decay, decay_grouping=decay_grouping, grad_clip=grad_clip,
+                      adam_eps=adam_eps, dropout=dropout, num_beams=num_beams, seed=seed, precision=precision,
                       eval_every=eval_every, save_every=save_every,
                       feature_cache=str(feature_cache) if feature_cache else None, resume=resume,
                       trust_code=trust_factory)
+    # no option is silently dropped: those that the chosen mode does not read are refused
+    if data is not None:
+        refuse_ignored(ctx, ("task", "source", "train_per_task", "eval_per_task"), "with --data (its rows name "
+                       "their tasks and images)", "drop them, or drop --data to train on built-in tasks")
+    else:
+        refuse_ignored(ctx, ("eval_data", "on_bad_rows"), "without --data", "give --data FILE.jsonl, or drop them")
+    if epochs is not None:
+        refuse_ignored(ctx, ("steps",), "with --epochs (it sets the number of steps)", "give one of them")
+    if init_from is not None:
+        refuse_ignored(ctx, ("text", "size", "visual", "visual_size", "tokens_per_image"), "with --init-from (the "
+                       "backbone run fixes the model)", "drop them, or drop --init-from to build a new model")
+    else:
+        refuse_ignored(ctx, ("trust_factory",), "without --init-from", "drop it, or give --init-from RUN")
     if log_every < 0:
         fail(f"--log-every must be 0 (off) or a number of steps, not {log_every}")
     with reported():

@@ -14,13 +14,19 @@ TINY = {"--source": "digits", "--task": "vqa", "--train-per-task": "16", "--eval
         "--batch-size": "8", "--eval-every": "0", "--save-every": "0", "--steps": "1"}
 
 
+# options of the built-in tasks: `train` refuses them with --data (its rows name their tasks and images)
+BUILTIN_ONLY = ("--source", "--task", "--train-per-task", "--eval-per-task")
+
+
 def tiny_args(args: list[str], **extra: str) -> list[str]:
-    """``args`` followed by every tiny-training option they do not set themselves."""
+    """``args`` followed by every tiny-training option they do not set themselves (and that their mode reads:
+    no built-in task options with --data, no --steps with --epochs)."""
     given = set(args)
     out = list(args)
     for k, v in {**TINY, **extra}.items():
-        if k not in given:
-            out += [k, v]
+        if k in given or ("--data" in given and k in BUILTIN_ONLY) or ("--epochs" in given and k == "--steps"):
+            continue
+        out += [k, v]
     return out
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -109,3 +110,38 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+IGNORED = [
+    # train: the built-in task options mean nothing with --data, the data-file options nothing without it
+    (["train", "--data", "{d}", "--task", "vqa"], "--task has no effect with --data"),
+    (["train", "--data", "{d}", "--source", "digits", "--train-per-task", "3"],
+     "--source --train-per-task have no effect with --data"),
+    (["train", "--data", "{d}", "--eval-per-task", "3"], "--eval-per-task has no effect with --data"),
+    (["train", "--eval-data", "{d}"], "--eval-data has no effect without --data"),
+    (["train", "--on-bad-rows", "skip"], "--on-bad-rows has no effect without --data"),
+    (["train", "--epochs", "2", "--steps", "3"], "--steps has no effect with --epochs"),
+    (["train", "--init-from", "{t}/backbone", "--text", "bart"], "--text has no effect with --init-from"),
+    (["train", "--init-from", "{t}/backbone", "--tokens-per-image", "1"], "--tokens-per-image has no effect with"),
+    (["train", "--trust-factory"], "--trust-factory has no effect without --init-from"),
+    (["evaluate", "{t}/run", "--data", "{d}", "--split", "val"], "--split has no effect with --data"),
+    (["evaluate", "{t}/run", "--data", "{d}", "--n", "3", "--seed", "1"], "--n --seed have no effect with --data"),
+    (["evaluate", "{t}/run", "--task", "vqa", "--on-bad-rows", "skip"], "--on-bad-rows has no effect without"),
+    (["predict", "{t}/run", "--prompt", "vqa: what?", "--image", "{d}", "--batch-size", "2"],
+     "--batch-size has no effect without --data"),
+]
+
+
+@pytest.mark.parametrize("args, phrase", IGNORED, ids=[" ".join(a) for a, _ in IGNORED])
+def test_an_option_the_mode_does_not_read_is_refused(tmp_path, args, phrase):
+    """No flag is silently ignored: one line naming it and the fix, exit 2, nothing written."""
+    d = tmp_path / "d.jsonl"
+    d.write_text('{"images": ["a.png"], "input": "x", "target": "y", "task": "mine"}\n')
+    argv = [a.replace("{d}", str(d)).replace("{t}", str(tmp_path)) for a in args]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "out")]
+    res = run(*argv)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert phrase in lines[0] and (": drop" in lines[0] or ": give" in lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

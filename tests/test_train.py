@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 import vlpet_fx
 from vlpet_fx.vl import build_vl
 
-FAST = ["--train-per-task", "16", "--eval-per-task", "4", "--batch-size", "8", "--eval-every", "0"]
+from trajectory import assert_same_trajectory, same_length_data
+
+FAST = ["--batch-size", "8", "--eval-every", "0"]  # both modes
+BUILTIN = ["--train-per-task", "16", "--eval-per-task", "4"]  # built-in tasks only (refused with --data)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
@@ -60,7 +63,7 @@ def test_feature_cache_equals_on_the_fly(tmp_path):
 
 def test_run_writes_metrics_plot_report_and_model(tmp_path):
     run = tmp_path / "run"
-    res = cli("train", "--out", str(run), "--steps", "4", "--save-every", "2", "--source", "digits", *FAST)
+    res = cli("train", "--out", str(run), "--steps", "4", "--save-every", "2", "--source", "digits", *BUILTIN, *FAST)
     assert "average" in res.stdout
     for f in ["metrics.jsonl", "metrics.csv", "curves.png", "report.json", "run.json", "model/vlpet.json",
               "tokenizer/tokenizer.json"]:
@@ -74,7 +77,8 @@ def test_run_writes_metrics_plot_report_and_model(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-    args = ["--steps", "10", "--save-every", "2", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    args = ["--steps", "10", "--save-every", "2", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *BUILTIN,
+            *FAST]
     cli("train", "--out", str(tmp_path / "full"), *args)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "vlpet_fx.cli.main", "train", "--out", str(killed), *args],
@@ -92,15 +96,17 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    args = ["--steps", "3", "--save-every", "0", "--source", "digits", "--feature-cache", str(tmp_path / "c"), *FAST]
+    args = ["--steps", "3", "--save-every", "0", "--data", str(same_length_data(tmp_path / "d")), *FAST,
+            "--dropout", "0"]
     cli("train", "--out", str(tmp_path / "one"), *args)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29531", "-m", "vlpet_fx.cli.main", "train", "--out", str(tmp_path / "two"), *args],
                          capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # really two processes (on a CPU-only machine Accelerate needs cpu=True for that): one writer, and the
+    # process group's sums in the loss
+    assert res.stdout.count("trainable") == 1, res.stdout
+    assert_same_trajectory(tmp_path / "one", tmp_path / "two")
 
 
 def test_user_jsonl_data(tmp_path):
@@ -137,7 +143,8 @@ def test_train_bad_input(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "new")]
-    res = cli("train", *args, "--steps", "1", "--source", "digits", *FAST, check=False)
+    builtin = [] if "--data" in args else ["--source", "digits", *BUILTIN]
+    res = cli("train", *args, "--steps", "1", *builtin, *FAST, check=False)
     assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-1000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import VlpetError
+from .recipe import GROUPINGS, RECIPES
 
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -54,12 +55,18 @@ class TrainConfig:
     epochs: float | None = None  # if set, overrides steps: epochs × (training examples / batch size)
     batch_size: int = 32  # global, per optimizer step (split over processes and accumulation steps)
     grad_accum: int = 1
-    lr: float = 1e-3
+    # recipe (vlpet_fx.train.recipe): every None below is the recipe's value for the backbone; run.json records
+    # the resolved values and where each came from
+    recipe: str = "quick"  # quick | paper
+    lr: float | None = None  # quick: 1e-3; paper: BART 1e-3, T5 3e-4
     schedule: str = "linear"  # linear | cosine | constant
-    warmup: float = 0.1  # ratio of the steps
-    weight_decay: float = 0.01
-    grad_clip: float = 5.0  # 0: no clipping
-    dropout: float | None = None  # override the text model's dropout rates (None: keep its config's)
+    warmup: float | None = None  # ratio of the steps (0.1)
+    weight_decay: float | None = None  # 0.01
+    decay_grouping: str | None = None  # paper | ndim (paper for the paper's recipe and rule sets)
+    grad_clip: float | None = None  # 0: no clipping (5)
+    adam_eps: float | None = None  # 1e-6
+    dropout: float | None = None  # the text model's dropout rates (quick: keep its config's; paper: 0.1)
+    num_beams: int | None = None  # beams of the evaluations during training (quick: 1, greedy; paper: 5)
     seed: int = 0
     precision: str = "no"  # no | bf16 | fp16
     # bookkeeping
@@ -100,16 +107,27 @@ class TrainConfig:
         _int(self, "seed", 0, MAX_SEED)
         if self.tokens_per_image is not None:
             _int(self, "tokens_per_image", 1, 4096)
-        _float(self, "lr", 0.0, 1e3, low_open=True)
-        _float(self, "warmup", 0.0, 1.0, note="a fraction of the steps")
-        _float(self, "weight_decay", 0.0, 1e3)
-        _float(self, "grad_clip", 0.0, 1e9, note="0 = no clipping")
+        if self.lr is not None:
+            _float(self, "lr", 0.0, 1e3, low_open=True)
+        if self.warmup is not None:
+            _float(self, "warmup", 0.0, 1.0, note="a fraction of the steps")
+        if self.weight_decay is not None:
+            _float(self, "weight_decay", 0.0, 1e3)
+        if self.grad_clip is not None:
+            _float(self, "grad_clip", 0.0, 1e9, note="0 = no clipping")
+        if self.adam_eps is not None:
+            _float(self, "adam_eps", 0.0, 1.0, low_open=True)
         if self.dropout is not None:
             _float(self, "dropout", 0.0, 1.0, high_open=True)
+        if self.num_beams is not None:
+            _int(self, "num_beams", 1, 16)
         if self.epochs is not None:
             _float(self, "epochs", 0.0, 1e6, low_open=True)
-        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("on_bad_rows", ("stop", "skip"))):
+        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("on_bad_rows", ("stop", "skip")),
+                              ("recipe", RECIPES), ("decay_grouping", GROUPINGS)):
             value = getattr(self, name)
+            if name == "decay_grouping" and value is None:
+                continue
             if value not in allowed:
                 raise TrainConfigError(f"{_opt(name)} {value!r} is not one of {', '.join(allowed)}")
         for name in ("out", "text", "size", "visual", "visual_size", "rules", "source"):

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import VlpetError
 from .config import TrainConfig, TrainConfigError, TrainError
+from .recipe import backbone_type, param_groups, resolve, set_dropout  # noqa: F401  (set_dropout: public here)
+from .sharded import check_distributed, configure_plugin, full, gather_state, unsharded
 
 PAD, EOS = 0, 1
 
@@ -106,7 +108,7 @@ _ARTEFACTS = ("run.json", "tokenizer", "metrics.jsonl", "metrics.csv", "checkpoi
 _COMPARED_AS_PATHS = ("init_from", "data", "eval_data")
 # options a resumed run may change: they do not change the trajectory (or are its length, or this invocation's)
 _MAY_CHANGE = ("out", "resume", "steps", "eval_every", "save_every", "keep_checkpoints", "feature_cache",
-               "eval_batch_size", "max_new_tokens", "on_the_fly", "trust_code")
+               "eval_batch_size", "max_new_tokens", "on_the_fly", "trust_code", "num_beams")
 
 
 @contextlib.contextmanager
@@ -138,7 +140,7 @@ def read_run_record(record: Path) -> dict:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
         raise TrainError(f"'{record}' is damaged ({reason}): delete it to --resume with the options you give, or "
                          "choose a new --out") from None
-    if not isinstance(doc, dict) or not set(doc) <= set(CONFIG_FIELDS):
+    if not isinstance(doc, dict) or not set(doc) <= {*CONFIG_FIELDS, "resolved"}:
         raise TrainError(f"'{record}' is damaged (not a mapping of training options): delete it to --resume with "
                          "the options you give, or choose a new --out")
     return doc
@@ -159,7 +161,11 @@ class Trainer:
 
         self.log_every = log_every  # progress lines when the console is not a terminal (0: none)
         self.cfg = cfg
-        self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=1)
+        # cpu=True on a machine without an accelerator: else Accelerate (1.15) sets up no process group under
+        # torchrun, and every process would train alone as process 0
+        device = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is the one that counts here
+        has_device = device.is_available() if device is not None else torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=1, cpu=not has_device)
         self.console = console
         self.run = Path(cfg.out)
         self.start = 0
@@ -245,9 +251,7 @@ class Trainer:
         from ..vl import FeatureCache, build_vl
 
         cfg = self.cfg
-        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):  # checkpoints read whole parameters
-            raise VlpetError(f"train runs on one process or DDP, not {self.acc.distributed_type.name}: launch with "
-                             "torchrun or `accelerate launch` without --use_fsdp/--use_deepspeed (see README)")
+        self.fsdp = check_distributed(self.acc)
         if cfg.batch_size % (self.acc.num_processes * cfg.grad_accum):
             raise TrainConfigError(f"--batch-size {cfg.batch_size} is not divisible by {self.acc.num_processes} "
                                    f"processes × {cfg.grad_accum} accumulation steps")
@@ -279,8 +283,9 @@ class Trainer:
                          "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
-        if cfg.dropout is not None:
-            set_dropout(self.model.text, cfg.dropout)
+        self.recipe = resolve(cfg, backbone_type(self.model.text))
+        if self.recipe.dropout is not None:
+            self.recipe.dropout_fields = set_dropout(self.model.text, self.recipe.dropout)
         self.summary = vlpet_fx.summary(self.model)
         if self.summary.trainable == 0:
             raise VlpetError(f"rule set '{cfg.rules}' leaves nothing trainable: add rules or `trainable:` entries")
@@ -307,20 +312,29 @@ class Trainer:
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # weight decay on matrices only (biases and norm weights are 1-d): a partition of `params` by construction
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
+        r = self.recipe
+        # decayed / undecayed by the recipe's grouping: a partition of the trainable parameters by construction
+        groups, r.param_groups = param_groups(self.model, r.decay_grouping, r.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=r.lr, eps=r.adam_eps)
         from transformers import get_scheduler
 
         names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-        self.sched = get_scheduler(names[cfg.schedule], self.opt, num_warmup_steps=int(cfg.warmup * self.total_steps),
+        self.sched = get_scheduler(names[cfg.schedule], self.opt, num_warmup_steps=int(r.warmup * self.total_steps),
                                    num_training_steps=self.total_steps)
-        if self.resumed:
+        if self.resumed and not self.fsdp:
             self.start = self._load_newest_checkpoint()
+        if self.fsdp:
+            configure_plugin(self.acc.state.fsdp_plugin, self.model)
         self.ddp_model, self.opt_prepared = self.acc.prepare(self.model, self.opt)
+        if self.fsdp:
+            from .sharded import fsdp_units
+
+            units = fsdp_units(self.model)
+            kinds = sorted({type(u).__name__.removeprefix("FSDP") for u in units[1:]})
+            self.say(f"FSDP: {len(units)} shard units over {self.acc.num_processes} processes (the model, "
+                     f"{', '.join(kinds) or 'no layers'})")
+        if self.resumed and self.fsdp:  # into the sharded parameters and optimizer (each process its shards)
+            self.start = self._load_newest_checkpoint()
         self.log = self._open_log()
 
     def _load_newest_checkpoint(self) -> int:
@@ -391,7 +405,8 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         with writing(self.run / "run.json"):
-            write_atomic(self.run / "run.json", json.dumps(self.cfg.to_dict(), indent=1))
+            write_atomic(self.run / "run.json", json.dumps({**self.cfg.to_dict(), "resolved": self.recipe.to_dict()},
+                                                           indent=1))
         with writing(self.run / "tokenizer"):
             self.tok.save_pretrained(str(self.run / "tokenizer"))
 
@@ -468,12 +483,12 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not math.isfinite(total):
             self._stop(step + 1, "NaN" if math.isnan(total) else "infinite")
-        if self.cfg.grad_clip:
-            norm = self.acc.clip_grad_norm_(trainable, self.cfg.grad_clip)
+        if self.recipe.grad_clip:
+            norm = self.acc.clip_grad_norm_(trainable, self.recipe.grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measures only: the factor is 1
         # fp16: the gradient scaler skips steps whose scaled gradients overflow; that is not a failure
-        if self.cfg.precision != "fp16" and norm is not None and not math.isfinite(float(norm)):
+        if self.cfg.precision != "fp16" and norm is not None and not math.isfinite(float(full(norm))):
             self._stop(step + 1, "NaN", " (its gradient is not finite)")
         self.opt_prepared.step()
         self.sched.step()
@@ -501,10 +516,12 @@ class Trainer:
         model.eval()
         preds: list[str] = []
         bs = self.cfg.eval_batch_size
-        for s in range(0, len(split.inputs), bs):
-            idx = list(range(s, min(s + bs, len(split.inputs))))
-            preds += [g.text for g in generate_answers(model, self.tok, self._inputs(split, idx),
-                                                       max_new_tokens=self.cfg.max_new_tokens, with_scores=False)]
+        with unsharded(model, self.fsdp):  # every process, under FSDP
+            for s in range(0, len(split.inputs), bs):
+                idx = list(range(s, min(s + bs, len(split.inputs))))
+                preds += [g.text for g in generate_answers(model, self.tok, self._inputs(split, idx),
+                                                           max_new_tokens=self.cfg.max_new_tokens,
+                                                           num_beams=self.recipe.num_beams, with_scores=False)]
         scores = {}
         for t in dict.fromkeys(split.tasks):
             ii = [i for i, x in enumerate(split.tasks) if x == t]
@@ -534,9 +551,12 @@ class Trainer:
                     self._eval_and_log(log, done)
                 if cfg.save_every and done % cfg.save_every == 0:
                     self.acc.wait_for_everyone()
+                    # under FSDP every process gathers the shards (collectives), the main one writes
+                    weights, opt_state = gather_state(self.model, self.opt) if self.fsdp else (None, None)
                     if self.acc.is_main_process:
                         self._commit()
-                        save_checkpoint(self.run, done, self.model, self.opt, self.sched, cfg.keep_checkpoints)
+                        save_checkpoint(self.run, done, self.model, self.opt, self.sched, cfg.keep_checkpoints,
+                                        weights=weights, optimizer_state=opt_state)
                         self.kept = True
                     self.acc.wait_for_everyone()
                 last = done
@@ -545,8 +565,10 @@ class Trainer:
 
     def _eval_and_log(self, log, step: int):
         scores = None
+        if self.fsdp:
+            scores = self.evaluate("val")  # every process: the sharded model generates together
         if self.acc.is_main_process:
-            scores = self.evaluate("val")
+            scores = scores if self.fsdp else self.evaluate("val")
             with writing(log.path):
                 for task, s in scores.items():
                     log.write({"step": step, "eval": task, **s})
@@ -554,55 +576,52 @@ class Trainer:
         return scores
 
     def _finish(self, log, scores) -> dict:
+        report = {}
+        # whole parameters for save_patched (every process enters; the run is over: they stay whole)
+        with unsharded(self.model, self.fsdp, reshard=False):
+            if self.acc.is_main_process:
+                report = self._write_outputs(log, scores)
+            self.acc.wait_for_everyone()
+        return report
+
+    def _write_outputs(self, log, scores) -> dict:
         from ..export import save_patched
         from ..io import write_atomic
         from .logs import plot_curves
+        from .metrics import main_score
 
-        report = {}
-        if self.acc.is_main_process:
-            from .metrics import main_score
+        self._commit()
+        target = self.run / "model"
+        if target.exists() or target.is_symlink():
+            import shutil
 
-            self._commit()
-            target = self.run / "model"
-            if target.exists() or target.is_symlink():
-                import shutil
-
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
-            save_patched(self.model, target, self.base_ref)
-            with writing(log.path.with_suffix(".csv")):
-                log.to_csv()
-            with writing(self.run / "curves.png"):
-                plot_curves(log, self.run / "curves.png")
-            report = {
-                "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
-                "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
-                "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
-                "bad_rows": self.problems, "tokenizer": {"kind": self.tokenizer_kind,
-                                                         "class": type(self.tok).__name__, "tokens": len(self.tok)},
-            }
-            report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
-            with writing(self.run / "predictions.jsonl"):
-                write_atomic(self.run / "predictions.jsonl", "".join(
-                    json.dumps({"input": i, "prediction": p, "target": t}) + "\n"
-                    for i, p, t in getattr(self, "last_predictions", [])))
-            # report.json last: it marks the run finished
-            with writing(self.run / "report.json"):
-                write_atomic(self.run / "report.json", json.dumps(report, indent=1))
-            self.kept = True
-        self.acc.wait_for_everyone()
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        save_patched(self.model, target, self.base_ref)
+        with writing(log.path.with_suffix(".csv")):
+            log.to_csv()
+        with writing(self.run / "curves.png"):
+            plot_curves(log, self.run / "curves.png")
+        report = {
+            "scores": scores, "main": {t: main_score(t, s) for t, s in (scores or {}).items() if s},
+            "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
+            "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
+            "recipe": self.cfg.recipe, "num_beams": self.recipe.num_beams,
+            "bad_rows": self.problems, "tokenizer": {"kind": self.tokenizer_kind,
+                                                     "class": type(self.tok).__name__, "tokens": len(self.tok)},
+        }
+        report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
+        with writing(self.run / "predictions.jsonl"):
+            write_atomic(self.run / "predictions.jsonl", "".join(
+                json.dumps({"input": i, "prediction": p, "target": t}) + "\n"
+                for i, p, t in getattr(self, "last_predictions", [])))
+        # report.json last: it marks the run finished
+        with writing(self.run / "report.json"):
+            write_atomic(self.run / "report.json", json.dumps(report, indent=1))
+        self.kept = True
         return report
-
-
-def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Every dropout of the model: nn.Dropout modules and attention modules' float ``dropout`` rates."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = p
 
 
 def builtin_vocabulary_texts() -> list[str]:

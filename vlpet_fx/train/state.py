@@ -76,13 +76,19 @@ def _join(obj, tensors: dict):
     return obj
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int = 2, *,
+                    weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint ``step``. ``weights`` / ``optimizer_state``: the trainable parameters by name and the
+    optimizer's state dict as whole tensors, when the model's are sharded (:func:`vlpet_fx.train.sharded.
+    gather_state`); by default they are read from ``model`` and ``optimizer``."""
     ckpts = run_dir / "checkpoints"
     tensors: dict[str, torch.Tensor] = {}
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if weights is None:
+        weights = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: t.contiguous() for n, t in weights.items()}
     doc = {
         "step": step,
-        "optimizer": _split(optimizer.state_dict(), "opt", tensors),
+        "optimizer": _split(optimizer.state_dict() if optimizer_state is None else optimizer_state, "opt", tensors),
         "scheduler": scheduler.state_dict(),
     }
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -258,10 +264,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
         optimizer.load_state_dict(opt_state)
     except (ValueError, TypeError, KeyError, RuntimeError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is damaged or does not fit this run ({_one_line(exc)})") from None
+    from .sharded import place, shard_optimizer_state
+
+    shard_optimizer_state(optimizer)  # whole moments → the shards of sharded (FSDP) parameters
     scheduler.load_state_dict(doc["scheduler"])
     with torch.no_grad():
         for n, t in weights.items():
-            named[n].copy_(t)
+            named[n].copy_(place(named[n], t))
     torch.set_rng_state(rng)
     if torch.cuda.is_available() and cuda:
         try:
