@@ -654,3 +654,33 @@ def test_a_gate_reading_x_of_another_width_is_refused_when_planning():
         vlpet_fx.plan(m, r)
     msg = str(err.value)
     assert "\n" not in msg and "encoder.0.ffn.in" in msg and "gate: middleY or none" in msg
+
+
+class _SharedDropout(nn.Module):
+    """Attention whose one dropout module is called on the probabilities (width = tokens) and on the output
+    (width = d), as XLNet's relative attention does."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        p = self.drop(torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1))
+        return x + self.drop(self.o(p @ self.v(x)))
+
+
+def test_a_module_called_on_values_of_other_widths_is_no_eager_site():
+    """An eager hook acts on every call of its module: a site whose module also returns a value of another width
+    (here the attention probabilities, 8 wide, through the dropout that also returns the 16-wide output) keeps
+    only its graph node (path None), so the eager back end refuses it in one line instead of a shape error."""
+    from vlpet_fx.analysis.sites import every_call_returns_width, module_exits
+    from vlpet_fx.capture import capture
+
+    model = _SharedDropout().eval()
+    cap = capture(model, (torch.randn(2, 8, 16),))
+    exits = module_exits(cap)["drop"]
+    assert len(exits) == 2
+    site = Site("encoder", 0, "self_attn", "output", "drop", 16, 16)
+    assert not every_call_returns_width(site, exits)
+    assert every_call_returns_width(Site("encoder", 0, "self_attn", "o", "o", 16, 16), module_exits(cap)["o"])

@@ -321,12 +321,32 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
     exits = module_exits(cap)
     out = []
     for s in sites:
-        if s.path is not None and not returns_value(cap, s, exits.get(s.path, set()), nodes):
+        if s.path is not None and not (returns_value(cap, s, exits.get(s.path, set()), nodes)
+                                       and every_call_returns_width(s, exits.get(s.path, set()))):
             s = replace(s, path=None)
         if s.input_path is not None and s.input_node in nodes:
             s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
         out.append(s)
     return out
+
+
+def every_call_returns_width(site: Site, exits: set) -> bool:
+    """Whether every call of the site's module (also calls that are not the site's, e.g. a dropout module used on
+    the attention probabilities and again on the output) returns a value of the site's width: an eager hook acts
+    on every call."""
+    from . import ops
+
+    if site.out_slice or site.path is None:
+        return True
+    calls: dict[str, bool] = {}
+    for n in exits:
+        key = next((k for k, (p, _t) in (n.meta.get("nn_module_stack") or {}).items() if p == site.path), None)
+        if key is None:
+            continue
+        shape = ops.shape(n)
+        fits = shape is None or (len(shape) > 0 and shape[-1] == site.out_features)
+        calls[key] = calls.get(key, False) or fits
+    return all(calls.values())
 
 
 def _call_receiving(x, path: str) -> str | None:
