@@ -136,9 +136,11 @@ def test_pretrained_vocabulary_is_kept_shuffled_rows_start_and_end_higher(b2b, t
         import vocab_shuffle
     finally:
         sys.path.pop(0)
-    args = vocab_shuffle.argparse.Namespace(rules="vlpet_large", source="digits", tasks=["vqa"], steps=6,
-                                            batch_size=8, train_per_task=32, eval_per_task=2, lr=1e-3, seed=0)
+    args = vocab_shuffle.argparse.Namespace(rules="vlpet_large", source="digits", tasks=["vqa", "caption"],
+                                            steps=30, batch_size=8, train_per_task=200, eval_per_task=2, lr=1e-3, seed=0)
     res = vocab_shuffle.compare(b2b, tmp_path, args)
     shipped, shuffled = res["as shipped"], res["rows shuffled"]
     assert shipped["first"] < shuffled["first"]
-    assert shipped["last"] < shuffled["last"]
+    # after a handful of steps both losses still jump around (6 steps: 11.4 vs 10.8 once); by 30 steps the
+    # shipped vocabulary is clearly ahead (30 steps, bench/vocab_shuffle.py: 3.46 vs 5.87, mean of the last 5)
+    assert shipped["last5_mean"] < shuffled["last5_mean"]
