@@ -430,11 +430,26 @@ def main() -> None:
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "command": "nice -n 10 .venv/bin/python bench/coverage.py --workers 3", "wall_seconds": round(time.time() - t0)}
+            "command": _command(args), "wall_seconds": round(time.time() - t0)}
     (args.out / "coverage.json").write_text(json.dumps({"meta": meta, "summary": summarise(records),
                                                         "families": records}, indent=1) + "\n")
     write_markdown(records, meta, args.markdown)
     print(json.dumps(summarise(records)))
+
+
+def _command(args) -> str:
+    """This run's command line; a partial run (--only, --redo-failed, --report-only) keeps the results of earlier
+    runs, so their command is named before it."""
+    import shlex
+
+    this = shlex.join(["bench/coverage.py"] + sys.argv[1:])
+    if args.fresh or not (args.only or args.redo_failed or args.report_only):
+        return this
+    try:
+        before = json.loads((args.out / "coverage.json").read_text())["meta"]["command"]
+    except (OSError, ValueError, KeyError):
+        return this
+    return before if before.endswith(this) else f"{before}, then {this}"
 
 
 if __name__ == "__main__":
