@@ -25,7 +25,7 @@ install: $(STAMP)
 # blanked (text-only control), then compare. VL-PET-large runs at the paper's widths *relative to the model*
 # (rules/vlpet_large_relative.yaml: r = r_g = d/8, as r = 96 on BART-base's d = 768), so it trains a paper-like
 # share of the model; each image's patch tokens are projected one by one, as the paper's visual embedding does.
-# Trainable share, time and scores: README.md, "Training (the main job)".
+# 6.68 % trainable, 5 min 14 s on 2 idle cores (docs/bench/make-demo/make-demo.txt); scores: BENCHMARKS.md.
 DEMO_ARGS = --train-per-task 1500 --eval-per-task 100 --eval-every 500 --save-every 500
 DEMO_RULES = vlpet_large_relative
 demo: $(STAMP)
