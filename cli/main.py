@@ -487,12 +487,16 @@ def train(
             fail(f"unknown task '{name}': choose from {', '.join(sorted(known))}, or give your own --data file")
     if on_bad_rows not in ("stop", "skip"):
         fail(f"--on-bad-rows must be stop or skip, not '{on_bad_rows}'")
-    from vlpet_fx.data.images import file_problem
+    from vlpet_fx.data.images import data_file_line
     from vlpet_fx.data.jsonl import MAX_FILE_BYTES
+    from vlpet_fx.io import FileProblem, check_user_file
 
     for f in (data, eval_data):
-        if f is not None and (why := file_problem(f, MAX_FILE_BYTES)):
-            fail(f"data file {why}")
+        try:
+            if f is not None:
+                check_user_file(f, MAX_FILE_BYTES)
+        except FileProblem as why:
+            fail(f"data file {data_file_line(why)}")
     with reported():
         cfg = TrainConfig(out=str(out_dir), init_from=str(init_from) if init_from else None, text=text, size=size.value, visual=visual, visual_size=visual_size, tokens_per_image=tokens_per_image,
                       rules=rules, tasks=tasks, data=str(data) if data else None,

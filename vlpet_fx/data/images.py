@@ -16,8 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import os
-import stat
+import io
 import struct
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..io import FileProblem, read_user_file
 from .errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -175,21 +175,17 @@ MAX_IMAGE_PIXELS = 8192 * 8192  # width × height from the header; checked befor
 MAX_IMAGE_SIDE = 16384
 
 
-def file_problem(path: Path, max_bytes: int) -> str | None:
-    """Why ``path`` cannot be read as a data file (missing, a directory, a device, too large), or ``None``."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return f"'{path}' not found: check the path"
-    except (OSError, ValueError) as e:  # ValueError: an embedded NUL byte
-        return f"'{path}' cannot be read ({getattr(e, 'strerror', None) or e})"
-    if stat.S_ISDIR(st.st_mode):
-        return f"'{path}' is a directory, not a file: give a file"
-    if not stat.S_ISREG(st.st_mode):
-        return f"'{path}' is not a regular file (a device, pipe or socket): give a regular file"
-    if st.st_size > max_bytes:
-        return f"'{path}' is {st.st_size:,} bytes, over the limit of {max_bytes:,}: use a smaller file"
-    return None
+def data_file_line(p: FileProblem) -> str:
+    """The one-line reason a data file (JSONL, image) cannot be read, from :func:`vlpet_fx.io.read_user_file`."""
+    path = p.path
+    return {
+        "missing": f"'{path}' not found: check the path",
+        "unreadable": f"'{path}' cannot be read ({p.detail})",
+        "directory": f"'{path}' is a directory, not a file: give a file",
+        "special": f"'{path}' is not a regular file (a device, pipe or socket): give a regular file",
+        "too_large": f"'{path}' is {p.size:,} bytes, over the limit of {p.limit:,}: use a smaller file",
+        "grew": f"'{path}' grew past the limit of {p.limit:,} bytes while it was read: use a smaller file",
+    }[p.kind]
 
 
 def to_uint8(im) -> np.ndarray:
@@ -229,13 +225,14 @@ def read_image(path: Path) -> np.ndarray:
     for a missing, special, oversized or unreadable file, or one whose header claims too many pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    why = file_problem(path, MAX_IMAGE_BYTES)
-    if why is not None:
-        raise DataError(f"image file {why}")
+    try:
+        data = read_user_file(path, MAX_IMAGE_BYTES)
+    except FileProblem as p:
+        raise DataError(f"image file {data_file_line(p)}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_SIDE:
                     raise DataError(f"image {path} claims {w}×{h} pixels: images must be 1 to {MAX_IMAGE_SIDE} "

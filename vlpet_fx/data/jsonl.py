@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import read_at_most
+from ..io import FileProblem, read_user_file
 from .errors import DataError
-from .images import file_problem, read_image
+from .images import data_file_line, read_image
 from .tasks import Example
 
 _REQUIRED = ("images", "input", "target")
@@ -122,15 +122,10 @@ def load_jsonl(path, *, on_error: str = "stop") -> tuple[list[Example], list[str
     if on_error not in ("stop", "skip"):
         raise DataError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     path = Path(path)
-    why = file_problem(path, MAX_FILE_BYTES)
-    if why is not None:
-        raise DataError(f"JSONL file {why}")
     try:
-        raw = read_at_most(path, MAX_FILE_BYTES)
-    except OSError as e:
-        raise DataError(f"JSONL file '{path}' cannot be read ({e.strerror or e})") from None
-    if raw is None:
-        raise DataError(f"JSONL file '{path}' is over the limit of {MAX_FILE_BYTES:,} bytes: split it")
+        raw = read_user_file(path, MAX_FILE_BYTES)
+    except FileProblem as p:
+        raise DataError(f"JSONL file {data_file_line(p)}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

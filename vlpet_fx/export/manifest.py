@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
 from ..errors import ExportError
-from ..io import read_at_most
+from ..io import FileProblem, read_user_file
 
 MANIFEST = "vlpet.json"
 FORMAT = "vlpet-fx/adapters@1"
@@ -172,29 +170,26 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _file_problem_line(p: FileProblem, what: str) -> str:
+    f = p.path
+    return {
+        "missing": f"'{f}' is missing: give a directory written by `vlpet-fx patch --out` or "
+                   "`vlpet-fx export --format adapters`",
+        "unreadable": f"cannot read '{f}': {p.detail}; a {what} must be a readable regular file",
+        "directory": f"'{f}' is a directory, not a {what} file: the directory is damaged, write it again",
+        "special": f"'{f}' is not a regular file (a fifo, socket or device): a {what} must be a file",
+        "too_large": f"'{f}' is {p.size:,} bytes, more than a {what} can be ({p.limit:,}): the file is not what "
+                     "vlpet-fx wrote; write the directory again",
+        "grew": f"'{f}' grew past {p.limit:,} bytes while being read: it is not a {what}",
+    }[p.kind]
+
+
 def read_json_file(f: Path, limit: int, what: str) -> Any:
     """A regular file of at most ``limit`` bytes, as strict JSON; every failure is one ExportError line."""
     try:
-        st = os.stat(f)
-    except FileNotFoundError:
-        raise ExportError(f"'{f}' is missing: give a directory written by `vlpet-fx patch --out` or "
-                          "`vlpet-fx export --format adapters`") from None
-    except OSError as exc:  # e.g. a symlink loop, a permission problem
-        raise ExportError(f"cannot read '{f}': {exc.strerror or exc}; a {what} must be a readable regular file") \
-            from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ExportError(f"'{f}' is a directory, not a {what} file: the directory is damaged, write it again")
-    if not stat.S_ISREG(st.st_mode):
-        raise ExportError(f"'{f}' is not a regular file (a fifo, socket or device): a {what} must be a file")
-    if st.st_size > limit:
-        raise ExportError(f"'{f}' is {st.st_size:,} bytes, more than a {what} can be ({limit:,}): the file is not "
-                          "what vlpet-fx wrote; write the directory again")
-    try:
-        raw = read_at_most(f, limit)
-    except OSError as exc:
-        raise ExportError(f"cannot read '{f}': {exc.strerror or exc}") from None
-    if raw is None:
-        raise ExportError(f"'{f}' grew past {limit:,} bytes while being read: it is not a {what}")
+        raw = read_user_file(f, limit)
+    except FileProblem as p:
+        raise ExportError(_file_problem_line(p, what)) from None
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:

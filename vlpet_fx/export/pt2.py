@@ -136,25 +136,23 @@ def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
     naming the entry and why) if torch would unpickle, exec or eval anything in it, and the load itself runs with
     every ``torch.load`` forced to ``weights_only=True`` (see pt2_safety.py and docs/SECURITY.md)."""
     import io
-    import os
-    import stat
 
-    from .pt2_safety import read_limited, restricted_unpickling, scan_pt2
+    from ..io import FileProblem, read_user_file
+    from .pt2_safety import restricted_unpickling, scan_pt2
 
     path = Path(path)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ExportError(f"'{path}' does not exist") from None
-    except OSError as exc:
-        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ExportError(f"'{path}' is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}: give "
-                          "a .pt2 file written by `vlpet-fx export --format pt2`")
-    try:
-        data = read_limited(path, MAX_PT2_BYTES)
-    except OSError as exc:
-        raise ExportError(f"cannot read '{path}': {exc.strerror or exc}") from None
+        data = read_user_file(path, MAX_PT2_BYTES)
+    except FileProblem as p:
+        kind = "a directory" if p.kind == "directory" else "not a regular file"
+        raise ExportError({
+            "missing": f"'{path}' does not exist",
+            "unreadable": f"cannot read '{path}': {p.detail}",
+            "directory": f"'{path}' is {kind}: give a .pt2 file written by `vlpet-fx export --format pt2`",
+            "special": f"'{path}' is {kind}: give a .pt2 file written by `vlpet-fx export --format pt2`",
+            "too_large": f"'{path}' is larger than {MAX_PT2_BYTES:,} bytes: refusing to load it",
+            "grew": f"'{path}' grew past {MAX_PT2_BYTES:,} bytes while it was read: refusing to load it",
+        }[p.kind]) from None
     scan_pt2(data, str(path))
     try:
         with restricted_unpickling(), warnings.catch_warnings():

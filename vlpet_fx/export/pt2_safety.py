@@ -410,15 +410,3 @@ def restricted_unpickling():
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
             if old_no is not None:
                 os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old_no
-
-
-def read_limited(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, refused past ``limit`` (checked before and while reading)."""
-    size = os.stat(path).st_size
-    if size > limit:
-        raise ExportError(f"'{path}' is larger than {limit:,} bytes: refusing to load it")
-    with open(path, "rb") as fh:
-        data = fh.read(size + 1)
-    if len(data) > size:
-        raise ExportError(f"'{path}' grew while it was read: refusing to load it")
-    return data

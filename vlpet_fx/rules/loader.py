@@ -24,7 +24,7 @@ import yaml
 
 from .._text import shown
 from ..errors import RulesError
-from ..io import NotRegularFile, read_at_most
+from ..io import FileProblem, read_user_file
 from ..modules.base import MethodConfig, MethodConfigError, get_method, make_config
 from .schema import Rule, RuleSetSchema, TrainableRule
 
@@ -252,27 +252,19 @@ def _kind(mode: int) -> str:
 def read_rules_file(p: Path) -> str:
     """The text of a rules file: a regular file of at most MAX_RULES_BYTES of UTF-8, checked before reading."""
     try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise RulesError(f"rules file '{p}' does not exist: give a path to a YAML rule set or a shipped name "
-                         f"({', '.join(shipped_rule_names())})") from None
-    except OSError as exc:
-        raise RulesError(f"cannot read rules file '{p}': {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise RulesError(f"rules path '{p}' is a directory: give a YAML file")
-    if not stat.S_ISREG(st.st_mode):
-        raise RulesError(f"rules path '{p}' is {_kind(st.st_mode)}, not a regular file: give a YAML file")
-    if st.st_size > MAX_RULES_BYTES:
-        raise RulesError(f"rules file '{p}' is {st.st_size:,} bytes; a rule set is at most {MAX_RULES_BYTES:,} "
-                         "bytes (1 MiB): is it the right file?")
-    try:
-        data = read_at_most(p, MAX_RULES_BYTES)
-    except NotRegularFile:
-        raise RulesError(f"rules path '{p}' is not a regular file: give a YAML file") from None
-    except OSError as exc:
-        raise RulesError(f"cannot read rules file '{p}': {exc.strerror or exc}") from None
-    if data is None:
-        raise RulesError(f"rules file '{p}' is larger than {MAX_RULES_BYTES:,} bytes (1 MiB): is it the right file?")
+        data = read_user_file(p, MAX_RULES_BYTES)
+    except FileProblem as why:
+        raise RulesError({
+            "missing": f"rules file '{p}' does not exist: give a path to a YAML rule set or a shipped name "
+                       f"({', '.join(shipped_rule_names())})",
+            "unreadable": f"cannot read rules file '{p}': {why.detail}",
+            "directory": f"rules path '{p}' is a directory: give a YAML file",
+            "special": f"rules path '{p}' is {_kind(why.mode) + ', not' if why.mode else 'not'} a regular file: give "
+                       "a YAML file",
+            "too_large": f"rules file '{p}' is {why.size:,} bytes; a rule set is at most {MAX_RULES_BYTES:,} bytes "
+                         "(1 MiB): is it the right file?",
+            "grew": f"rules file '{p}' is larger than {MAX_RULES_BYTES:,} bytes (1 MiB): is it the right file?",
+        }[why.kind]) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
