@@ -128,6 +128,37 @@ def test_a_module_converting_itself_to_its_own_dtype_is_captured():
     assert model.to(torch.float64).lin.weight.dtype == torch.float64
 
 
+def test_captures_on_two_threads_leave_torchs_to_in_place_whichever_ends_first():
+    import threading
+
+    from vlpet_fx.capture.tracer import _no_op_conversions
+
+    original = nn.Module.to
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def second_capture():
+        model = nn.Linear(2, 2)
+        with _no_op_conversions(model):
+            entered.set()
+            release.wait(10)
+            seen["no-op"] = model.to(torch.float32) is model
+        seen["after"] = nn.Module.to
+
+    t = threading.Thread(target=second_capture)
+    with _no_op_conversions(nn.Linear(2, 2)):
+        t.start()
+        entered.wait(10)
+    # this thread's capture ended first; the other is still running and keeps the swap
+    assert nn.Module.to is not original
+    outside = nn.Linear(2, 2)
+    assert outside.to(torch.float64).weight.dtype == torch.float64  # other modules convert for real
+    release.set()
+    t.join()
+    assert seen == {"no-op": True, "after": original}
+    assert nn.Module.to is original  # restored when the last capture ended (a saved-and-restored swap leaks here)
+
+
 def test_capture_needs_inputs_for_unknown_modules():
     with pytest.raises(vlpet_fx.CaptureError, match="example_inputs"):
         vlpet_fx.capture(nn.Sequential(nn.Linear(3, 3)))

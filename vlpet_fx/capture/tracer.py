@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import re
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -42,31 +43,54 @@ def _module_tracker(model: nn.Module) -> Iterator[list[str]]:
         h2.remove()
 
 
+_CONVERSIONS_LOCK = threading.Lock()
+_CONVERTING: dict[int, set[int]] = {}  # capturing thread -> ids of the modules it captures
+_ORIGINAL_TO = nn.Module.to
+
+
+def _to_during_capture(self, *args, **kwargs):
+    owned = _CONVERTING.get(threading.get_ident())
+    if owned is None or id(self) not in owned:  # another thread, or a module outside the captured model
+        return _ORIGINAL_TO(self, *args, **kwargs)
+    try:
+        device, dtype, _non_blocking, fmt = torch._C._nn._parse_to(*args, **kwargs)
+    except Exception:  # noqa: BLE001 -- arguments torch will refuse itself
+        return _ORIGINAL_TO(self, *args, **kwargs)
+    if fmt is None and all(
+            (dtype is None or not (t.is_floating_point() or t.is_complex()) or t.dtype == dtype)
+            and (device is None or t.device == torch.device(device))
+            for t in (*self.parameters(), *self.buffers())):
+        return self
+    return _ORIGINAL_TO(self, *args, **kwargs)
+
+
 @contextlib.contextmanager
-def _no_op_conversions() -> Iterator[None]:
+def _no_op_conversions(model: nn.Module) -> Iterator[None]:
     """``module.to(dtype/device)`` inside a forward (a router keeping its classifier in float32 ...) is a no-op when
     every tensor of the module already has that dtype and device; torch.export cannot trace the parameter swap a
     real conversion makes, so during capture such a call returns the module unchanged. Real conversions still
-    go to torch (and fail with torch's message)."""
-    original = nn.Module.to
-
-    def to(self, *args, **kwargs):
-        try:
-            device, dtype, _non_blocking, fmt = torch._C._nn._parse_to(*args, **kwargs)
-        except Exception:  # noqa: BLE001 -- arguments torch will refuse itself
-            return original(self, *args, **kwargs)
-        if fmt is None and all(
-                (dtype is None or not (t.is_floating_point() or t.is_complex()) or t.dtype == dtype)
-                and (device is None or t.device == torch.device(device))
-                for t in (*self.parameters(), *self.buffers())):
-            return self
-        return original(self, *args, **kwargs)
-
-    nn.Module.to = to
+    go to torch (and fail with torch's message). Only the capturing thread's calls on ``model``'s own modules are
+    affected: ``nn.Module.to`` is swapped while at least one capture runs and restored when the last one ends
+    (captures in several threads at once nest correctly)."""
+    me = threading.get_ident()
+    with _CONVERSIONS_LOCK:
+        if me in _CONVERTING:  # a capture inside a capture on this thread: keep the outer one's set
+            outer = _CONVERTING[me]
+            _CONVERTING[me] = outer | {id(m) for m in model.modules()}
+        else:
+            outer = None
+            _CONVERTING[me] = {id(m) for m in model.modules()}
+        nn.Module.to = _to_during_capture
     try:
         yield
     finally:
-        nn.Module.to = original
+        with _CONVERSIONS_LOCK:
+            if outer is None:
+                del _CONVERTING[me]
+            else:
+                _CONVERTING[me] = outer
+            if not _CONVERTING:
+                nn.Module.to = _ORIGINAL_TO
 
 
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
@@ -194,7 +218,7 @@ def _draft(model: nn.Module, args: tuple, kwargs: dict):
     if draft is None:
         return None
     try:
-        with _no_op_conversions(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with _no_op_conversions(model), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             exported = draft(model, args, kwargs, strict=False)
     except Exception:  # noqa: BLE001 -- the first failure is the one reported
         return None
@@ -269,7 +293,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
         tracker_stack: list[str] = []
         specialised: tuple[str, ...] = ()
         try:
-            with _module_tracker(model) as tracker_stack, _no_op_conversions():
+            with _module_tracker(model) as tracker_stack, _no_op_conversions(model):
                 # on failure torch.export prints the partial graph to stderr; the CaptureError says it in one line
                 with contextlib.redirect_stderr(io.StringIO()):
                     exported = torch.export.export(model, args, kwargs, strict=False)
