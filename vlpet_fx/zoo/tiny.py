@@ -192,6 +192,12 @@ def shrink(config) -> Any:
                 n = min(new_layers.values(), default=0)
                 if "type" in name and n and n < len(value) < min(old_layers.values()):
                     setattr(config, name, type(value)(_cut_layers(list(value), n)))
+    if not old_layers:  # no layer count: the per-layer list of kinds is the count (cut to one layer of each kind)
+        for name, value in vars(config).items():
+            if "type" in name and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+                n = max(LAYERS, len(set(value)))
+                if len(value) > n:
+                    setattr(config, name, type(value)(_cut_layers(list(value), n)))
     _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
     vocab = getattr(config, "vocab_size", None)
     text = getattr(config, "text_config", None)
