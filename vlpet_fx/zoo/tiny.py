@@ -9,7 +9,10 @@ layer that fits (a hybrid keeps a softmax-attention layer), periods of layer kin
 ids that would fall outside the smaller vocabulary are moved inside it. Multi-head attention stays multi-head
 (latent attention expands k/v to every query head), routing fits the experts (top-k, expert groups), and the
 config class is built again from the shrunk settings so that settings it derives (head widths, SSM head widths,
-a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it.
+a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it, at
+any depth (a diarization head's ``audio_hidden_size``); an audio encoder's ``output_dim`` no narrower than its own
+width is the width it hands to the language model. A config whose layer count is its list of layer kinds keeps
+one layer of each kind. An audio encoder's windows in mel frames keep their defaults.
 """
 
 from __future__ import annotations
