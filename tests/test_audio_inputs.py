@@ -118,6 +118,47 @@ def test_the_length_formula_counts_when_there_is_no_get_audio_features():
         model(*args, **kwargs)
 
 
+class ToyWaveLLM(nn.Module):
+    """A raw waveform (B, 1, samples) through a strided 1-D convolution (hop 5): one embedding per hop."""
+
+    HOP = 5
+
+    def __init__(self):
+        super().__init__()
+        self.config = Cfg("toy", vocab_size=40, audio_token_id=38, audio_config=Cfg("toy_audio", hidden_size=16))
+        self.conv = nn.Conv1d(1, 16, kernel_size=self.HOP, stride=self.HOP)
+        self.embed = nn.Embedding(40, 16)
+        self.head = nn.Linear(16, 40)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_audio_features(self, input_values, padding_mask=None, **kwargs):
+        if input_values.dim() != 3:
+            raise ValueError("expected (B, 1, samples)")
+        return SimpleNamespace(pooler_output=self.conv(input_values).transpose(1, 2).flatten(0, 1))
+
+    def forward(self, input_ids, input_values=None, padding_mask=None, attention_mask=None):
+        x = self.embed(input_ids)
+        if input_values is not None:
+            audio = self.get_audio_features(input_values, padding_mask).pooler_output
+            slots = input_ids == self.config.audio_token_id
+            if int(slots.sum()) != audio.shape[0]:
+                raise ValueError(f"{int(slots.sum())} audio tokens for {audio.shape[0]} audio embeddings")
+            x = x.masked_scatter(slots[..., None].expand_as(x), audio)
+        return self.head(x)
+
+
+def test_a_waveform_for_models_that_take_input_values():
+    model = ToyWaveLLM()
+    _, args, kwargs = build_example_inputs(model)
+    samples = kwargs["input_values"].shape[-1]
+    assert kwargs["input_values"].shape == (BATCH, 1, samples) and samples % model.HOP == 0
+    assert _audio_tokens(model, kwargs) == [samples // model.HOP] * BATCH
+    with torch.no_grad():
+        model(*args, **kwargs)
+
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -170,4 +211,17 @@ def test_moss_transcribe_diarize_merged_frames():
     _, mel, frames = kwargs["input_features"].shape
     assert mel == model.config.audio_config.num_mel_bins and frames == 2 * positions
     assert _audio_tokens(model, kwargs) == [math.ceil(_halve(frames) / model.config.audio_merge_size)] * BATCH
+    _check_runs(model, args, kwargs)
+
+
+def test_omniasr_waveform_through_the_feature_encoder():
+    """Raw samples through the convolutional feature encoder: one embedding per output frame of its convolutions
+    (no padding), from the config's kernels and strides."""
+    model = _build("omniasr")
+    _, args, kwargs = build_example_inputs(model)
+    audio = model.config.audio_config
+    n = kwargs["input_values"].shape[-1]
+    for kernel, stride in zip(audio.conv_kernel, audio.conv_stride):
+        n = (n - kernel) // stride + 1
+    assert n > 0 and _audio_tokens(model, kwargs) == [n] * BATCH
     _check_runs(model, args, kwargs)

@@ -330,6 +330,35 @@ def _audio_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[di
     return (next(layouts(counts[0])), rows) if rows else None
 
 
+def _waveform_inputs(model: nn.Module, device, dtype) -> tuple[dict, int] | None:
+    """``input_values`` (a raw waveform) for an audio LLM whose forward takes one, and its audio tokens per example.
+
+    Sample counts are multiples of the product of the model's 1-D convolution strides (the frame hop of a
+    convolutional feature encoder): 8, 16 and 32 frames' worth. The layout, (B, 1, samples) or (B, samples), and
+    the count are the first on which the model's own ``get_audio_features`` runs; without that method, none."""
+    hop = 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d):
+            hop *= int(m.stride[0])
+    optional = _optional_forward_params(model)
+    for frames in (8, 16, 32):
+        samples = hop * frames
+        if samples > MAX_SAMPLES:
+            break
+        g = torch.Generator().manual_seed(0)
+        for shape in ((BATCH, 1, samples), (BATCH, samples)):
+            kwargs = {"input_values": torch.randn(*shape, generator=g).to(device, dtype)}
+            called, rows = _call_audio_features(model, kwargs, optional)
+            if not called:
+                return None
+            if rows:
+                return kwargs, rows
+    return None
+
+
+MAX_SAMPLES = 1 << 16  # a waveform of at most 65536 samples (a few seconds)
+
+
 def _optional_forward_params(model: nn.Module) -> set[str]:
     """The forward's parameters whose default is ``None``."""
     import inspect
@@ -356,6 +385,8 @@ def _hf_auto(model: nn.Module):
       ``decoder_input_ids`` when the model is an encoder-decoder;
     * ``input_features`` (B, mel bins, frames) for speech models: mel bins from the config, frames =
       ``max_source_positions`` times the strides of the model's 1-D convolutions;
+    * audio LLMs: ``input_features`` or a raw waveform (``input_values``) with one audio token per embedding their
+      ``get_audio_features`` makes (:func:`_audio_inputs`, :func:`_waveform_inputs`);
     * ``pixel_values`` for vision-language models, with as many image tokens in ``input_ids`` (the config's
       image token id, between its vision start/end tokens if it has them) as ``get_image_features`` makes;
     * ``lang_ids`` (the config's first language) for models with per-language modules;
@@ -383,6 +414,11 @@ def _hf_auto(model: nn.Module):
             retry = {n: torch.ones(BATCH, audio_tokens, dtype=torch.bool, device=device) for n in masks}
         if audio_tokens:
             placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * audio_tokens)
+    elif "input_values" in params and _find(cfg, "audio_token_id", "audio_token_index") is not None:
+        found = _waveform_inputs(model, device, dtype)  # a raw waveform; without one the model still runs on text
+        if found is not None:
+            kwargs.update(found[0])
+            placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * found[1])
     if "pixel_values" in params and getattr(cfg, "vision_config", None) is not None:
         found = _image_inputs(model, params, device, dtype)
         if found is None:
