@@ -85,6 +85,8 @@ CASES = {
     "whisper": ("speech", "whisper", {}, set(), {}),
     # an audio LLM: audio encoder -> projector -> causal LM, inputs with one audio token per audio embedding
     "voxtral": ("audio", "voxtral", {}, {"gated"}, {}),
+    # one whose audio embeddings are merged groups of frames, counted by its get_audio_features
+    "moss_transcribe_diarize": ("audio", "moss_transcribe_diarize", {}, {"gated"}, {}),
 }
 RULES = {"causal": "vlpet_causal_lm", "vlm": "vlpet_causal_lm", "seq2seq": "vlpet_large", "speech": "vlpet_large",
          "audio": "vlpet_causal_lm"}

@@ -50,3 +50,33 @@ def test_derived_settings_follow_the_shrunk_ones():
     blt = tiny_config("blt")
     assert blt.encoder_hash_byte_group_vocab <= tiny.VOCAB
     assert blt.encoder_config.hidden_size_global == blt.global_config.hidden_size
+
+
+def test_audio_projection_width_and_windows():
+    """An audio encoder's projection into the language model takes the text width (qwen3_asr's bare defaults name
+    3584 for a 2048-wide text model); a CTC head's small ``output_dim`` (granite_speech: a vocabulary) does not.
+    Windows in mel frames keep their defaults (qwen3_asr hard-codes the embeddings a 100-frame window makes)."""
+    import transformers
+
+    q = tiny_config("qwen3_asr")
+    assert q.audio_config.output_dim == q.text_config.hidden_size
+    default = transformers.AutoConfig.for_model("qwen3_asr").audio_config
+    assert (q.audio_config.n_window, q.audio_config.n_window_infer) == (default.n_window, default.n_window_infer)
+    g = tiny_config("granite_speech")
+    ctc = transformers.AutoConfig.for_model("granite_speech").encoder_config.output_dim
+    assert g.encoder_config.output_dim == ctc < g.text_config.hidden_size
+
+
+def test_nested_width_links_and_kind_lists_without_a_count():
+    """A setting two levels down naming a sibling's width follows it (nemo_speechlm: the diarization head reads its
+    audio model's width); a config whose layer count is its list of layer kinds keeps one layer of each kind."""
+    import transformers
+
+    n = tiny_config("nemo_speechlm")
+    diar = n.audio_config.diarization_config
+    assert diar.head_config.audio_hidden_size == diar.audio_config.hidden_size < 512
+    kinds = transformers.AutoConfig.for_model("nemo_speechlm").text_config.layer_types
+    assert len(kinds) > 10  # the defaults' 52 layers
+    assert sorted(n.text_config.layer_types) == sorted(set(kinds))
+    assert n.text_config.num_hidden_layers == len(set(kinds))
+    assert len(tiny_config("nemotron_h").layer_types) == 4  # four kinds in four layers: unchanged

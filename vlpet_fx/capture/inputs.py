@@ -6,6 +6,7 @@ not apply. Users add builders for their own model families with :func:`register_
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -205,29 +206,52 @@ def _lengths_function(model: nn.Module):
     return None
 
 
-def _audio_rows(model: nn.Module, inputs: dict, frames: int) -> int | None:
-    """How many embeddings one example's audio becomes: from ``get_audio_features`` when it can be called on the
-    audio inputs alone (with the arguments its signature names), else from the encoder's own length formula."""
+_MISSING = re.compile(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)$")
+
+
+def _missing_arguments(exc: BaseException) -> list[str]:
+    """The argument names a ``TypeError`` says a call lacks ("missing 1 required positional argument: 'x'")."""
+    found = _MISSING.search(str(exc)) if isinstance(exc, TypeError) else None
+    return re.findall(r"'(\w+)'", found.group(1)) if found else []
+
+
+def _call_audio_features(model: nn.Module, inputs: dict, optional: set[str]) -> tuple[bool, int | None]:
+    """Call ``get_audio_features`` on the audio inputs alone: ``(callable this way, embeddings per example)``.
+
+    Arguments its signature requires must be among ``inputs``; an argument the audio path requires deeper down
+    (behind ``**kwargs``) that the model's forward takes with a default of ``None`` is given ``None``, as the
+    forward itself would pass it. ``(True, None)`` means the model's own audio encoder rejects these inputs."""
     import inspect
 
     get = getattr(model, "get_audio_features", None)
-    if callable(get):
+    if not callable(get):
+        return False, None
+    try:
+        sig = inspect.signature(get).parameters
+    except (TypeError, ValueError):
+        sig = {}
+    required = {n for n, p in sig.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                 p.KEYWORD_ONLY)}
+    if not required <= set(inputs):
+        return False, None
+    named = {n for n in sig if n not in ("args", "kwargs")}
+    given = {k: v for k, v in inputs.items() if k in named or not named or "kwargs" in sig}
+    for _ in range(4):  # each round fills the arguments one TypeError names
         try:
-            sig = inspect.signature(get).parameters
-        except (TypeError, ValueError):
-            sig = {}
-        required = {n for n, p in sig.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                                     p.KEYWORD_ONLY)}
-        if required <= set(inputs):
-            named = {n for n in sig if n not in ("args", "kwargs")}
-            given = {k: v for k, v in inputs.items() if k in named or not named or "kwargs" in sig}
-            try:
-                with torch.no_grad():
-                    rows = _rows_per_image(get(**given), BATCH)
-                if rows:
-                    return rows
-            except Exception:  # noqa: BLE001 -- not callable this way: use the length formula
-                pass
+            with torch.no_grad():
+                return True, _rows_per_image(get(**given), BATCH)
+        except TypeError as exc:
+            names = [n for n in _missing_arguments(exc) if n in optional and n not in given]
+            if not names:
+                return True, None
+            given.update(dict.fromkeys(names))
+        except Exception:  # noqa: BLE001 -- the audio encoder rejects this layout or length
+            return True, None
+    return True, None
+
+
+def _formula_rows(model: nn.Module, frames: int) -> int | None:
+    """Embeddings per example from the encoder's own length formula, for ``frames`` mel frames."""
     fn = _lengths_function(model)
     if fn is None:
         return None
@@ -240,34 +264,110 @@ def _audio_rows(model: nn.Module, inputs: dict, frames: int) -> int | None:
         return None
 
 
-def _audio_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[dict, int] | None:
-    """``input_features`` (with the frame masks the forward names) and the number of audio tokens per example.
+MAX_FRAMES = 4096
+_WINDOW = re.compile(r"window|chunk")
 
-    Mel bins come from the config; frames are ``max_source_positions`` times the strides of the model's 1-D
-    convolutions. The layout is the first the model's audio encoder accepts: (B, mel bins, frames) as Whisper's
-    feature extractor gives, or (B, frames, features). A model with an audio token (an audio LLM) gets as many
-    of them as its audio encoder makes embeddings."""
-    cfg = model.config
-    mel = _find(cfg, "num_mel_bins", "feature_size", "n_mels", "input_dim") or 80
+
+def _frame_counts(model: nn.Module, cfg) -> list[int]:
+    """Frame counts to try, first choice first: ``max_source_positions`` times the strides of the model's 1-D
+    convolutions (64 without it), then each window/chunk length an audio config names, and twice it (an encoder
+    that cuts its input into windows of a configured length takes a multiple of it), smallest first."""
     positions = _find(cfg, "max_source_positions")
     stride = 1
     for m in model.modules():
         if isinstance(m, nn.Conv1d):
             stride *= int(m.stride[0])
-    frames = positions * stride if positions else 64
+    first = positions * stride if positions else 64
+    windows: set[int] = set()
+    for c in _configs(cfg):
+        if not any(isinstance(getattr(c, k, None), int) for k in _MEL_KEYS):
+            continue  # only an audio (sub-)config's windows are in frames
+        for k, v in vars(c).items():
+            if _WINDOW.search(k) and isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                windows.update(n for n in (v, 2 * v) if n <= MAX_FRAMES)
+    return [first, *sorted(windows - {first})]
+
+
+_MEL_KEYS = ("num_mel_bins", "feature_size", "n_mels", "input_dim")
+
+
+def _audio_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[dict, int] | None:
+    """``input_features`` (with the frame masks the forward names) and the number of audio tokens per example.
+
+    Mel bins come from the config; frame counts from :func:`_frame_counts`. The layout is the first the model's
+    audio encoder accepts: (B, mel bins, frames) as Whisper's feature extractor gives, or (B, frames, features).
+    A model with an audio token (an audio LLM) gets as many of them as its audio encoder makes embeddings: the
+    first frame count and layout on which ``get_audio_features`` runs decide; a model whose
+    ``get_audio_features`` cannot be called on the audio inputs alone is counted by its encoder's own length
+    formula instead."""
+    cfg = model.config
+    mel = _find(cfg, *_MEL_KEYS) or 80
     audio_id = _find(cfg, "audio_token_id", "audio_token_index")
-    g = torch.Generator().manual_seed(0)
     masks = [n for n in params if "feature" in n and "mask" in n]  # frame masks, whatever the forward calls them
-    for shape in ((BATCH, mel, frames), (BATCH, frames, mel)):
-        kwargs: dict[str, Any] = {"input_features": torch.randn(*shape, generator=g).to(device, dtype)}
-        for name in masks:
-            kwargs[name] = torch.ones(BATCH, frames, dtype=torch.bool, device=device)
-        if audio_id is None:
-            return kwargs, 0
-        rows = _audio_rows(model, kwargs, frames)
-        if rows:
-            return kwargs, rows
+    optional = _optional_forward_params(model)
+
+    def layouts(frames: int):
+        g = torch.Generator().manual_seed(0)
+        for shape in ((BATCH, mel, frames), (BATCH, frames, mel)):
+            kwargs: dict[str, Any] = {"input_features": torch.randn(*shape, generator=g).to(device, dtype)}
+            for name in masks:
+                kwargs[name] = torch.ones(BATCH, frames, dtype=torch.bool, device=device)
+            yield kwargs
+
+    counts = _frame_counts(model, cfg)
+    if audio_id is None:
+        return next(layouts(counts[0])), 0
+    callable_here = False
+    for frames in counts:
+        for kwargs in layouts(frames):
+            called, rows = _call_audio_features(model, kwargs, optional)
+            callable_here |= called
+            if rows:
+                return kwargs, rows
+    if callable_here:
+        return None  # the model's own audio encoder took none of them
+    rows = _formula_rows(model, counts[0])
+    return (next(layouts(counts[0])), rows) if rows else None
+
+
+def _waveform_inputs(model: nn.Module, device, dtype) -> tuple[dict, int] | None:
+    """``input_values`` (a raw waveform) for an audio LLM whose forward takes one, and its audio tokens per example.
+
+    Sample counts are multiples of the product of the model's 1-D convolution strides (the frame hop of a
+    convolutional feature encoder): 8, 16 and 32 frames' worth. The layout, (B, 1, samples) or (B, samples), and
+    the count are the first on which the model's own ``get_audio_features`` runs; without that method, none."""
+    hop = 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d):
+            hop *= int(m.stride[0])
+    optional = _optional_forward_params(model)
+    for frames in (8, 16, 32):
+        samples = hop * frames
+        if samples > MAX_SAMPLES:
+            break
+        g = torch.Generator().manual_seed(0)
+        for shape in ((BATCH, 1, samples), (BATCH, samples)):
+            kwargs = {"input_values": torch.randn(*shape, generator=g).to(device, dtype)}
+            called, rows = _call_audio_features(model, kwargs, optional)
+            if not called:
+                return None
+            if rows:
+                return kwargs, rows
     return None
+
+
+MAX_SAMPLES = 1 << 16  # a waveform of at most 65536 samples (a few seconds)
+
+
+def _optional_forward_params(model: nn.Module) -> set[str]:
+    """The forward's parameters whose default is ``None``."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in sig.items() if p.default is None}
 
 
 def _wrapped(cfg, modality: str, tokens: list[int]) -> list[int]:
@@ -285,6 +385,8 @@ def _hf_auto(model: nn.Module):
       ``decoder_input_ids`` when the model is an encoder-decoder;
     * ``input_features`` (B, mel bins, frames) for speech models: mel bins from the config, frames =
       ``max_source_positions`` times the strides of the model's 1-D convolutions;
+    * audio LLMs: ``input_features`` or a raw waveform (``input_values``) with one audio token per embedding their
+      ``get_audio_features`` makes (:func:`_audio_inputs`, :func:`_waveform_inputs`);
     * ``pixel_values`` for vision-language models, with as many image tokens in ``input_ids`` (the config's
       image token id, between its vision start/end tokens if it has them) as ``get_image_features`` makes;
     * ``lang_ids`` (the config's first language) for models with per-language modules;
@@ -312,6 +414,11 @@ def _hf_auto(model: nn.Module):
             retry = {n: torch.ones(BATCH, audio_tokens, dtype=torch.bool, device=device) for n in masks}
         if audio_tokens:
             placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * audio_tokens)
+    elif "input_values" in params and _find(cfg, "audio_token_id", "audio_token_index") is not None:
+        found = _waveform_inputs(model, device, dtype)  # a raw waveform; without one the model still runs on text
+        if found is not None:
+            kwargs.update(found[0])
+            placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * found[1])
     if "pixel_values" in params and getattr(cfg, "vision_config", None) is not None:
         found = _image_inputs(model, params, device, dtype)
         if found is None:

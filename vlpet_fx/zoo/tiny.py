@@ -9,7 +9,10 @@ layer that fits (a hybrid keeps a softmax-attention layer), periods of layer kin
 ids that would fall outside the smaller vocabulary are moved inside it. Multi-head attention stays multi-head
 (latent attention expands k/v to every query head), routing fits the experts (top-k, expert groups), and the
 config class is built again from the shrunk settings so that settings it derives (head widths, SSM head widths,
-a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it.
+a decoder's cross-attention width) follow them. Widths that name another sub-config's width stay equal to it, at
+any depth (a diarization head's ``audio_hidden_size``); an audio encoder's ``output_dim`` no narrower than its own
+width is the width it hands to the language model. A config whose layer count is its list of layer kinds keeps
+one layer of each kind. An audio encoder's windows in mel frames keep their defaults.
 """
 
 from __future__ import annotations
@@ -65,10 +68,9 @@ _RULES: list[tuple[str, Any]] = [
     (r"^(image_size)$", 32),
     (r"^(patch_size)$", 8),
     (r"^(max_source_positions)$", 16),
-    # an audio encoder's attention window in mel frames (inputs are a multiple of twice it), and its inference span
-    (r"^(n_window)$", 8),
-    (r"^(n_window_infer)$", 32),
     (r"^(num_mel_bins)$", 16),
+    # an audio encoder's window in mel frames (n_window ...) is kept: an encoder may hard-code how many embeddings
+    # a window of the default length makes
 ]
 _COMPILED = [(re.compile(p), v) for p, v in _RULES]
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
@@ -193,6 +195,12 @@ def shrink(config) -> Any:
                 n = min(new_layers.values(), default=0)
                 if "type" in name and n and n < len(value) < min(old_layers.values()):
                     setattr(config, name, type(value)(_cut_layers(list(value), n)))
+    if not old_layers:  # no layer count: the per-layer list of kinds is the count (cut to one layer of each kind)
+        for name, value in vars(config).items():
+            if "type" in name and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+                n = max(LAYERS, len(set(value)))
+                if len(value) > n:
+                    setattr(config, name, type(value)(_cut_layers(list(value), n)))
     _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
     vocab = getattr(config, "vocab_size", None)
     text = getattr(config, "text_config", None)
@@ -278,20 +286,43 @@ def _width(c) -> int | None:
     return next((getattr(c, k) for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
 
 
-def _width_links(config) -> list:
+def _tree(config, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """``(path, config)`` for a config and every sub-config below it, outermost first."""
+    out = [(path, config)]
+    for name, value in vars(config).items():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            out += _tree(value, (*path, name))
+    return out
+
+
+def _at(config, path: tuple[str, ...]):
+    for name in path:
+        config = getattr(config, name, None)
+    return config
+
+
+def _width_links(config) -> list[tuple[tuple[str, ...], str, tuple[str, ...]]]:
     """Settings of one (sub-)config that name another's width (``hidden_size_global``, ``cross_attention_hidden_size``
     ...): a ``*hidden_size*`` setting other than the config's own width, equal in the defaults to the width of
-    exactly one other config of the model."""
-    configs = [config, *_subconfigs(config)]
+    exactly one other config nearby. Nearby is the config's parent and the parent's sub-configs (for the outermost
+    config, its sub-configs); where none of them has that width, the next level up. As ``(path of the config,
+    setting, path of the other config)``."""
+    tree = _tree(config)
     links = []
-    for c in configs:
+    for path, c in tree:
         own = next((k for k in _WIDTH_KEYS if isinstance(getattr(c, k, None), int)), None)
         for k, v in vars(c).items():
             if k == own or "hidden_size" not in k or isinstance(v, bool) or not isinstance(v, int):
                 continue
-            others = [o for o in configs if o is not c and _width(o) == v]
+            parent = path[:-1] if path else ()
+            while True:
+                scope = [(p, o) for p, o in tree if o is not c and (p == parent or p[:-1] == parent)]
+                others = [p for p, o in scope if _width(o) == v]
+                if others or not parent:
+                    break
+                parent = parent[:-1]
             if len(others) == 1:
-                links.append((c, k, others[0]))
+                links.append((path, k, others[0]))
     return links
 
 
@@ -350,6 +381,14 @@ def _name_modality_tokens(config) -> None:
                 used.add(spare)
 
 
+def _projects_out(sub) -> bool:
+    """Whether a modality sub-config's ``output_dim`` is the width it hands to the language model: no narrower
+    than the sub-config's own width (a projection out of the encoder; bare defaults may name another checkpoint's
+    text width), unlike a small output such as a CTC head's vocabulary."""
+    out, own = getattr(sub, "output_dim", None), _width(sub)
+    return isinstance(out, int) and not isinstance(out, bool) and isinstance(own, int) and out >= own
+
+
 def tiny_config(model_type: str):
     """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
     import transformers as tf
@@ -362,6 +401,8 @@ def tiny_config(model_type: str):
               if isinstance(getattr(c, k, None), int)]
     linked += [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
                for k in ("projection_dim", "output_dim", "text_embed_dim") if getattr(c, k, None) == old_text]
+    linked += [(c, "output_dim") for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
+               and _projects_out(c) and not any(o is c and k == "output_dim" for o, k in linked)]
     widths = _width_links(config)
     before = copy.deepcopy(config)
     shrunk = shrink(config)
@@ -370,9 +411,9 @@ def tiny_config(model_type: str):
     linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
     for c, k in linked:  # e.g. a vision merger's output width = the language model's width
         setattr(c, k, text.hidden_size)
-    for c, k, other in widths:  # e.g. a local encoder's `hidden_size_global` = the global transformer's width
-        c, other = _same_place(config, shrunk, c), _same_place(config, shrunk, other)
-        if _width(other):
+    for path, k, other in widths:  # e.g. a local encoder's `hidden_size_global` = the global transformer's width
+        c, other = _at(config, path), _at(config, other)
+        if c is not None and other is not None and _width(other):
             setattr(c, k, _width(other))
     _link_encoder_widths(config, text)
     _tokens_per_image(config, before)
