@@ -177,3 +177,23 @@ def test_pegasus_x_ffn_norm_called_on_two_streams_hands_each_call_its_x():
     assert len(plan.placements) == len(layers)
     assert all(len(xs) == 2 and xs[0].shape[1] != xs[1].shape[1] for xs in seen.values())  # two lengths
     assert _check(used, patched, lambda s: seen[s.layer], "pegasus_x") == 2 * len(layers)
+
+
+def test_pegasus_x_attention_output_of_two_streams_is_no_eager_site():
+    """Pegasus-X's attention module returns the token and the global stream's outputs (one width, two lengths):
+    an eager hook would change the first, which the graph does not name, so the found (global) attention's
+    output site keeps no module path: the eager back end refuses it in one line, the graph back end places it."""
+    model = _build("AutoModelForSeq2SeqLM", "pegasus_x")
+    table = vlpet_fx.discover(model)
+    att = table.where(stack="encoder", block="self_attn", role="output")
+    assert len(att) == len(model.model.encoder.layers) and all(s.path is None for s in att)
+    assert all(s.path is not None for s in table.where(stack="encoder", block="ffn", role="output"))
+    rules = _gates({"stack": "encoder", "block": "self_attn", "role": "output"})
+    plan = vlpet_fx.plan(model, rules, table=table)
+    with pytest.raises(vlpet_fx.PlanError, match="not the output of a module") as err:
+        vlpet_fx.patch(copy.deepcopy(model), plan)
+    assert "\n" not in str(err.value)
+    _, args, kwargs = build_example_inputs(model)
+    graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=(args, kwargs))
+    with torch.no_grad():
+        assert torch.isfinite(graph(*args, **kwargs).logits).all()
