@@ -31,7 +31,20 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     blocks = [b for b in blocks if not b.extra.get("off_stream")]
     for b in blocks:
         tie_block_input(flow, b)
-    return blocks
+    return [b for b in blocks if not _conditioning_map(b, blocks)]
+
+
+def _conditioning_map(b: Block, blocks: list[Block]) -> bool:
+    """A feed-forward map that is no sub-layer of the residual stream: no residual add after it, no stream value
+    X found downstream of it (:func:`tie_block_input`), and rows that are not the stream's tokens (its input's
+    leading shape differs from the X of the other blocks of its layer): e.g. an AdaLN-style conditioning network
+    on a time embedding whose output scales the stream. Like a projector between two towers, it is no block."""
+    if b.kind != "ffn" or b.residual_add is not None or block_input(b) is not None or b.layer_path is None:
+        return False
+    rows = _shape(b.first().x)
+    streams = {_shape(block_input(o))[:-1] for o in blocks if o is not b and o.layer_path == b.layer_path
+               and block_input(o) is not None and _shape(block_input(o))}
+    return rows is not None and bool(streams) and rows[:-1] not in streams
 
 
 def block_input(b: Block):
@@ -179,28 +192,64 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
     that read X (VL-PET's gates) take it from that module's first input.
     """
     x = block_input(b)
-    if cap is None or x is None or b.layer_path is None:
+    scope = _block_scope(b)
+    if cap is None or x is None or scope is None:
         return None
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
-    # to the op that really made X, and consider the users of every alias
+    # to the op that really made X, and consider the users of every alias (also of copies made from X: a
+    # clone read by the sub-layer)
     chain = [x]
     while _is_noop_alias(chain[-1]):
         chain.append(chain[-1].args[0])
     made_in = set(cap.module_stack(chain[-1]))
     x_shape = _shape(chain[0])
     best: str | None = None
-    for user in [u for n in chain for u in n.users if u not in chain]:
-        for path in cap.module_stack(user):
-            if path in made_in or not (path == b.layer_path or path.startswith(b.layer_path + ".")):
+    outside = _outside_inputs(cap)
+    values = _with_copies(chain)
+    for user in [u for n in values for u in n.users if u not in values]:
+        for call, (path, _type) in (user.meta.get("nn_module_stack") or {}).items():
+            if path in made_in or not (path == scope or path.startswith(scope + ".")):
                 continue
             # the module's first input must be X: skip a module that also takes activations of another shape
-            # (BERT's output sub-module takes the FFN's hidden state first and X second)
-            if any(shape != x_shape for shape in _outside_inputs(cap).get(path, ())):
+            # (BERT's output sub-module takes the FFN's hidden state first and X second), in the call that
+            # receives X (a module called on several streams, e.g. Pegasus-X's FFN norm on the token and the
+            # global stream, takes one of them per call), and one that reads another value of X's shape before
+            # X (a layer taking two streams: it receives the second as its second input)
+            reads = outside.get(call, [])
+            if any(not _fits_block_input(_shape(a), x_shape) for a in reads):
+                continue
+            first = next((a for a in reads if _shape(a) == x_shape), None)
+            if first is not None and first not in values:
                 continue
             if best is None or len(path) < len(best):
                 best = path
             break
     return best
+
+
+def _block_scope(b: Block) -> str | None:
+    """Where the module receiving X is looked for: the block's layer, or, for a residual branch outside any
+    repeated layer (an intermediate head added back between two layers), the module holding the block."""
+    return b.layer_path if b.layer_path is not None else (b.block_path or None)
+
+
+def _with_copies(chain: list) -> list:
+    """``chain`` and every no-op alias or copy made from its nodes (their values equal X)."""
+    out, todo = list(chain), list(chain)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in out and _is_noop_alias(u):
+                out.append(u)
+                todo.append(u)
+    return out
+
+
+def _fits_block_input(shape: tuple | None, x_shape: tuple | None) -> bool:
+    """Whether an activation of ``shape`` that a module reads beside the block input X (of ``x_shape``) leaves X
+    its first input: it is X's shape, or one value per token (X's shape without its channel axis: a padding
+    mask, per-token weights), which is not a hidden state the module could take in X's place."""
+    return shape == x_shape or (shape is not None and x_shape is not None and shape == x_shape[:-1])
 
 
 def _shape(node) -> tuple | None:
@@ -211,30 +260,32 @@ def _shape(node) -> tuple | None:
         return None
 
 
-def _outside_inputs(cap: Captured) -> dict[str, set]:
-    """For every module path: the shapes of the float activations (>= 2-D, not parameters or buffers) its
-    graph nodes read from outside the module. Cached on the captured graph."""
+def _outside_inputs(cap: Captured) -> dict[str, list]:
+    """For every module call (its ``nn_module_stack`` key: one per call of a module called several times): the
+    float activations (>= 2-D, not parameters or buffers) its graph nodes read from outside the module, in the
+    order the call first reads them. Cached on the captured graph."""
     cached = getattr(cap, "_outside_inputs", None)
     if cached is not None:
         return cached
     weights = set(cap.param_names) | set(cap.buffer_names)
-    out: dict[str, set] = {}
+    out: dict[str, dict] = {}
     for n in cap.graph.nodes:
         if n.op != "call_function":
             continue
-        inside = cap.module_stack(n)
+        inside = n.meta.get("nn_module_stack") or {}
         for a in n.all_input_nodes:
             if a.name in weights:
                 continue
             val = a.meta.get("val")
             if val is None or not hasattr(val, "dtype") or not val.dtype.is_floating_point or val.dim() < 2:
                 continue
-            theirs = set(cap.module_stack(a))
-            for path in inside:
-                if path not in theirs:
-                    out.setdefault(path, set()).add(_shape(a))
-    object.__setattr__(cap, "_outside_inputs", out)
-    return out
+            theirs = set((a.meta.get("nn_module_stack") or {}))
+            for call in inside:
+                if call not in theirs:
+                    out.setdefault(call, {}).setdefault(a, None)
+    ordered = {call: list(reads) for call, reads in out.items()}
+    object.__setattr__(cap, "_outside_inputs", ordered)
+    return ordered
 
 
 def _is_noop_alias(node) -> bool:
@@ -243,7 +294,7 @@ def _is_noop_alias(node) -> bool:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
     if getattr(node.target, "overloadpacket", None) not in (torch.ops.aten.to, torch.ops.aten.alias,
-                                                            torch.ops.aten._to_copy):
+                                                            torch.ops.aten._to_copy, torch.ops.aten.clone):
         return False
     a, b = node.args[0].meta.get("val"), node.meta.get("val")
     return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype

@@ -131,7 +131,7 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
 
     Calls whose shapes differ (in or out features) stay separate sites (the planner refuses two modules with
     one name on one module). The block input X is kept only when every call reads it from the same module,
-    each from a call of its own (``input_call``)."""
+    each from a call of its own (``input_call``) or all from one call of it."""
     sites = list(sites)
     groups: dict[tuple, list[Site]] = {}
     order: list[tuple] = []
@@ -152,11 +152,15 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
         for s in group:
             for c in s.call_nodes():
                 calls.setdefault(c, None)
-        # the eager back end takes X from the latest call of input_path: right only when every call of the
-        # site has its own call of that module (a module called once for two calls would hand both the same X)
+        # the eager back end takes X from the latest call of input_path: right when every call of the site has
+        # its own call of that module, or when all read X from one call of it (then they read the same value:
+        # that call's first input, see discover.input_path_of; e.g. ProphetNet's main and n-gram streams
+        # attended with one key projection call); a module called once for some calls and again for others
+        # could hand a call another's X
         inputs = {s.input_path for s in group}
         own = [s.input_call for s in group]
-        input_path = first.input_path if len(inputs) == 1 and None not in own and len(set(own)) == len(own) else None
+        one_each = len(set(own)) == len(own) or len(set(own)) == 1
+        input_path = first.input_path if len(inputs) == 1 and None not in own and one_each else None
         widths = {s.input_features for s in group}
         out.append(replace(first, calls=tuple(calls) if any(c.node for c in calls) else (),
                            input_path=input_path, input_features=first.input_features if len(widths) == 1 else None))
@@ -322,7 +326,8 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
     out = []
     for s in sites:
         if s.path is not None and not (returns_value(cap, s, exits.get(s.path, set()), nodes)
-                                       and every_call_returns_width(s, exits.get(s.path, set()))):
+                                       and every_call_returns_width(s, exits.get(s.path, set()))
+                                       and one_shape_per_call(s, exits.get(s.path, set()))):
             s = replace(s, path=None)
         if s.input_path is not None and s.input_node in nodes:
             s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
@@ -347,6 +352,25 @@ def every_call_returns_width(site: Site, exits: set) -> bool:
         fits = shape is None or (len(shape) > 0 and shape[-1] == site.out_features)
         calls[key] = calls.get(key, False) or fits
     return all(calls.values())
+
+
+def one_shape_per_call(site: Site, exits: set) -> bool:
+    """Whether no call of the site's module returns values of the site's width in two shapes of one rank (two
+    token streams of other lengths, e.g. Pegasus-X's attention returning the token and the global stream's
+    outputs): the eager hook changes the first one the module returns, which the graph does not tell."""
+    from . import ops
+
+    if site.out_slice or site.path is None:
+        return True
+    shapes: dict[str, set] = {}
+    for n in exits:
+        shape = ops.shape(n)
+        if shape is None or not shape or shape[-1] != site.out_features:
+            continue
+        key = next((k for k, (p, _t) in (n.meta.get("nn_module_stack") or {}).items() if p == site.path), None)
+        if key is not None:
+            shapes.setdefault(key, set()).add(tuple(shape))
+    return all(len({len(sh) for sh in group}) == len(group) for group in shapes.values())
 
 
 def _call_receiving(x, path: str) -> str | None:
