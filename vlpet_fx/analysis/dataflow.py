@@ -555,15 +555,30 @@ class Dataflow:
         if br.operand is not None:
             b.extra["stream_x"] = br.stream  # the stream value the parallel branch reads (its block input X)
         # the branch value, or the value a module returned just before it (a scalar multiplier or a cast after
-        # the sub-layer, inside the layer's own forward, is not a module's output)
+        # the sub-layer, inside the layer's own forward, is not a module's output; nor is a copy made by a module
+        # the layer calls on several sub-layers' outputs, e.g. one dropout module after both the attention and
+        # the FFN: one site there would stand for every sub-layer)
         add_scope = set(self.cap.module_stack(br.add))
         out = br.value
-        while not (set(self.cap.module_stack(out)) - add_scope) and out.op == "call_function":
+        while out.op == "call_function":
+            own = [p for p in self.cap.module_stack(out) if p not in add_scope]
+            if own and not (out.target in _PASS_THROUGH and self.calls_of(own[0]) > 1):
+                break
             ins = [i for i in ops.tensor_inputs(out) if i in br.region]
             if len(ins) != 1 or len([i for i in ops.tensor_inputs(out) if ops.shape(i) and len(ops.shape(i)) >= 2]) != 1:
                 break
             out = ins[0]
         b.output = out
+
+    def calls_of(self, path: str) -> int:
+        """How many times the module at ``path`` is called in the captured graph (its distinct call keys)."""
+        if not hasattr(self, "_calls"):
+            calls: dict[str, set] = {}
+            for n in self.nodes:
+                for key, (p, _t) in (n.meta.get("nn_module_stack") or {}).items():
+                    calls.setdefault(p, set()).add(key)
+            self._calls = {p: len(keys) for p, keys in calls.items()}
+        return self._calls.get(path, 0)
 
     def _projection_into_region(self, br: Branch) -> Projection | None:
         """The projection the branch value comes from through light ops on float values inside the branch (a
