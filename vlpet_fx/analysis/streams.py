@@ -3,8 +3,9 @@
 * Two blocks are consecutive in a stack when the residual operand of the later one reaches the residual
   add of the earlier one through light ops only (no projection, matmul, attention or concatenation).
 * An attention block is *cross* attention when its keys come from a different stream than its queries.
-* A stack with cross attention is a decoder; a stack fed only by image inputs is visual (float inputs, no
-  token ids, and either a 4-D input or a convolution with a 2-D/3-D kernel on the way); a stack whose
+* A stack fed only by image inputs is visual (float inputs, no token ids, and either a 4-D input or a
+  convolution with a 2-D/3-D kernel on the way), even with cross attention (a pooling head's learned probe
+  attending to the patches); otherwise a stack with cross attention is a decoder; a stack whose
   self-attention is causal (its mask compares query positions with key positions, or SDPA's ``is_causal``)
   is a decoder (a causal LM, the language model of a VLM); others encode.
 * Blocks are grouped into layers by the module that holds them as an element of a homogeneous
@@ -21,9 +22,12 @@ from .dataflow import Block, Dataflow, Node, backward, forward, walk
 
 
 def _frontier(flow: Dataflow, start: Node, barriers: set[Node]) -> frozenset[Node]:
+    """The heavy ops and residual adds ``start`` is computed from through light ops (operands read only for their
+    dtype or shape, such as ``type_as``'s second, carry no value: image features cast like the vision tower's
+    output do not join the text stream to the vision tower's)."""
     if start in barriers:
         return frozenset([start])
-    return frozenset(walk([start], backward, lambda n: not ops.is_heavy(n) and n not in barriers))
+    return frozenset(walk([start], ops.value_inputs, lambda n: not ops.is_heavy(n) and n not in barriers))
 
 
 def _user_inputs_reaching(flow: Dataflow, node: Node) -> list[Node]:
@@ -225,10 +229,14 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         groups.setdefault(find(i), []).append(b)
     for members in groups.values():
         members.sort(key=lambda b: flow.order[b.start_node()])
-        if any(b.block == "cross_attn" for b in members):
-            kind = "decoder"
-        elif _is_visual(flow, _stream_input(members[0])):
+        # a stream fed by images only is visual even where its attention reads another stream (a vision tower's
+        # pooling head: a learned probe, made of weights only, attends to the patch tokens; its stream is judged
+        # by the first block that reads a model input)
+        fed = next((b for b in members if _user_inputs_reaching(flow, _stream_input(b))), members[0])
+        if _is_visual(flow, _stream_input(fed)):
             kind = "visual"
+        elif any(b.block == "cross_attn" for b in members):
+            kind = "decoder"
         elif any(b.extra.get("causal") for b in members if b.block == "self_attn"):
             kind = "decoder"
         else:
@@ -274,20 +282,28 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     for kind, stacks in by_kind.items():
         layer = -1
         numbered: dict[str, int] = {}
+        kinds_in: dict[int, set] = {}  # layer -> block kinds numbered into it
         for members in stacks:
             current_key, current_kinds = object(), set()
+            # a piece without layer containers that repeats a block kind of the layer so far is a layer of its own
+            # (a vision tower's pooling head after its last layer); else it completes that layer
+            loose = {b.block for b in members if b.layer_path is None and not b.extra.get("off_stream")}
+            if members[0].layer_path is None and loose & kinds_in.get(layer, set()):
+                layer += 1
             for b in members:
                 if b.extra.get("off_stream"):
                     continue
                 key = b.layer_path
                 if key is not None and key in numbered:
                     b.layer, current_key = numbered[key], key
+                    kinds_in.setdefault(b.layer, set()).add(b.block)
                     continue
                 new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
                 if new:
                     layer += 1
                     current_key, current_kinds = key, set()
                 current_kinds.add(b.block)
+                kinds_in.setdefault(layer, set()).add(b.block)
                 b.layer = layer
                 if key is not None:
                     numbered[key] = layer
