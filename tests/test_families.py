@@ -79,7 +79,16 @@ CASES = {
     "longt5": ("seq2seq", "longt5", {}, set(), {}),
     "diffllama": ("causal", "diffllama", {}, {"gated"}, {}),
     "pegasus_x": ("seq2seq", "pegasus_x", {}, set(), {"patch": NORM_TWICE}),
-    # VLMs (vision tower -> projector -> causal LM) and speech
+    # sandwich norms with one dropout module called after every sub-layer (its output is no one block's output:
+    # the post-norm's is); a fused gate/up read as two halves of a (tokens, 2, d) view (a channel axis, not a loop
+    # over positions); routed experts with a short convolution on the FFN's output (output processing, no mixer)
+    "t5gemma": ("seq2seq", "t5gemma", {}, {"gated", "post-norm"}, {}),
+    "moshi": ("causal", "moshi", {}, {"gated", "fused"}, {}),
+    "inkling_text": ("causal", "inkling_text", {}, {"gated", "moe"}, {}),
+    # VLMs (vision tower -> projector -> causal LM) and speech; Gemma 3 casts the image features with
+    # type_as(vision output), a dtype operand that must not join its text stream to the vision tower's (the
+    # tower's pooling head, which Gemma 3 does not use, is left out here: tests/test_streams_kinds.py covers it)
+    "gemma3": ("vlm", "gemma3", {"vision_config.vision_use_head": False}, {"gated", "post-norm"}, {}),
     "llava": ("vlm", "llava", {}, {"gated"}, {}),
     "paligemma": ("vlm", "paligemma", {}, {"gated"}, {}),
     "whisper": ("speech", "whisper", {}, set(), {}),
@@ -109,6 +118,8 @@ def expected_layers(kind: str, cfg) -> dict[str, int]:
         return {"visual": _count(cfg.vision_config, LAYER_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
     if kind == "audio":  # the audio encoder is an encoder stack, the language model a decoder (no cross-attention)
         return {"encoder": _count(cfg.audio_config, ENC_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
+    if hasattr(cfg, "encoder") and hasattr(cfg, "decoder"):  # one sub-config per stack (T5Gemma)
+        return {"encoder": _count(cfg.encoder, ENC_KEYS), "decoder": _count(cfg.decoder, DEC_KEYS)}
     return {"encoder": _count(cfg, ENC_KEYS), "decoder": _count(cfg, DEC_KEYS)}
 
 
@@ -142,7 +153,11 @@ def built(name: str):
         kind, model_type, overrides, _traits, _ = CASES[name]
         cfg = tiny_config(model_type)
         for k, v in overrides.items():
-            setattr(cfg, k if k != "attn_implementation" else "_attn_implementation", v)
+            *subs, leaf = k.split(".")
+            target = cfg
+            for sub in subs:  # "vision_config.x": a field of a sub-config
+                target = getattr(target, sub)
+            setattr(target, leaf if leaf != "attn_implementation" else "_attn_implementation", v)
         torch.manual_seed(0)
         model = getattr(transformers, AUTO[kind]).from_config(cfg).eval()
         _BUILT[name] = (kind, model, vlpet_fx.discover(model, name=name))
