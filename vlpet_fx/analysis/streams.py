@@ -159,8 +159,14 @@ def _stream_key(flow: Dataflow, node: Node, barriers: set[Node]) -> tuple:
 
 
 def _stream_input(b: Block) -> Node:
-    """The residual-stream value a block reads (its residual operand, or its first input)."""
-    return b.residual if b.residual is not None else b.first().x
+    """The residual-stream value a block reads: its residual operand, or (without a residual add) the value its
+    queries come from, or its first input (the keys and values of an attention read the stream of another)."""
+    if b.residual is not None:
+        return b.residual
+    q = b.projections.get("q")
+    if q:
+        return q[0].x
+    return b.core.q if b.core is not None and isinstance(b.core.q, Node) else b.first().x
 
 
 def _common_prefix(stacks: list[list[str]]) -> list[str]:
@@ -230,10 +236,11 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     for members in groups.values():
         members.sort(key=lambda b: flow.order[b.start_node()])
         # a stream fed by images only is visual even where its attention reads another stream (a vision tower's
-        # pooling head: a learned probe, made of weights only, attends to the patch tokens; its stream is judged
-        # by the first block that reads a model input)
-        fed = next((b for b in members if _user_inputs_reaching(flow, _stream_input(b))), members[0])
-        if _is_visual(flow, _stream_input(fed)):
+        # pooling head: a learned probe attends to the patch tokens); a stream that starts from weights only (the
+        # probe) is judged by what it reads: its first block's input
+        fed = next((_stream_input(b) for b in members if _user_inputs_reaching(flow, _stream_input(b))),
+                   members[0].first().x if members[0].all_projections() else _stream_input(members[0]))
+        if _is_visual(flow, fed):
             kind = "visual"
         elif any(b.block == "cross_attn" for b in members):
             kind = "decoder"
@@ -282,29 +289,25 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     for kind, stacks in by_kind.items():
         layer = -1
         numbered: dict[str, int] = {}
-        kinds_in: dict[int, set] = {}  # layer -> block kinds numbered into it
+        last_key: str | None = None  # the layer container of the last block numbered
         for members in stacks:
             current_key, current_kinds = object(), set()
-            # a piece without layer containers that repeats a block kind of the layer so far is a layer of its own
-            # (a vision tower's pooling head after its last layer); else it completes that layer
-            loose = {b.block for b in members if b.layer_path is None and not b.extra.get("off_stream")}
-            if members[0].layer_path is None and loose & kinds_in.get(layer, set()):
-                layer += 1
             for b in members:
                 if b.extra.get("off_stream"):
                     continue
                 key = b.layer_path
                 if key is not None and key in numbered:
-                    b.layer, current_key = numbered[key], key
-                    kinds_in.setdefault(b.layer, set()).add(b.block)
+                    b.layer, current_key, last_key = numbered[key], key, key
                     continue
-                new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
+                # a block outside any layer container right after a container's layer (a vision tower's pooling
+                # head after its layer list) starts a layer of its own, as a repeated block kind does
+                new = key != current_key if key is not None else (
+                    b.block in current_kinds or layer < 0 or last_key is not None)
                 if new:
                     layer += 1
                     current_key, current_kinds = key, set()
                 current_kinds.add(b.block)
-                kinds_in.setdefault(layer, set()).add(b.block)
-                b.layer = layer
+                b.layer, last_key = layer, key
                 if key is not None:
                     numbered[key] = layer
 
