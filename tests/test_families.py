@@ -20,8 +20,6 @@ from vlpet_fx.zoo.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-LATENT_K = ("k of multi-head latent attention is a slice of the latent up-projection concatenated with a shared rotary "
-            "part, which the projection search does not cross yet")
 NORM_TWICE = ("VL-PET's gate has no block input X: the FFN's norm is called on two streams of other lengths, which "
               "input_path_of reads as a module taking activations of another shape")
 
@@ -60,8 +58,10 @@ CASES = {
     # the whole mixture)
     "mixtral": ("causal", "mixtral", {}, {"moe", "batched"}, {}),
     "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated", "shared-expert"}, {}),
-    # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts
-    "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {"roles": LATENT_K}),
+    # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts;
+    # the key is an empty tensor whose two halves are filled in place (the non-rotary slice of the latent
+    # up-projection and the shared rotary part)
+    "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {}),
     # a hybrid: recurrent (linear-time) mixers and softmax attention; the tiny config keeps one layer of each kind
     "recurrent_gemma": ("causal", "recurrent_gemma", {}, {"gated", "hybrid"}, {}),
     # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
@@ -313,3 +313,18 @@ def test_gates_read_the_stream_value_and_back_ends_agree(name):
         reference = _first_float(model(*args, **kwargs))
     assert not torch.allclose(out_e, reference), name
     torch.testing.assert_close(out_g, out_e, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_attention_key_and_value_are_slices_of_the_up_projection():
+    """Multi-head latent attention: per head, the latent up-projection's output is [k without rotary | v]; k's
+    site is the first part of every head's channels, v's the second (widths from the config)."""
+    _, model, table = built("deepseek_v3")
+    cfg = model.config
+    nope, v, heads = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.num_attention_heads
+    for layer in range(cfg.num_hidden_layers):
+        k_site = table.get("decoder", layer, "self_attn", "k")
+        v_site = table.get("decoder", layer, "self_attn", "v")
+        assert k_site.path == v_site.path == f"model.layers.{layer}.self_attn.kv_b_proj"
+        assert k_site.out_slice == (0, nope, nope + v, heads)
+        assert v_site.out_slice == (nope, nope + v, nope + v, heads)
+        assert (k_site.out_features, v_site.out_features) == (nope * heads, v * heads)
