@@ -42,9 +42,11 @@ AUTO = {"seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM", "v
 
 
 def rules_for(table) -> str:
-    """The shipped VL-PET rule set that fits the stacks found: the paper's for encoder-decoders (cross-attention),
-    the causal-LM extension for a language model without cross-attention, VL-Adapter's for anything else."""
-    if len(table.where(block="cross_attn")):
+    """The shipped VL-PET rule set that fits the stacks found: the paper's for encoder-decoders (an encoder and a
+    decoder that cross-attends), the causal-LM extension for any other model with a decoder (a VLM whose vision
+    tower has a pooling head's cross-attention, a byte-level model's patch cross-attention), VL-Adapter's for
+    anything else."""
+    if "encoder" in table.stacks() and len(table.where(stack="decoder", block="cross_attn")):
         return "vlpet_large"
     if "decoder" in table.stacks():
         return "vlpet_causal_lm"

@@ -20,8 +20,6 @@ from vlpet_fx.zoo.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-LATENT_K = ("k of multi-head latent attention is a slice of the latent up-projection concatenated with a shared rotary "
-            "part, which the projection search does not cross yet")
 GLOBAL_LOCAL = ("Pegasus-X's attention module runs a local attention on the token stream and a global one on the "
                 "global tokens and returns both; only the global core is found (the local scores are two products "
                 "concatenated before the softmax) and the eager hook could not tell its output from the token "
@@ -63,8 +61,10 @@ CASES = {
     # the whole mixture)
     "mixtral": ("causal", "mixtral", {}, {"moe", "batched"}, {}),
     "qwen2_moe": ("causal", "qwen2_moe", {}, {"moe", "gated", "shared-expert"}, {}),
-    # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts
-    "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {"roles": LATENT_K}),
+    # multi-head latent attention (q/kv through low-rank latents, decoupled rotary part) with routed + shared experts;
+    # the key is an empty tensor whose two halves are filled in place (the non-rotary slice of the latent
+    # up-projection and the shared rotary part)
+    "deepseek_v3": ("causal", "deepseek_v3", {}, {"gated", "moe", "latent"}, {}),
     # a hybrid: recurrent (linear-time) mixers and softmax attention; the tiny config keeps one layer of each kind
     "recurrent_gemma": ("causal", "recurrent_gemma", {}, {"gated", "hybrid"}, {}),
     # encoder-decoders: relative positions + RMS norm (T5), gated (mT5, UMT5), post-LN (BART), pre-LN (mBART)
@@ -82,7 +82,16 @@ CASES = {
     "longt5": ("seq2seq", "longt5", {}, set(), {}),
     "diffllama": ("causal", "diffllama", {}, {"gated"}, {}),
     "pegasus_x": ("seq2seq", "pegasus_x", {}, set(), {"patch": GLOBAL_LOCAL}),
-    # VLMs (vision tower -> projector -> causal LM) and speech
+    # sandwich norms with one dropout module called after every sub-layer (its output is no one block's output:
+    # the post-norm's is); a fused gate/up read as two halves of a (tokens, 2, d) view (a channel axis, not a loop
+    # over positions); routed experts with a short convolution on the FFN's output (output processing, no mixer)
+    "t5gemma": ("seq2seq", "t5gemma", {}, {"gated", "post-norm"}, {}),
+    "moshi": ("causal", "moshi", {}, {"gated", "fused"}, {}),
+    "inkling_text": ("causal", "inkling_text", {}, {"gated", "moe"}, {}),
+    # VLMs (vision tower -> projector -> causal LM) and speech; Gemma 3 casts the image features with
+    # type_as(vision output), a dtype operand that must not join its text stream to the vision tower's (the
+    # tower's pooling head, which Gemma 3 does not use, is left out here: tests/test_streams_kinds.py covers it)
+    "gemma3": ("vlm", "gemma3", {"vision_config.vision_use_head": False}, {"gated", "post-norm"}, {}),
     "llava": ("vlm", "llava", {}, {"gated"}, {}),
     "paligemma": ("vlm", "paligemma", {}, {"gated"}, {}),
     "whisper": ("speech", "whisper", {}, set(), {}),
@@ -114,6 +123,8 @@ def expected_layers(kind: str, cfg) -> dict[str, int]:
         return {"visual": _count(cfg.vision_config, LAYER_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
     if kind == "audio":  # the audio encoder is an encoder stack, the language model a decoder (no cross-attention)
         return {"encoder": _count(cfg.audio_config, ENC_KEYS), "decoder": _count(cfg.text_config, LAYER_KEYS)}
+    if hasattr(cfg, "encoder") and hasattr(cfg, "decoder"):  # one sub-config per stack (T5Gemma)
+        return {"encoder": _count(cfg.encoder, ENC_KEYS), "decoder": _count(cfg.decoder, DEC_KEYS)}
     return {"encoder": _count(cfg, ENC_KEYS), "decoder": _count(cfg, DEC_KEYS)}
 
 
@@ -147,7 +158,11 @@ def built(name: str):
         kind, model_type, overrides, _traits, _ = CASES[name]
         cfg = tiny_config(model_type)
         for k, v in overrides.items():
-            setattr(cfg, k if k != "attn_implementation" else "_attn_implementation", v)
+            *subs, leaf = k.split(".")
+            target = cfg
+            for sub in subs:  # "vision_config.x": a field of a sub-config
+                target = getattr(target, sub)
+            setattr(target, leaf if leaf != "attn_implementation" else "_attn_implementation", v)
         torch.manual_seed(0)
         model = getattr(transformers, AUTO[kind]).from_config(cfg).eval()
         _BUILT[name] = (kind, model, vlpet_fx.discover(model, name=name))
@@ -303,3 +318,18 @@ def test_gates_read_the_stream_value_and_back_ends_agree(name):
         reference = _first_float(model(*args, **kwargs))
     assert not torch.allclose(out_e, reference), name
     torch.testing.assert_close(out_g, out_e, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_attention_key_and_value_are_slices_of_the_up_projection():
+    """Multi-head latent attention: per head, the latent up-projection's output is [k without rotary | v]; k's
+    site is the first part of every head's channels, v's the second (widths from the config)."""
+    _, model, table = built("deepseek_v3")
+    cfg = model.config
+    nope, v, heads = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.num_attention_heads
+    for layer in range(cfg.num_hidden_layers):
+        k_site = table.get("decoder", layer, "self_attn", "k")
+        v_site = table.get("decoder", layer, "self_attn", "v")
+        assert k_site.path == v_site.path == f"model.layers.{layer}.self_attn.kv_b_proj"
+        assert k_site.out_slice == (0, nope, nope + v, heads)
+        assert v_site.out_slice == (nope, nope + v, nope + v, heads)
+        assert (k_site.out_features, v_site.out_features) == (nope * heads, v * heads)

@@ -171,10 +171,32 @@ class Dataflow:
         self._products: dict[Node, patterns.ProductPattern | None] = {}
         self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
+        self.written = self._written_buffers()
         # ops outside ATen (library custom ops, e.g. a grouped matrix product over experts) that map by a weight
         # of two or more axes: heavy for every walk, as a projection is
         self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
                                   and n not in self.projections and self._weighted(n)}
+
+    # -- buffers filled by in-place writes ----------------------------------------------------
+    def _written_buffers(self) -> dict[Node, list[Node]]:
+        """Fresh tensors (``new_empty``, ``zeros`` ...) whose values come from in-place copies into them or into
+        views of them (multi-head latent attention's key: the non-rotary part and the shared rotary part copied
+        into the two halves of an empty tensor): buffer -> the values copied in, in graph order."""
+        out: dict[Node, list[Node]] = {}
+        for n in self.nodes:
+            if n.op != "call_function" or n.target not in _WRITE or len(n.args) < 2 or not isinstance(n.args[1], Node):
+                continue
+            dst = n.args[0]
+            while isinstance(dst, Node) and dst.op == "call_function" and dst.target in ops.SHAPE and dst.args:
+                dst = dst.args[0]
+            if isinstance(dst, Node) and dst.op == "call_function" and dst.target in _FRESH:
+                out.setdefault(dst, []).append(n.args[1])
+        return out
+
+    def back(self, n: Node) -> list[Node]:
+        """The values ``n`` is computed from: the values copied into it for a buffer filled in place (its operand
+        only gives the shape), else its tensor inputs."""
+        return self.written.get(n) or ops.tensor_inputs(n)
 
     # -- projections -------------------------------------------------------------------------
     def _make_projection(self, node: Node, x: Node, w: Node, pattern: patterns.ProjectionPattern) -> Projection | None:
@@ -283,7 +305,7 @@ class Dataflow:
         """The nearest projection upstream of ``value`` through light ops."""
         if value in self.projections:
             return self.projections[value]
-        hits = walk([value], backward, self._light)
+        hits = walk([value], self.back, self._light)
         for h in hits:
             if h in self.projections:
                 return self.projections[h]
@@ -310,7 +332,7 @@ class Dataflow:
     def joined_into(self, value: Node, core: Core) -> list[Projection]:
         """The projections upstream of ``value`` through light ops and concatenations, when no projection is
         reached through light ops alone (each part of a concatenated key or value is a site)."""
-        hits = walk([value], backward, lambda n: self._light(n) or ops.is_kind(n, ops.CONCAT))
+        hits = walk([value], self.back, lambda n: self._light(n) or ops.is_kind(n, ops.CONCAT))
         found = list(dict.fromkeys(self.projections[h] for h in hits if h in self.projections))
         return self._inside_core_module(core, found)
 
@@ -555,15 +577,30 @@ class Dataflow:
         if br.operand is not None:
             b.extra["stream_x"] = br.stream  # the stream value the parallel branch reads (its block input X)
         # the branch value, or the value a module returned just before it (a scalar multiplier or a cast after
-        # the sub-layer, inside the layer's own forward, is not a module's output)
+        # the sub-layer, inside the layer's own forward, is not a module's output; nor is a copy made by a module
+        # the layer calls on several sub-layers' outputs, e.g. one dropout module after both the attention and
+        # the FFN: one site there would stand for every sub-layer)
         add_scope = set(self.cap.module_stack(br.add))
         out = br.value
-        while not (set(self.cap.module_stack(out)) - add_scope) and out.op == "call_function":
+        while out.op == "call_function":
+            own = [p for p in self.cap.module_stack(out) if p not in add_scope]
+            if own and not (out.target in _PASS_THROUGH and self.calls_of(own[0]) > 1):
+                break
             ins = [i for i in ops.tensor_inputs(out) if i in br.region]
             if len(ins) != 1 or len([i for i in ops.tensor_inputs(out) if ops.shape(i) and len(ops.shape(i)) >= 2]) != 1:
                 break
             out = ins[0]
         b.output = out
+
+    def calls_of(self, path: str) -> int:
+        """How many times the module at ``path`` is called in the captured graph (its distinct call keys)."""
+        if not hasattr(self, "_calls"):
+            calls: dict[str, set] = {}
+            for n in self.nodes:
+                for key, (p, _t) in (n.meta.get("nn_module_stack") or {}).items():
+                    calls.setdefault(p, set()).add(key)
+            self._calls = {p: len(keys) for p, keys in calls.items()}
+        return self._calls.get(path, 0)
 
     def _projection_into_region(self, br: Branch) -> Projection | None:
         """The projection the branch value comes from through light ops on float values inside the branch (a
@@ -653,7 +690,7 @@ class Dataflow:
         if value in closure:
             found = [closure[value]]
         else:
-            hits = walk([value], backward, lambda n: not ops.is_heavy(n) and n not in closure)
+            hits = walk([value], self.back, lambda n: not ops.is_heavy(n) and n not in closure)
             found = [closure[h] for h in hits if h in closure]
         tensors = [t for t in found if isinstance(t, torch.Tensor)]
         if not tensors or len(tensors) != len(found):
@@ -806,6 +843,9 @@ _PASS_THROUGH = ops._overloads(ops.aten.to, ops.aten._to_copy, ops.aten.type_as,
 
 
 _GATHER = ops._overloads(ops.aten.index, ops.aten.index_select)
+_WRITE = ops._overloads(ops.aten.copy_)
+_FRESH = ops._overloads(ops.aten.new_empty, ops.aten.new_zeros, ops.aten.empty_like, ops.aten.zeros_like,
+                        ops.aten.empty, ops.aten.zeros)
 
 
 def _replay(n: Node, prev: Node, cur, constant=lambda node: None):

@@ -105,6 +105,26 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+# ops that read some tensor operands only for their dtype, device or shape (``a.type_as(b)``, ``a.to(b)``,
+# ``zeros_like(b)``): no value flows from those operands
+_META_SECOND = _overloads(aten.type_as, aten.expand_as, aten.view_as, aten.reshape_as, aten.to)
+_META_ALL = _overloads(aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like,
+                       aten.randn_like, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)
+
+
+def value_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """:func:`tensor_inputs` whose values ``node`` reads (without the operands read for their dtype, device or
+    shape only)."""
+    ins = tensor_inputs(node)
+    if node.op != "call_function":
+        return ins
+    if node.target in _META_ALL:
+        return []
+    if node.target in _META_SECOND and len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node):
+        return [n for n in ins if n is not node.args[1] or n is node.args[0]]
+    return ins
+
+
 def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):

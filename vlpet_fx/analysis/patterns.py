@@ -428,17 +428,66 @@ def _is_activation_value(flow: "Dataflow", branch: "Branch", node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and flow.weight_of(node) is None
 
 
+def _splits_channels(flow: "Dataflow", value: Node, axis: int) -> bool:
+    """Whether ``value``'s ``axis`` holds different output channels of the projection it comes from (a view of
+    ``(tokens, 2 * d)`` as ``(tokens, 2, d)`` whose halves are read one by one: a fused gate and up), found by
+    replaying the shape ops on channel indices; a token axis holds the same channels at every index."""
+    p = flow.projection_into(value)
+    chans = flow._index_closure(p.node).get(value) if p is not None else None
+    if not isinstance(chans, torch.Tensor) or chans.dim() <= axis or chans.shape[axis] < 2:
+        return False
+    return bool((chans != chans.narrow(axis, 0, 1)).any())
+
+
+def _after_the_sublayer(flow: "Dataflow", branch: "Branch", n: Node) -> bool:
+    """Whether ``n`` works on the branch's finished output: no weighted op of the branch reads its result, and a
+    projection back to the stream's width (the branch value's) comes before it."""
+    out = ops.shape(branch.value)
+    if not out:
+        return False
+    seen: set[Node] = set()
+    todo = list(n.users)
+    while todo:
+        u = todo.pop()
+        if u in seen or u not in branch.region:
+            continue
+        seen.add(u)
+        if u in flow.projections or u in flow.opaque:
+            return False
+        todo.extend(u.users)
+    seen, todo = set(), list(n.all_input_nodes)
+    while todo:
+        u = todo.pop()
+        if u in seen or u not in branch.region:
+            continue
+        seen.add(u)
+        p = flow.projections.get(u)
+        if p is not None and p.out_features == out[-1]:
+            return True
+        todo.extend(u.all_input_nodes)
+    return False
+
+
 @dataclass
 class TokenMixingBranch(BranchPattern):
     """A branch that combines different token positions: a convolution whose kernel spans more than one position
     (Mamba's causal conv, LFM's short conv), a product of two activations that is not a projection (linear
     attention, the state updates of an SSM or a recurrence), a cumulative sum/product over activations (chunked
     scans) or a loop over the positions (an activation of three or more axes read one position at a time along
-    an inner axis: RWKV's recurrence, an unrolled scan). Its kind is ``mixer``."""
+    an inner axis: RWKV's recurrence, an unrolled scan). Its kind is ``mixer``.
+
+    Token mixing applied to a sub-layer's finished output (no weight reads it and a projection back to the
+    stream's width comes before it: Inkling's short convolution after its FFN) post-processes that output, as a
+    norm would: it does not make the sub-layer a mixer."""
 
     name: str = "token-mixing"
 
     def classify(self, branch, flow):
+        return "mixer" if any(not _after_the_sublayer(flow, branch, n) for n in self._mixing(branch, flow)) else None
+
+    @staticmethod
+    def _mixing(branch, flow):
+        """The ops of the branch that combine token positions (see the class)."""
         positions: dict[tuple, set] = {}  # (activation, axis) -> indices selected (a loop over the tokens)
         for n in branch.region:
             if ops.is_kind(n, ops.SELECT) and len(n.args) >= 3 and _is_activation_value(flow, branch, n.args[0]):
@@ -447,23 +496,22 @@ class TokenMixingBranch(BranchPattern):
                         0, len(xs) - 1) and isinstance(n.args[2], int):
                     seen = positions.setdefault((n.args[0], n.args[1] % len(xs)), set())
                     seen.add(n.args[2])
-                    if len(seen) >= 2:
-                        return "mixer"
+                    if len(seen) >= 2 and not _splits_channels(flow, n.args[0], n.args[1] % len(xs)):
+                        yield n
             if n.op != "call_function":
                 continue
             if ops.is_kind(n, ops.CONV) and len(n.args) > 1 and isinstance(n.args[1], Node):
                 w = ops.shape(n.args[1])
                 if w is not None and len(w) >= 3 and max(w[2:]) > 1 and _is_activation_value(flow, branch, n.args[0]):
-                    return "mixer"
+                    yield n
             elif n not in flow.projections and flow.product(n) is not None:
                 fs = flow.product(n).factors(n)
                 if fs and all(_is_activation_value(flow, branch, f) for f in fs):
-                    return "mixer"
+                    yield n
             elif ops.is_kind(n, ops.CUMULATIVE) and n.args and _is_activation_value(flow, branch, n.args[0]):
                 xs = ops.shape(n.args[0])
                 if xs is not None and len(xs) >= 3:
-                    return "mixer"
-        return None
+                    yield n
 
 
 @dataclass

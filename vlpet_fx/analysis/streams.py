@@ -3,8 +3,9 @@
 * Two blocks are consecutive in a stack when the residual operand of the later one reaches the residual
   add of the earlier one through light ops only (no projection, matmul, attention or concatenation).
 * An attention block is *cross* attention when its keys come from a different stream than its queries.
-* A stack with cross attention is a decoder; a stack fed only by image inputs is visual (float inputs, no
-  token ids, and either a 4-D input or a convolution with a 2-D/3-D kernel on the way); a stack whose
+* A stack fed only by image inputs is visual (float inputs, no token ids, and either a 4-D input or a
+  convolution with a 2-D/3-D kernel on the way), even with cross attention (a pooling head's learned probe
+  attending to the patches); otherwise a stack with cross attention is a decoder; a stack whose
   self-attention is causal (its mask compares query positions with key positions, or SDPA's ``is_causal``)
   is a decoder (a causal LM, the language model of a VLM); others encode.
 * Blocks are grouped into layers by the module that holds them as an element of a homogeneous
@@ -21,9 +22,12 @@ from .dataflow import Block, Dataflow, Node, backward, forward, walk
 
 
 def _frontier(flow: Dataflow, start: Node, barriers: set[Node]) -> frozenset[Node]:
+    """The heavy ops and residual adds ``start`` is computed from through light ops (operands read only for their
+    dtype or shape, such as ``type_as``'s second, carry no value: image features cast like the vision tower's
+    output do not join the text stream to the vision tower's)."""
     if start in barriers:
         return frozenset([start])
-    return frozenset(walk([start], backward, lambda n: not ops.is_heavy(n) and n not in barriers))
+    return frozenset(walk([start], ops.value_inputs, lambda n: not ops.is_heavy(n) and n not in barriers))
 
 
 def _user_inputs_reaching(flow: Dataflow, node: Node) -> list[Node]:
@@ -155,8 +159,14 @@ def _stream_key(flow: Dataflow, node: Node, barriers: set[Node]) -> tuple:
 
 
 def _stream_input(b: Block) -> Node:
-    """The residual-stream value a block reads (its residual operand, or its first input)."""
-    return b.residual if b.residual is not None else b.first().x
+    """The residual-stream value a block reads: its residual operand, or (without a residual add) the value its
+    queries come from, or its first input (the keys and values of an attention read the stream of another)."""
+    if b.residual is not None:
+        return b.residual
+    q = b.projections.get("q")
+    if q:
+        return q[0].x
+    return b.core.q if b.core is not None and isinstance(b.core.q, Node) else b.first().x
 
 
 def _common_prefix(stacks: list[list[str]]) -> list[str]:
@@ -225,10 +235,15 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
         groups.setdefault(find(i), []).append(b)
     for members in groups.values():
         members.sort(key=lambda b: flow.order[b.start_node()])
-        if any(b.block == "cross_attn" for b in members):
-            kind = "decoder"
-        elif _is_visual(flow, _stream_input(members[0])):
+        # a stream fed by images only is visual even where its attention reads another stream (a vision tower's
+        # pooling head: a learned probe attends to the patch tokens); a stream that starts from weights only (the
+        # probe) is judged by what it reads: its first block's input
+        fed = next((_stream_input(b) for b in members if _user_inputs_reaching(flow, _stream_input(b))),
+                   members[0].first().x if members[0].all_projections() else _stream_input(members[0]))
+        if _is_visual(flow, fed):
             kind = "visual"
+        elif any(b.block == "cross_attn" for b in members):
+            kind = "decoder"
         elif any(b.extra.get("causal") for b in members if b.block == "self_attn"):
             kind = "decoder"
         else:
@@ -274,6 +289,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     for kind, stacks in by_kind.items():
         layer = -1
         numbered: dict[str, int] = {}
+        last_key: str | None = None  # the layer container of the last block numbered
         for members in stacks:
             current_key, current_kinds = object(), set()
             for b in members:
@@ -281,14 +297,17 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
                     continue
                 key = b.layer_path
                 if key is not None and key in numbered:
-                    b.layer, current_key = numbered[key], key
+                    b.layer, current_key, last_key = numbered[key], key, key
                     continue
-                new = key != current_key if key is not None else (b.block in current_kinds or layer < 0)
+                # a block outside any layer container right after a container's layer (a vision tower's pooling
+                # head after its layer list) starts a layer of its own, as a repeated block kind does
+                new = key != current_key if key is not None else (
+                    b.block in current_kinds or layer < 0 or last_key is not None)
                 if new:
                     layer += 1
                     current_key, current_kinds = key, set()
                 current_kinds.add(b.block)
-                b.layer = layer
+                b.layer, last_key = layer, key
                 if key is not None:
                     numbered[key] = layer
 
