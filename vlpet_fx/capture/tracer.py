@@ -204,6 +204,49 @@ def _draft(model: nn.Module, args: tuple, kwargs: dict):
     return exported, tuple(dict.fromkeys(found))
 
 
+MAX_OPAQUE_ROUNDS = 6  # captures tried, each keeping more modules opaque, before giving up
+
+
+def _opaque_choice(model: nn.Module, where: str, chosen: set[str]) -> set[str]:
+    """The modules to keep opaque after a data-dependent failure in ``where``: every module of its class (they run
+    the same code), or its parent's class when ``where`` is already opaque or inside one that is."""
+    path = where
+    while path and (path in chosen or any(path.startswith(c + ".") for c in chosen)):
+        path = path.rpartition(".")[0]
+    if not path:
+        return set()
+    kind = type(model.get_submodule(path))
+    return {p for p, m in model.named_modules() if p and type(m) is kind}
+
+
+def _with_opaque(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException, where: str):
+    """Capture again with the module that failed on a data-dependent value (and every module of its class) kept
+    as one opaque call each (:mod:`vlpet_fx.capture.opaque`), repeating for the next such failure.
+
+    Returns ``(exported, paths)`` or None when that does not give a graph (the first failure is then reported)."""
+    from .opaque import opaque_modules
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    chosen: set[str] = set()
+    for _ in range(MAX_OPAQUE_ROUNDS):
+        more = _opaque_choice(model, where, chosen)
+        if not more or more <= chosen:
+            return None
+        chosen |= more
+        # an opaque module inside another one is never called under export: keep the outermost only
+        paths = sorted(p for p in chosen if not any(p.startswith(c + ".") for c in chosen))
+        try:
+            with _module_tracker(model) as stack, _no_op_conversions(), \
+                    contextlib.redirect_stderr(io.StringIO()), opaque_modules(model, paths, args, kwargs):
+                return torch.export.export(model, args, kwargs, strict=False), tuple(paths)
+        except Exception as again:  # noqa: BLE001 -- the first failure is the one reported
+            if not data_dependent(again) or not stack:
+                return None
+            where = stack[-1]
+    return None
+
+
 def fix_for(exc: BaseException) -> str:
     """The fix that fits a capture failure, decided from the exception (and its causes), not guessed."""
     chain = _chain(exc)
@@ -268,6 +311,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
     with _capture_mode(model, train):
         tracker_stack: list[str] = []
         specialised: tuple[str, ...] = ()
+        opaque: tuple[str, ...] = ()
         try:
             with _module_tracker(model) as tracker_stack, _no_op_conversions():
                 # on failure torch.export prints the partial graph to stderr; the CaptureError says it in one line
@@ -286,18 +330,27 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     "that its forward accepts (or register a builder with vlpet_fx.register_example_inputs)"
                 ) from exc
             drafted = _draft(model, args, kwargs) if data_dependent(exc) else None
-            if drafted is None:
+            kept = _with_opaque(model, args, kwargs, exc, where) if drafted is None and data_dependent(exc) else None
+            if drafted is None and kept is None:
                 at = user_line(exc)
                 raise CaptureError(
                     f"cannot capture {type(model).__name__}: torch.export failed in {where_txt}: "
                     f"{type(exc).__name__}: {_first_line(exc)}{f' at {at}' if at else ''} -- fix: {fix_for(exc)}"
                 ) from exc
-            exported, specialised = drafted
-            first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
-            specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
-            warnings.warn(
-                f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
-                f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
+            if kept is not None:
+                exported, opaque = kept
+                at = user_line(exc)
+                warnings.warn(
+                    f"captured {type(model).__name__} with {len(opaque)} module(s) of a data-dependent forward kept "
+                    f"as one opaque call each ({', '.join(sorted({type(model.get_submodule(p)).__name__ for p in opaque}))}"
+                    f"{f'; {at}' if at else ''}): no sites inside them", stacklevel=2)
+            else:
+                exported, specialised = drafted
+                first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
+                specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
+                warnings.warn(
+                    f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
+                    f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
 
     sig = exported.graph_signature
     return Captured(
@@ -309,4 +362,5 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
         exported=exported,
         example_inputs=(args, kwargs),
         specialised=specialised,
+        opaque=opaque,
     )
