@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -44,6 +45,15 @@ class _Meta:
 
 def _meta(t: torch.Tensor) -> _Meta:
     return _Meta(tuple(int(s) for s in t.shape), t.dtype, t.device)
+
+
+def _same_inputs(tensors: list[torch.Tensor], metas: tuple[_Meta, ...]) -> bool:
+    """The tensors seen under torch.export match the recorded call (a size computed from data, which has no
+    integer value while tracing, is not compared)."""
+    return len(tensors) == len(metas) and all(
+        t.dtype == m.dtype and t.dim() == len(m.shape)
+        and all(not isinstance(s, int) or s == w for s, w in zip(t.shape, m.shape))
+        for t, m in zip(tensors, metas))
 
 
 @dataclass
@@ -81,6 +91,7 @@ class _Slot:
 
 
 _SLOTS: dict[int, _Slot] = {}
+_REAL = threading.local()  # inside _run: a module kept opaque runs its own forward
 _NEXT = itertools.count()
 
 
@@ -111,7 +122,11 @@ def _run(slot: int, tensors: list[torch.Tensor], state: list[torch.Tensor]) -> l
         raise CaptureError("an opaque call of a captured graph refers to a module that no longer exists: "
                            "capture the model again in this process")
     args, kwargs = entry.inputs.join(tensors)
-    out = torch.func.functional_call(module, dict(zip(entry.state_names, state)), tuple(args), kwargs)
+    was, _REAL.active = getattr(_REAL, "active", False), True
+    try:  # the module's own forward, also while opaque_modules is active (draft_export runs the op for real)
+        out = torch.func.functional_call(module, dict(zip(entry.state_names, state)), tuple(args), kwargs)
+    finally:
+        _REAL.active = was
     layout, outs = _Layout.split(out)
     if layout.spec != entry.outputs.spec or not _same_constants(layout.constants, entry.outputs.constants) or \
             tuple(_meta(t) for t in outs) != entry.out_meta:
@@ -119,15 +134,14 @@ def _run(slot: int, tensors: list[torch.Tensor], state: list[torch.Tensor]) -> l
             f"module '{entry.path}' (kept as one opaque call in the captured graph) returned "
             f"{[tuple(t.shape) for t in outs]} where the capture recorded {[m.shape for m in entry.out_meta]}: "
             "its output shapes depend on the values of its inputs; use the eager back end for this model")
-    storages = {t.untyped_storage().data_ptr() for t in (*tensors, *state) if t.numel()}
-    # a custom op returns new tensors, never its inputs or views of them
-    return [t.clone() if t.numel() and t.untyped_storage().data_ptr() in storages else t for t in outs]
+    return outs
 
 
 @torch.library.custom_op("vlpet_fx::opaque", mutates_args=())
 def opaque(slot: int, tensors: list[torch.Tensor], state: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run the module of ``slot`` on ``tensors`` with ``state`` as its parameters and buffers."""
-    return [t.detach() for t in _run(slot, tensors, state)]
+    # a custom op returns new tensors, never its inputs, views of them or one tensor twice
+    return [t.clone() for t in _run(slot, tensors, state)]
 
 
 @opaque.register_fake
@@ -201,13 +215,17 @@ def opaque_modules(model: nn.Module, paths: list[str], args: tuple, kwargs: dict
 
     def make(path: str, mod: nn.Module, original):
         def forward(*a, **kw):
-            k = seen[id(mod)]
-            seen[id(mod)] = k + 1
-            if k >= len(calls[id(mod)]):
-                raise CaptureError(f"module '{path}' is called more often under torch.export than eagerly")
+            if getattr(_REAL, "active", False):
+                return original(*a, **kw)
+            if not calls[id(mod)]:
+                raise CaptureError(f"module '{path}' is called under torch.export but not eagerly")
+            # the k-th call of a trace is the k-th call of the eager run (a tracer may run the forward again:
+            # draft_export does, so the count goes round)
+            k = seen[id(mod)] % len(calls[id(mod)])
+            seen[id(mod)] += 1
             in_meta, out_layout, out_meta = calls[id(mod)][k]
             layout, tensors = _Layout.split((a, kw))
-            if tuple(_meta(t) for t in tensors) != in_meta:
+            if not _same_inputs(tensors, in_meta):
                 raise CaptureError(f"module '{path}' is called with other shapes under torch.export than eagerly")
             names, state = _state(mod)
             slot = next(_NEXT)

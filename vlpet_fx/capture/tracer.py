@@ -221,9 +221,11 @@ def _opaque_choice(model: nn.Module, where: str, chosen: set[str]) -> set[str]:
 
 def _with_opaque(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException, where: str):
     """Capture again with the module that failed on a data-dependent value (and every module of its class) kept
-    as one opaque call each (:mod:`vlpet_fx.capture.opaque`), repeating for the next such failure.
+    as one opaque call each (:mod:`vlpet_fx.capture.opaque`); if the forward outside them still fails on a
+    data-dependent value, try ``draft_export`` around the same opaque calls, then keep the next module opaque.
 
-    Returns ``(exported, paths)`` or None when that does not give a graph (the first failure is then reported)."""
+    Returns ``(exported, paths, specialised)`` or None when that does not give a graph (the first failure is then
+    reported)."""
     from .opaque import opaque_modules
 
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
@@ -235,15 +237,23 @@ def _with_opaque(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException
             return None
         chosen |= more
         # an opaque module inside another one is never called under export: keep the outermost only
-        paths = sorted(p for p in chosen if not any(p.startswith(c + ".") for c in chosen))
+        paths = tuple(sorted(p for p in chosen if not any(p.startswith(c + ".") for c in chosen)))
         try:
             with _module_tracker(model) as stack, _no_op_conversions(), \
-                    contextlib.redirect_stderr(io.StringIO()), opaque_modules(model, paths, args, kwargs):
-                return torch.export.export(model, args, kwargs, strict=False), tuple(paths)
+                    contextlib.redirect_stderr(io.StringIO()), opaque_modules(model, list(paths), args, kwargs):
+                return torch.export.export(model, args, kwargs, strict=False), paths, ()
         except Exception as again:  # noqa: BLE001 -- the first failure is the one reported
             if not data_dependent(again) or not stack:
                 return None
             where = stack[-1]
+        try:
+            with opaque_modules(model, list(paths), args, kwargs):
+                drafted = _draft(model, args, kwargs)
+        except Exception:  # noqa: BLE001 -- as above
+            drafted = None
+        if drafted is not None:
+            first = user_line(again)
+            return drafted[0], paths, tuple(dict.fromkeys(x for x in (first, *drafted[1]) if x))
     return None
 
 
@@ -338,12 +348,14 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     f"{type(exc).__name__}: {_first_line(exc)}{f' at {at}' if at else ''} -- fix: {fix_for(exc)}"
                 ) from exc
             if kept is not None:
-                exported, opaque = kept
+                exported, opaque, specialised = kept
                 at = user_line(exc)
+                kinds = ", ".join(sorted({type(model.get_submodule(p)).__name__ for p in opaque}))
                 warnings.warn(
                     f"captured {type(model).__name__} with {len(opaque)} module(s) of a data-dependent forward kept "
-                    f"as one opaque call each ({', '.join(sorted({type(model.get_submodule(p)).__name__ for p in opaque}))}"
-                    f"{f'; {at}' if at else ''}): no sites inside them", stacklevel=2)
+                    f"as one opaque call each ({kinds}{f'; {at}' if at else ''}): no sites inside them"
+                    + (f"; other data-dependent branches fixed by the example inputs ({'; '.join(specialised[:2])}), "
+                       "checked when the graph runs" if specialised else ""), stacklevel=2)
             else:
                 exported, specialised = drafted
                 first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
