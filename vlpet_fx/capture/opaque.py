@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import threading
 import weakref
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ class _Slot:
 
 _SLOTS: dict[int, _Slot] = {}
 _REAL = threading.local()  # inside _run: a module kept opaque runs its own forward
-_NEXT = itertools.count()
+# slots start at a random number: a graph saved and loaded in another process names no module of that process
+_NEXT = itertools.count(random.SystemRandom().randrange(1 << 40) << 16)
 
 
 def _forget(slots: list[int]) -> None:
