@@ -255,3 +255,78 @@ def test_switch_transformers_experts_are_kept_opaque():
     _, args, kwargs = build_example_inputs(model)
     with torch.no_grad():
         torch.testing.assert_close(cap.exported.module()(*args, **kwargs)["logits"], model(*args, **kwargs).logits)
+
+
+class Positions(nn.Module):
+    """Computes position ids from token *values* in Python (they restart after every token 0), which torch.export
+    cannot trace, unless the caller gives them; ``scale_given`` makes given ids mean something else."""
+
+    def __init__(self, scale_given=1):
+        super().__init__()
+        self.scale_given = scale_given
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(8, D)
+        self.body = Body()
+
+    def forward(self, ids, position_ids=None):
+        if position_ids is None:
+            rows = []
+            for row in ids.tolist():
+                p, out = 0, []
+                for t in row:
+                    out.append(p)
+                    p = 0 if t == 0 else p + 1
+                rows.append(out)
+            position_ids = torch.tensor(rows)
+        else:
+            position_ids = position_ids * self.scale_given
+        return self.body(self.embed(ids), position_ids=position_ids)
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(16, D)
+        self.n1 = nn.LayerNorm(D)
+        self.attn = Attention(D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, x, position_ids):
+        x = x + self.pos(position_ids)
+        return self.head(x + self.attn(self.n1(x)))
+
+
+class PositionsLM(nn.Module):
+    def __init__(self, scale_given=1):
+        super().__init__()
+        self.inner = Positions(scale_given)
+
+    def forward(self, ids, position_ids=None):
+        return self.inner(ids, position_ids=position_ids)
+
+
+POS_IDS = torch.tensor([[3, 0, 5, 6, 0, 7, 8], [1, 2, 0, 4, 4, 0, 9]])
+EXPECTED_POSITIONS = torch.tensor([[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 0, 1, 2, 0]])
+
+
+def test_index_inputs_computed_from_values_are_passed_in():
+    torch.manual_seed(0)
+    model = PositionsLM().eval()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cap = vlpet_fx.capture(model, (POS_IDS,))
+    assert cap.opaque == ()
+    args, kwargs = cap.example_inputs
+    assert torch.equal(kwargs["position_ids"], EXPECTED_POSITIONS)
+    assert any("position_ids it computes from tensor values given as inputs" in str(w.message) for w in seen)
+    with torch.no_grad():
+        torch.testing.assert_close(cap.exported.module()(POS_IDS, position_ids=EXPECTED_POSITIONS), model(POS_IDS))
+    table = vlpet_fx.discover(model, captured=cap)
+    assert {s.role for s in table.where(block="self_attn")} >= {"q", "k", "v", "o"}
+
+
+def test_index_inputs_that_change_the_outputs_are_not_passed_in():
+    torch.manual_seed(0)
+    model = PositionsLM(scale_given=2).eval()  # given ids are doubled: the recorded ones would change the output
+    with pytest.raises(CaptureError, match="torch.export failed in module 'inner'"):
+        vlpet_fx.capture(model, (POS_IDS,))
