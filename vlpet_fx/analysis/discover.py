@@ -181,6 +181,19 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
     x = block_input(b)
     if cap is None or x is None or b.layer_path is None:
         return None
+    found = _receiver(cap, x, b.layer_path)
+    # the layer container named by the tie-break can be a list of sub-layers inside the real layer (LongCat-Flash:
+    # `self_attn = ModuleList([attn, attn])` in each decoder layer) while X enters in the layer around it: then
+    # look in the module that makes the block's residual add, when it holds that container
+    outer = cap.module_path(b.residual_add) if found is None and b.residual_add is not None else None
+    if outer is not None and b.layer_path.startswith(outer + "."):
+        found = _receiver(cap, x, outer)
+    return found
+
+
+def _receiver(cap: Captured, x, layer_path: str) -> str | None:
+    """The outermost module inside ``layer_path`` that consumes ``x`` (first input, of X's shape) but did not
+    produce it (see :func:`input_path_of`)."""
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
     # to the op that really made X, and consider the users of every alias
     chain = [x]
@@ -191,7 +204,7 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
     best: str | None = None
     for user in [u for n in chain for u in n.users if u not in chain]:
         for path in cap.module_stack(user):
-            if path in made_in or not (path == b.layer_path or path.startswith(b.layer_path + ".")):
+            if path in made_in or not (path == layer_path or path.startswith(layer_path + ".")):
                 continue
             # the module's first input must be X: skip a module that also takes activations of another shape
             # (BERT's output sub-module takes the FFN's hidden state first and X second)
