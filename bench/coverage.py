@@ -288,14 +288,11 @@ def summarise(records: list[dict]) -> dict:
     return by
 
 
-# families torch.export cannot capture, with the reason (written under the table of docs/COVERAGE.md)
-UNSUPPORTED = {
-    "switch_transformers": "its experts loop over the experts the router picked (`for expert_idx in expert_hit`): "
-                           "torch.export cannot unroll a loop whose length is data, and draft_export fails there too",
-    "longcat_flash": "the same per-expert loop over the experts hit (`for expert_idx_tensor in expert_hit` + .item())",
-    "qwen2_vl": "its vision attention splits q/k/v per image by lengths read from a tensor "
-                "(`torch.split(..., lengths.tolist())`, from image_grid_thw): a data-dependent size",
-}
+# families torch.export cannot capture, with the reason (written under the table of docs/COVERAGE.md). None now:
+# switch_transformers and longcat_flash (per-expert loops over the experts hit) and qwen2_vl (a split by lengths read
+# from a tensor; rope positions from a groupby on token types) capture with those modules kept opaque and the
+# position ids passed in (docs/CAUSAL_LM.md, "Capture failures")
+UNSUPPORTED: dict[str, str] = {}
 
 # failure classes, by what the one-line reason says (first match wins)
 CAUSES = [
@@ -363,9 +360,12 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
                 why += f" (inspect DIR: {r['inspect_dir']})"
         lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
                      f"{roles} | {r.get('norms', '')} | {why} |")
-    lines += ["", "Notes: families torch.export cannot capture (the capture error names the line and the fix; a branch "
-              "on data alone is captured with the example inputs' branch, asserted at run time):", ""]
-    lines += [f"- `{t}`: {why}" for t, why in UNSUPPORTED.items()]
+    if UNSUPPORTED:
+        lines += ["", "Notes: families torch.export cannot capture (the capture error names the line and the fix; a "
+                  "branch on data alone is captured with the example inputs' branch, asserted at run time):", ""]
+        lines += [f"- `{t}`: {why}" for t, why in UNSUPPORTED.items()]
+    lines += ["", "A module whose forward loops or sizes tensors by tensor values (and that draft_export cannot "
+              "specialise) is kept as one opaque call in the graph, with no sites inside it (docs/CAUSAL_LM.md)."]
     path.write_text("\n".join(lines) + "\n")
 
 

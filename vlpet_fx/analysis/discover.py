@@ -195,6 +195,19 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
     scope = _block_scope(b)
     if cap is None or x is None or scope is None:
         return None
+    found = _receiver(cap, x, scope)
+    # the layer container named by the tie-break can be a list of sub-layers inside the real layer (LongCat-Flash:
+    # `self_attn = ModuleList([attn, attn])` in each decoder layer) while X enters in the layer around it: then
+    # look in the module that makes the block's residual add, when it holds that container
+    outer = cap.module_path(b.residual_add) if found is None and b.residual_add is not None else None
+    if outer is not None and scope.startswith(outer + "."):
+        found = _receiver(cap, x, outer)
+    return found
+
+
+def _receiver(cap: Captured, x, scope: str) -> str | None:
+    """The outermost module inside ``scope`` that consumes ``x`` (first input, of X's shape) but did not
+    produce it (see :func:`input_path_of`)."""
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
     # to the op that really made X, and consider the users of every alias (also of copies made from X: a
     # clone read by the sub-layer)

@@ -13,6 +13,8 @@ import operator
 import torch
 import torch.fx
 
+from ..capture import opaque as _opaque  # noqa: F401 -- registers torch.ops.vlpet_fx.opaque
+
 aten = torch.ops.aten
 
 
@@ -70,7 +72,8 @@ SHAPE = _overloads(
 ) | frozenset({operator.getitem})
 
 GROUPED_MM = _overloads(_maybe("_grouped_mm"))  # one matrix per group of rows (mixture-of-experts kernels)
-HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT | GROUPED_MM
+OPAQUE = _overloads(torch.ops.vlpet_fx.opaque)  # a module kept as one call (capture/opaque.py): nothing to see inside
+HEAVY = LINEAR | MATMUL | SDPA | SOFTMAX | CONV | EMBEDDING | CONCAT | GROUPED_MM | OPAQUE
 _EXTRA_HEAVY: set = set()  # ops of user-registered patterns (vlpet_fx.analysis.patterns.register_pattern)
 
 

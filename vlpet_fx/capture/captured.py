@@ -27,6 +27,9 @@ class Captured:
     # where the forward branched or looped on tensor values: the graph follows the example inputs' path there and
     # asserts it at run time (capture fell back to torch.export.draft_export); empty for an ordinary capture
     specialised: tuple[str, ...] = ()
+    # modules kept as one opaque call each (their forward depends on tensor values in a way torch.export cannot
+    # trace, see capture/opaque.py): the graph runs their real forward, the analysis finds no site inside them
+    opaque: tuple[str, ...] = ()
     _order: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property

@@ -228,6 +228,129 @@ def _draft(model: nn.Module, args: tuple, kwargs: dict):
     return exported, tuple(dict.fromkeys(found))
 
 
+MAX_OPAQUE_ROUNDS = 6  # captures tried, each keeping more modules opaque, before giving up
+
+
+def _opaque_choice(model: nn.Module, where: str, chosen: set[str]) -> set[str]:
+    """The modules to keep opaque after a data-dependent failure in ``where``: every module of its class (they run
+    the same code), or its parent's class when ``where`` is already opaque or inside one that is."""
+    path = where
+    while path and (path in chosen or any(path.startswith(c + ".") for c in chosen)):
+        path = path.rpartition(".")[0]
+    if not path:
+        return set()
+    kind = type(model.get_submodule(path))
+    return {p for p, m in model.named_modules() if p and type(m) is kind}
+
+
+def _computed_indices(model: nn.Module, where: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Integer tensors (positions, indices) that module ``where`` computes from tensor values and hands to a
+    sub-module under the name of one of the model's own keyword arguments, which the example inputs leave out
+    (Qwen2-VL computes its 3-D rope position ids from the token types that way): their values from one eager run,
+    each kept only if passing it to the model leaves the outputs bit for bit the same.
+
+    Passed as inputs, they make that computation (not traceable: a ``groupby`` on values) unnecessary; integer
+    tensors only, so no activation, and no site, leaves the graph."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and kwargs.get(n) is None and n not in list(params)[:len(args)]}
+    outer = model.get_submodule(where)
+    seen: dict[str, torch.Tensor] = {}
+    here: dict[str, Any] = {}
+
+    def pre(mod, _a, kw):
+        if mod is outer:
+            here.update(kw)
+            return
+        for n in names:
+            t = kw.get(n)
+            if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()) and n not in seen:
+                seen[n] = t.detach().clone()
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in outer.modules()]
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            reference = model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 -- then there is nothing to take from the run
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    found = {}
+    for n, t in seen.items():
+        if here.get(n) is not None:  # the module was given it: computed by a caller, not from values here
+            continue
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                again = model(*args, **{**kwargs, n: t})
+        except Exception:  # noqa: BLE001 -- the model does not take it that way
+            continue
+        if _same_outputs(reference, again):
+            found[n] = t
+    return found
+
+
+def _same_outputs(a, b) -> bool:
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else
+               not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) for x, y in zip(la, lb))
+
+
+def _with_opaque(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException, where: str):
+    """Capture again with the module that failed on a data-dependent value (and every module of its class) kept
+    as one opaque call each (:mod:`vlpet_fx.capture.opaque`); if the forward outside them still fails on a
+    data-dependent value, try ``draft_export`` around the same opaque calls, then (integer tensors that module
+    computes from values and the model takes as inputs: :func:`_computed_indices`) pass those in, else keep the
+    next module opaque.
+
+    Returns ``(exported, paths, specialised, kwargs)`` or None when that does not give a graph (the first failure
+    is then reported); ``kwargs`` are the example's keyword inputs with any index tensors passed in."""
+    from .opaque import opaque_modules
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    chosen: set[str] = set()
+    for _ in range(MAX_OPAQUE_ROUNDS):
+        given = _computed_indices(model, where, args, kwargs)
+        if given:
+            kwargs = {**kwargs, **given}
+        else:
+            more = _opaque_choice(model, where, chosen)
+            if not more or more <= chosen:
+                return None
+            chosen |= more
+            inside = tuple(c + "." for c in chosen)
+            if all(n.startswith(inside) for n, _ in model.named_parameters()):
+                return None  # nothing would be left to analyse: report the failure instead
+        # an opaque module inside another one is never called under export: keep the outermost only
+        paths = tuple(sorted(p for p in chosen if not any(p.startswith(c + ".") for c in chosen)))
+        try:
+            with _module_tracker(model) as stack, _no_op_conversions(), \
+                    contextlib.redirect_stderr(io.StringIO()), opaque_modules(model, list(paths), args, kwargs):
+                return torch.export.export(model, args, kwargs, strict=False), paths, (), kwargs
+        except Exception as again:  # noqa: BLE001 -- the first failure is the one reported
+            if not data_dependent(again) or not stack:
+                return None
+            where = stack[-1]
+        try:
+            with opaque_modules(model, list(paths), args, kwargs):
+                drafted = _draft(model, args, kwargs)
+        except Exception:  # noqa: BLE001 -- as above
+            drafted = None
+        if drafted is not None:
+            first = user_line(again)
+            return drafted[0], paths, tuple(dict.fromkeys(x for x in (first, *drafted[1]) if x)), kwargs
+    return None
+
+
 def fix_for(exc: BaseException) -> str:
     """The fix that fits a capture failure, decided from the exception (and its causes), not guessed."""
     chain = _chain(exc)
@@ -292,6 +415,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
     with _capture_mode(model, train):
         tracker_stack: list[str] = []
         specialised: tuple[str, ...] = ()
+        opaque: tuple[str, ...] = ()
         try:
             with _module_tracker(model) as tracker_stack, _no_op_conversions(model):
                 # on failure torch.export prints the partial graph to stderr; the CaptureError says it in one line
@@ -310,18 +434,34 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     "that its forward accepts (or register a builder with vlpet_fx.register_example_inputs)"
                 ) from exc
             drafted = _draft(model, args, kwargs) if data_dependent(exc) else None
-            if drafted is None:
+            kept = _with_opaque(model, args, kwargs, exc, where) if drafted is None and data_dependent(exc) else None
+            if drafted is None and kept is None:
                 at = user_line(exc)
                 raise CaptureError(
                     f"cannot capture {type(model).__name__}: torch.export failed in {where_txt}: "
                     f"{type(exc).__name__}: {_first_line(exc)}{f' at {at}' if at else ''} -- fix: {fix_for(exc)}"
                 ) from exc
-            exported, specialised = drafted
-            first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
-            specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
-            warnings.warn(
-                f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
-                f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
+            if kept is not None:
+                exported, opaque, specialised, given = kept
+                added = sorted(set(given) - {k for k, v in kwargs.items() if v is not None})
+                kwargs = given
+                at = user_line(exc)
+                kinds = ", ".join(sorted({type(model.get_submodule(p)).__name__ for p in opaque}))
+                done = ([f"{len(opaque)} module(s) of a data-dependent forward kept as one opaque call each "
+                         f"({kinds}): no sites inside them"] if opaque else []) + (
+                    [f"the {', '.join(added)} it computes from tensor values given as inputs of the graph"]
+                    if added else []) + (
+                    [f"other data-dependent branches fixed by the example inputs ({'; '.join(specialised[:2])}), "
+                     "checked when the graph runs"] if specialised else [])
+                warnings.warn(f"captured {type(model).__name__} with {'; '.join(done)}{f' (at {at})' if at else ''}",
+                              stacklevel=2)
+            else:
+                exported, specialised = drafted
+                first = user_line(exc)  # the point the first capture stopped at, then any others the draft found
+                specialised = tuple(dict.fromkeys(x for x in (first, *specialised) if x)) or ("a data-dependent value",)
+                warnings.warn(
+                    f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
+                    f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
 
     sig = exported.graph_signature
     return Captured(
@@ -333,4 +473,5 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
         exported=exported,
         example_inputs=(args, kwargs),
         specialised=specialised,
+        opaque=opaque,
     )
