@@ -141,6 +141,23 @@ def test_the_eager_anchor_changes_exactly_the_graph_value(two_stream):
             assert torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)
 
 
+def test_a_gate_reading_the_block_input_on_an_anchored_value_matches_the_graph(two_stream):
+    """VL-PET's large gate reads the block input X (a pre-hook on the layer) and gates the anchored value."""
+    model, x, table = two_stream
+    rules = parse_rules("name: v\nmethods: {v: {type: vlpet, dim: 4, heads: 1, gate: large, gate_dim: 4}}\n"
+                        "rules: [{select: {block: self_attn, role: output}, insert: v, placement: after}]")
+    eager = vlpet_fx.patch(copy.deepcopy(model), rules, table=table)
+    perturb(eager)
+    mods = pets(eager)
+    assert all(getattr(m, "needs_block_input", False) for m in mods.values())
+    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
+    for k, mod in pets(graph).items():
+        mod.load_state_dict(mods[k].state_dict())
+    got = eager(x)
+    assert torch.allclose(graph(x), got, atol=1e-6)
+    assert not torch.allclose(got, model(x), atol=1e-3)
+
+
 def test_a_second_stream_gets_the_module_at_the_same_call_of_each_repetition(two_stream):
     """Captured with one stream; run with two, the attention's dropout is called four times: the site is the
     second and the fourth call (the output of each stream), as a hand computation says."""

@@ -248,6 +248,9 @@ class EagerPatch(ModulePass):
                 owner.add_module(name, pet)
                 added.append((owner, name))
                 attached[full] = p
+                if getattr(pet, "needs_block_input", False):  # first: X is stashed before any hook reads it
+                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
+                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
                 if anchor is not None:
                     handles.extend(_hook_anchor(module, target, anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
@@ -256,9 +259,6 @@ class EagerPatch(ModulePass):
                     handles.append(target.register_forward_hook(AfterHook(pet, p.site.out_slice)))
                 else:
                     handles.append(target.register_forward_hook(ParallelHook(pet, p.site.out_slice), with_kwargs=True))
-                if getattr(pet, "needs_block_input", False):
-                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
-                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
             module.vlpet_patch = PatchState(self.plan, attached, handles, added)
         except BaseException:
             _undo(handles, added)
