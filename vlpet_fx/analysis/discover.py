@@ -354,8 +354,11 @@ def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> S
             return prefix_to[:-1]
         return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
 
+    a = site.anchor
+    anchor = a._replace(path=sub(a.path), parent=sub(a.parent)) if a is not None else None
     return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
-                   layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None, x_node=None)
+                   layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None, x_node=None,
+                   anchor=anchor)
 
 
 def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:

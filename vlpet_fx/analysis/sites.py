@@ -29,6 +29,20 @@ def slice_channels(out_slice: tuple[int, ...]) -> list[int]:
     return [j * period + c for j in range(count) for c in range(a, b)]
 
 
+class Anchor(NamedTuple):
+    """Where the eager back end reaches a site value that no module returns at every call (``Site.path`` is
+    ``None``): the value is the only tensor that one call of module ``path`` returns (``at="output"``) or
+    receives (``at="input"``). ``parent`` is ``None`` when the graph calls ``path`` once: every call is the
+    site's. Else ``path`` is called ``period`` times inside the one call of module ``parent`` and the site is the
+    ``index``-th of them (0-based; counted again from each call of ``parent``)."""
+
+    path: str
+    at: str
+    parent: str | None
+    index: int
+    period: int
+
+
 class Call(NamedTuple):
     """One call of a site's module in the captured graph: the node of its value, of the projection's input x
     and of the block input X (graph node names; ``None`` where there is none)."""
@@ -75,6 +89,7 @@ class Site:
     input_features: int | None = field(default=None, compare=False)  # width of the block input X
     calls: tuple[Call, ...] = field(default=(), compare=False)  # every call of the module (graph nodes)
     input_call: str | None = field(default=None, compare=False)  # which call of input_path receives X
+    anchor: Anchor | None = field(default=None, compare=False)  # eager hook point of a path-less value
 
     def call_nodes(self) -> tuple[Call, ...]:
         """The site's calls in the captured graph (``(node, x_node, input_node)``; one unless the module is
@@ -319,16 +334,21 @@ def returns_value(cap, site: Site, exits: set, nodes: dict) -> bool:
 
 
 def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
-    """Sites whose module does not return their value keep it only in the graph (``path=None``): the eager
-    back end then refuses them at patch time, in one line, instead of a shape error in the forward."""
+    """Sites whose module does not return their value keep it only in the graph (``path=None``); the eager
+    back end reaches such a value through its :class:`Anchor` when it has one (:func:`find_anchor`), and
+    refuses it at patch time, in one line, when it has none (instead of a shape error in the forward)."""
     nodes = {n.name: n for n in cap.graph.nodes}
     exits = module_exits(cap)
+    calls: ModuleCalls | None = None
     out = []
     for s in sites:
         if s.path is not None and not (returns_value(cap, s, exits.get(s.path, set()), nodes)
                                        and every_call_returns_width(s, exits.get(s.path, set()))
                                        and one_shape_per_call(s, exits.get(s.path, set()))):
             s = replace(s, path=None)
+        if s.path is None:
+            calls = calls or ModuleCalls(cap)
+            s = replace(s, anchor=find_anchor(cap, s, nodes, calls))
         if s.input_path is not None and s.input_node in nodes:
             s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
         out.append(s)
@@ -377,3 +397,92 @@ def _call_receiving(x, path: str) -> str | None:
     """Which call of module ``path`` takes ``x`` (its ``nn_module_stack`` key, unique per call), if one does."""
     keys = {k for u in x.users for k, (p, _t) in (u.meta.get("nn_module_stack") or {}).items() if p == path}
     return next(iter(keys)) if len(keys) == 1 else None
+
+
+# -- where the eager back end reaches a value no module returns at every call ---------------------------------
+
+class ModuleCalls:
+    """Every module call of a captured graph: its ``nn_module_stack`` key (unique per call) -> module path, the
+    nodes run inside it, and the calls in graph order."""
+
+    def __init__(self, cap):
+        self.path: dict[str, str] = {}
+        self.nodes: dict[str, set] = {}
+        self.order: list[str] = []
+        for n in cap.graph.nodes:
+            for key, (path, _type) in (n.meta.get("nn_module_stack") or {}).items():
+                if key not in self.path:
+                    self.path[key] = path
+                    self.nodes[key] = set()
+                    self.order.append(key)
+                self.nodes[key].add(n)
+
+    def of(self, path: str, within: str | None = None) -> list[str]:
+        """The calls of module ``path`` (inside the call ``within``, if given), in graph order."""
+        inside = self.nodes[within] if within is not None else None
+        return [k for k in self.order if self.path[k] == path
+                and (inside is None or next(iter(self.nodes[k])) in inside)]
+
+
+def _tensor(n) -> bool:
+    val = n.meta.get("val") if hasattr(n, "meta") else None
+    return val is not None and hasattr(val, "shape") and hasattr(val, "dtype")
+
+
+def find_anchor(cap, site: Site, nodes: dict, calls: ModuleCalls) -> Anchor | None:
+    """How the eager back end can change a site value that no module returns at every call, or ``None``.
+
+    The value must be the only tensor one call of a module makes and hands out (``output``: a module called on
+    the attention probabilities and the output, a method's computation returned by a sub-module), or the only
+    floating-point activation one call of a module reads (``input``: a value computed in a method and passed
+    to a projection). Where that module is called several times, the call is told apart by its position
+    among the module's calls inside one call of the enclosing module (which the graph must show called once),
+    so the eager hook changes exactly the graph's value. Slices of packed projections have none."""
+    from . import ops
+
+    v = nodes.get(site.node) if site.node else None
+    shape = ops.shape(v) if v is not None else None
+    if v is None or site.out_slice or len(site.call_nodes()) != 1 or not shape or shape[-1] != site.out_features:
+        return None
+    stack = list((v.meta.get("nn_module_stack") or {}).items())
+    # made and handed out by one call: innermost first, while the value leaves the call
+    for i in range(len(stack) - 1, 0, -1):
+        key = stack[i][0]
+        inside = calls.nodes[key]
+        exits = {n for n in inside if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
+        if v not in exits:
+            break
+        if exits == {v}:
+            return _placed(calls, key, stack[i - 1][0], "output")
+    # read by one call: the outermost call that holds every user of the value and not the value itself
+    users = list(v.users)
+    if not users or any(u.op == "output" for u in users):
+        return None
+    mine = {k for k, _ in stack}
+    keys = [k for k in (users[0].meta.get("nn_module_stack") or {}) if k not in mine
+            and all(k in (u.meta.get("nn_module_stack") or {}) for u in users)]
+    if not keys:
+        return None
+    key = keys[0]
+    inside = calls.nodes[key]
+    weights = set(cap.param_names) | set(cap.buffer_names)
+    reads = {a for n in inside for a in n.all_input_nodes if a not in inside and a.name not in weights
+             and _tensor(a) and a.meta["val"].dtype.is_floating_point}
+    if reads != {v}:
+        return None
+    user_stack = list(users[0].meta["nn_module_stack"])
+    parent = user_stack[user_stack.index(key) - 1]
+    return _placed(calls, key, parent, "input")
+
+
+def _placed(calls: ModuleCalls, key: str, parent_key: str, at: str) -> Anchor | None:
+    """The anchor of call ``key``: every call of its module when it is the module's only call, else its position
+    among the module's calls inside the call ``parent_key`` (``None`` if that parent is called more than once:
+    the position would name a call of another value there)."""
+    path, parent = calls.path[key], calls.path[parent_key]
+    if calls.of(path) == [key]:
+        return Anchor(path, at, None, 0, 1)
+    if len(calls.of(parent)) != 1:
+        return None
+    mine = calls.of(path, within=parent_key)
+    return Anchor(path, at, parent, mine.index(key), len(mine))

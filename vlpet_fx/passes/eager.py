@@ -78,6 +78,100 @@ class ParallelHook:
         return _replace_first(output, self.apply(_input_of(args, kwargs), _first(output)))
 
 
+class CallCount:
+    """Which call of an anchor's module is the site's (:class:`vlpet_fx.analysis.sites.Anchor`): counted from
+    each call of the enclosing module ``parent``; a parent call that runs the captured sequence of calls several
+    times (XLNet's two attention streams) has the site in each repetition. Without a parent every call is."""
+
+    def __init__(self, anchor, where: str):
+        self.anchor = anchor
+        self.where = where
+        self.count = 0
+        self.active = anchor.parent is None
+
+    def start(self, module, args, kwargs):
+        self.count, self.active = 0, True
+
+    def stop(self, module, args, kwargs, output):
+        self.active = False
+        a = self.anchor
+        if self.count % a.period:
+            raise PlanError(f"{shown(a.parent or '<model>', 100)} called {shown(a.path, 100)} {self.count} times, the "
+                            f"captured graph {a.period} times, so the call of site {self.where} is unknown: patch "
+                            "with backend='graph', or select another site")
+
+    def take(self) -> bool:
+        """Whether this call of the anchor's module is the site's (counts it)."""
+        if self.anchor.parent is None:
+            return True
+        if not self.active:
+            return False
+        self.count += 1
+        return (self.count - 1) % self.anchor.period == self.anchor.index
+
+
+def _only_tensor(values, width: int, where: str) -> int:
+    """Position of the one floating-point tensor among ``values`` (what an anchor's call hands out or reads)."""
+    found = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if len(found) != 1 or values[found[0]].shape[-1:] != (width,):
+        raise PlanError(f"site {where}: its module's call does not hand out or read one tensor {width} wide, as in the "
+                        "captured graph; patch with backend='graph', or select another site")
+    return found[0]
+
+
+class AnchorHook:
+    """Hooks for a site value that no module returns at every call (``Site.anchor``): a forward hook changing
+    the one tensor the anchor's call returns (``at="output"``), or a forward pre-hook changing the one tensor it
+    reads (``at="input"``), at the site's calls only (:class:`CallCount`); ``after``, or ``gated`` on X."""
+
+    def __init__(self, pet: nn.Module, site, count: CallCount):
+        self.pet = pet
+        self.count = count
+        self.width = site.out_features
+        self.where = site.key
+        gated = getattr(pet, "needs_block_input", False)
+        apply = SiteApply(pet, "gated" if gated else "after", None).apply
+        self.change = (lambda y: gated_on_block_input(apply, self.pet.block_input, y)) if gated else apply
+
+    def _changed(self, values: list):
+        i = _only_tensor(values, self.width, self.where)
+        values[i] = self.change(values[i])
+        return values
+
+    def output(self, module, args, output):
+        if not self.count.take():
+            return None
+        if isinstance(output, torch.Tensor):
+            return self._changed([output])[0]
+        if isinstance(output, (tuple, list)):
+            return type(output)(self._changed(list(output)))
+        raise PlanError(f"site {self.where}: its module returned a {type(output).__name__}, not a tensor; patch with "
+                        "backend='graph', or select another site")
+
+    def input(self, module, args, kwargs):
+        if not self.count.take():
+            return None
+        names = list(kwargs)
+        values = self._changed(list(args) + [kwargs[k] for k in names])
+        return tuple(values[:len(args)]), dict(zip(names, values[len(args):]))
+
+
+def _hook_anchor(model: nn.Module, target: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
+    """Register the hooks of an anchored placement; returns their handles."""
+    count = CallCount(anchor, p.site.key)
+    hook = AnchorHook(pet, p.site, count)
+    handles = []
+    if anchor.parent is not None:
+        parent = model.get_submodule(anchor.parent)
+        handles.append(parent.register_forward_pre_hook(count.start, with_kwargs=True))
+        handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
+    if anchor.at == "output":
+        handles.append(target.register_forward_hook(hook.output))
+    else:
+        handles.append(target.register_forward_pre_hook(hook.input, with_kwargs=True))
+    return handles
+
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -117,10 +211,18 @@ class EagerPatch(ModulePass):
             raise PlanError("this model is already patched: patch the unpatched base model (vlpet_fx.load re-applies a plan)")
         self.plan.check_model(module)
         for p in self.plan.placements:
-            if get_method(p.method).module.inserts_module and p.site.path is None:
+            if not get_method(p.method).module.inserts_module or p.site.path is not None:
+                continue
+            if p.site.anchor is None:
                 raise PlanError(
                     f"rule '{shown(p.rule)}' places {p.method} on {p.site}, which is not the output of a module (e.g. "
                     "a slice of a packed in_proj_weight): use the graph back end (backend='graph') or select another site"
+                )
+            if p.placement == "parallel":
+                raise PlanError(
+                    f"rule '{shown(p.rule)}' places {p.method} 'parallel' on {p.site}, a value no module returns at "
+                    "every call, so the eager back end cannot see its projection's input: use `placement: after`, "
+                    "or the graph back end (backend='graph')"
                 )
 
     def call(self, module: nn.Module) -> PassResult:
@@ -131,8 +233,10 @@ class EagerPatch(ModulePass):
             for p in self.plan.placements:
                 if not get_method(p.method).module.inserts_module:
                     continue
-                target = module.get_submodule(p.site.path)
-                owner, name, full = _owner(module, p.site.path, p.attach_name)
+                anchor = p.site.anchor if p.site.path is None else None
+                where = p.site.path if anchor is None else anchor.path
+                target = module.get_submodule(where)
+                owner, name, full = _owner(module, where, p.attach_name)
                 if name in owner._modules or hasattr(owner, name):
                     raise PlanError(f"two placements share {shown(full, 120)}, or the model already has it; make the "
                                     "rules select one of them")
@@ -144,15 +248,17 @@ class EagerPatch(ModulePass):
                 owner.add_module(name, pet)
                 added.append((owner, name))
                 attached[full] = p
-                if p.placement == "after" and getattr(pet, "needs_block_input", False):
+                if getattr(pet, "needs_block_input", False):  # first: X is stashed before any hook reads it
+                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
+                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
+                if anchor is not None:
+                    handles.extend(_hook_anchor(module, target, anchor, pet, p))
+                elif p.placement == "after" and getattr(pet, "needs_block_input", False):
                     handles.append(target.register_forward_hook(BlockInputHook(pet, p.site.out_slice)))
                 elif p.placement == "after":
                     handles.append(target.register_forward_hook(AfterHook(pet, p.site.out_slice)))
                 else:
                     handles.append(target.register_forward_hook(ParallelHook(pet, p.site.out_slice), with_kwargs=True))
-                if getattr(pet, "needs_block_input", False):
-                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
-                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
             module.vlpet_patch = PatchState(self.plan, attached, handles, added)
         except BaseException:
             _undo(handles, added)

@@ -142,7 +142,8 @@ class Plan:
                                 "for this model (vlpet_fx.plan(model, rules))")
         modules = dict(model.named_modules())
         for p in self.placements:
-            for path in (p.site.path, p.site.input_path):
+            a = p.site.anchor
+            for path in (p.site.path, p.site.input_path) + ((a.path, a.parent) if a is not None else ()):
                 if path is not None and path not in modules:
                     raise PlanError(f"this plan was made for another model ({self.model}): it has no module "
                                     f"'{shown(path, 100)}' (site {p.site}); make the plan for this model")
@@ -265,13 +266,14 @@ def _check_attach_names(placements, rs: RuleSet) -> None:
     """Two PET modules may not share a name on one module (e.g. the same role twice on one packed module)."""
     seen: dict[tuple, Placement] = {}
     for p in placements:
-        if p.site.path is None or not get_method(p.method).module.inserts_module:
+        path = p.site.path if p.site.path is not None else (p.site.anchor.path if p.site.anchor else None)
+        if path is None or not get_method(p.method).module.inserts_module:
             continue
-        k = (p.site.path, p.attach_name)
+        k = (path, p.attach_name)
         if k in seen:
             q = seen[k]
             raise RulesError(f"{rs.where('rules', p.rule_index)}: rule '{p.rule}' places a module on {p.site.key}, "
-                             f"which would share the name {p.site.path}.{p.attach_name} with {q.site.key} (rule "
+                             f"which would share the name {path}.{p.attach_name} with {q.site.key} (rule "
                              f"'{q.rule}'): select one of the two sites")
         seen[k] = p
 
