@@ -51,25 +51,29 @@ def rules_for(table) -> str:
     return "vl_adapter"
 
 
-# The LoRA step: the shipped `lora` rule set (LoRA on q and v of every attention, zero-initialised B), with its
-# rank (128) capped at the narrowest q/v site the rule set selects: a tiny model's sites can be narrower than
-# 128 (BLOOM's per-head slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity
-# at init does not depend on the rank.
+# The LoRA step: the shipped `lora` rule set's rules (LoRA on q and v of every attention and on the in/out
+# projections of every mixer, each rule optional but not both; zero-initialised B), with its rank (128) capped
+# at the narrowest site the rules select: a tiny model's sites can be narrower than 128 (BLOOM's per-head
+# slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity at init does not
+# depend on the rank.
 LORA_RANK = 128
-LORA_SELECT = {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"], "role": ["q", "v"]}
+LORA_SELECT = {"attention-qv": {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"],
+                                "role": ["q", "v"]},
+               "mixer-in-out": {"stack": ["encoder", "decoder"], "block": ["mixer"], "role": ["in", "out"]}}
 
 
 def lora_rules(table):
     """The coverage-local LoRA rule set for ``table`` (see LORA_RANK) and its rank."""
     from vlpet_fx.rules import parse_rules
 
-    widths = [min(s.in_features, s.out_features) for s in table.where(**LORA_SELECT)]
+    widths = [min(s.in_features, s.out_features) for sel in LORA_SELECT.values() for s in table.where(**sel)]
     rank = max(1, min([LORA_RANK, *widths]))
+    rules = ", ".join("{name: %s, select: %s, insert: lora, placement: parallel, optional: true}"
+                      % (name, json.dumps(sel)) for name, sel in LORA_SELECT.items())
     return parse_rules(
         "name: coverage-lora\n"
         "methods: {lora: {type: lora, rank: %d, alpha: 32, dropout: 0.1}}\n"
-        "rules: [{name: attention-qv, select: %s, insert: lora, placement: parallel}]\n"
-        % (rank, json.dumps(LORA_SELECT)), source="coverage-lora"), rank
+        "rules: [%s]\n" % (rank, rules), source="coverage-lora"), rank
 
 
 def families() -> list[tuple[str, str]]:
@@ -186,6 +190,7 @@ def run_family(mapping: str, model_type: str) -> dict:
         with torch.no_grad():
             reference = _first_float(model(*args, **kwargs)).detach()
         base = copy.deepcopy(model)
+        pristine = copy.deepcopy(model)  # never patched: tells a failing generate() of transformers' own apart
         rec["rules"] = rules_for(table)
         plan = vlpet_fx.plan(model, rec["rules"], table=table)
         rec["placements"] = len(plan.placements)
@@ -222,6 +227,11 @@ def run_family(mapping: str, model_type: str) -> dict:
                 raise RuntimeError("generate() with the KV cache differs from generate() without it")
             rec["generate"] = "equal"
         except Exception as exc:  # noqa: BLE001
+            try:
+                with torch.no_grad():
+                    pristine.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=True)
+            except Exception as own:  # noqa: BLE001
+                exc = RuntimeError(f"generate() fails on the unpatched model too: {_line(own)}")
             return failed_here("generate", exc)
     else:
         rec["generate"] = "not generative"
@@ -310,6 +320,7 @@ CAUSES = [
     ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
     ("per-family time limit", "over the per-family time limit on the busy machine"),
     ("LoRA at init", "LoRA not identical at init"),
+    ("on the unpatched model too", "transformers' own generate() fails on the tiny config (unpatched too)"),
     ("generate()", "generate() with the KV cache differs"),
 ]
 
@@ -328,8 +339,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "attention stays multi-head, derived settings follow) and saved with `save_pretrained`, then: sites per "
              "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
              "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
-             "(the shipped `lora` rule set on q and v, zero-initialised B, its rank 128 capped at the narrowest q/v site "
-             "of the tiny model: `LORA_RANK` in `bench/coverage.py`) identical to the unpatched model, and `generate()` with the KV cache equal to "
+             "(the shipped `lora` rule set on q and v and on mixers' in/out projections, zero-initialised B, its rank "
+             "128 capped at the narrowest site it selects in the tiny model: `LORA_RANK` in `bench/coverage.py`) identical to the unpatched model, and `generate()` with the KV cache equal to "
              "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
              "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",
