@@ -114,6 +114,22 @@ def _first_float(out):
     raise RuntimeError("the forward returned no float tensor")
 
 
+def _own_generate_fault(model, extra: dict) -> str | None:
+    """What is wrong with transformers' own ``generate()`` on the unpatched ``model`` (it raises, or the KV cache
+    changes the tokens), or None when it is fine: a failure of the patched model is then the patch's."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            cached = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=True)
+            plain = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=False)
+    except Exception as exc:  # noqa: BLE001
+        return f"generate() fails on the unpatched model too: {_line(exc)}"
+    if cached.shape != plain.shape or not bool((cached == plain).all()):
+        return "generate() with the KV cache differs from generate() without it on the unpatched model too"
+    return None
+
+
 def run_family(mapping: str, model_type: str) -> dict:
     """All steps for one family; never raises (the record says where and why it stopped)."""
     import torch
@@ -227,12 +243,8 @@ def run_family(mapping: str, model_type: str) -> dict:
                 raise RuntimeError("generate() with the KV cache differs from generate() without it")
             rec["generate"] = "equal"
         except Exception as exc:  # noqa: BLE001
-            try:
-                with torch.no_grad():
-                    pristine.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=True)
-            except Exception as own:  # noqa: BLE001
-                exc = RuntimeError(f"generate() fails on the unpatched model too: {_line(own)}")
-            return failed_here("generate", exc)
+            own = _own_generate_fault(pristine, extra)
+            return failed_here("generate", RuntimeError(own) if own else exc)
     else:
         rec["generate"] = "not generative"
     rec["seconds"] = round(time.perf_counter() - t0, 2)
