@@ -52,10 +52,10 @@ def rules_for(table) -> str:
 
 
 # The LoRA step: the shipped `lora` rule set's rules (LoRA on q and v of every attention and on the in/out
-# projections of every mixer, each rule optional but not both; zero-initialised B), with its rank (128) capped
-# at the narrowest site the rules select: a tiny model's sites can be narrower than 128 (BLOOM's per-head
-# slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity at init does not
-# depend on the rank.
+# projections of every mixer, each rule optional, an empty plan a failure; zero-initialised B), with its rank
+# (128) capped at the narrowest site the rules select: a tiny model's sites can be narrower than 128 (BLOOM's
+# per-head slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity at init does
+# not depend on the rank.
 LORA_RANK = 128
 LORA_SELECT = {"attention-qv": {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"],
                                 "role": ["q", "v"]},
@@ -223,7 +223,10 @@ def run_family(mapping: str, model_type: str) -> dict:
     # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
     try:
         lora, rec["lora_rank"] = lora_rules(plan.table)
-        vlpet_fx.patch(base, lora, table=plan.table)  # the same module paths: no second capture
+        lora_plan = vlpet_fx.plan(base, lora, table=plan.table)  # the same module paths: no second capture
+        if not lora_plan.placements:
+            raise RuntimeError("LoRA places nothing: no attention q/v and no mixer in/out projection found")
+        vlpet_fx.patch(base, lora_plan)
         with torch.no_grad():
             diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
         rec["lora_max_diff"] = diff
@@ -332,6 +335,7 @@ CAUSES = [
     ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
     ("per-family time limit", "over the per-family time limit on the busy machine"),
     ("LoRA at init", "LoRA not identical at init"),
+    ("LoRA places nothing", "LoRA finds no attention q/v and no mixer projection"),
     ("on the unpatched model too", "transformers' own generate() fails on the tiny config (unpatched too)"),
     ("generate()", "generate() with the KV cache differs"),
 ]

@@ -227,10 +227,6 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             n = _count(cls, s, rule.placement, site_cfg)
             p = Placement(rs.rule_name(i), i, alias, mtype, site_cfg, rule.placement, s, n)
             chosen[p.key] = p
-    if rs.rules and len(unmatched) == len(rs.rules):
-        # every rule optional and none matched (e.g. `lora` on a model with neither attention nor mixers)
-        raise RulesError(f"{rs.where('rules')}: no rule of '{shown(rs.name)}' matches a site of {table.model} (each "
-                         "is optional, not all of them): check the selectors against `vlpet-fx inspect`")
 
     trainable: dict[str, int] = {}
     sources: dict[str, str] = {}
