@@ -20,8 +20,11 @@ from vlpet_fx.rules import parse_rules
 
 DEPTH = 2
 # the shipped lora.yaml (rank 128) is wider than these toys; the same rule at rank 4
+# the shipped `lora` set's two rules at rank 4: q/v of attention, in/out of mixers (the short-conv toy is causal,
+# a decoder without attention)
 LORA = parse_rules("name: lora4\nmethods: {lora: {type: lora, rank: 4, alpha: 8}}\nrules: [{select: {block: "
-                   "[self_attn, cross_attn], role: [q, v]}, insert: lora, placement: parallel}]\n")
+                   "[self_attn, cross_attn], role: [q, v]}, insert: lora, placement: parallel, optional: true}, "
+                   "{select: {block: mixer, role: [in, out]}, insert: lora, placement: parallel, optional: true}]\n")
 
 
 def _table(**kw):
