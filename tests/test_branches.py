@@ -116,8 +116,9 @@ def test_parallel_mixture_reads_the_same_input_as_attention():
 
 def test_short_conv_mixer_is_a_mixer_block(mixer):
     _, table = mixer
-    # no attention: nothing says the stack is causal, so it is an encoder (documented in docs/PATTERNS.md)
-    assert table.num_layers() == {"encoder": DEPTH}
+    # no attention, but a causal conv (padded k - 1, cut to n) and a forward scan: its values at a position do not
+    # depend on later tokens, so the stack is a decoder (analysis/behaviour.py; was `encoder` before that)
+    assert table.num_layers() == {"decoder": DEPTH}
     for layer in range(DEPTH):
         p = f"layers.{layer}.mix"
         assert _roles(table, layer, "mixer") == {"in": f"{p}.inp", "out": f"{p}.outp", "output": p}
