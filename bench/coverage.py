@@ -53,25 +53,29 @@ def rules_for(table) -> str:
     return "vl_adapter"
 
 
-# The LoRA step: the shipped `lora` rule set (LoRA on q and v of every attention, zero-initialised B), with its
-# rank (128) capped at the narrowest q/v site the rule set selects: a tiny model's sites can be narrower than
-# 128 (BLOOM's per-head slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity
-# at init does not depend on the rank.
+# The LoRA step: the shipped `lora` rule set's rules (LoRA on q and v of every attention and on the in/out
+# projections of every mixer, each rule optional, an empty plan a failure; zero-initialised B), with its rank
+# (128) capped at the narrowest site the rules select: a tiny model's sites can be narrower than 128 (BLOOM's
+# per-head slices of a 32-wide model, GPT-BigCode's 64-wide multi-query value), and the identity at init does
+# not depend on the rank.
 LORA_RANK = 128
-LORA_SELECT = {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"], "role": ["q", "v"]}
+LORA_SELECT = {"attention-qv": {"stack": ["encoder", "decoder"], "block": ["self_attn", "cross_attn"],
+                                "role": ["q", "v"]},
+               "mixer-in-out": {"stack": ["encoder", "decoder"], "block": ["mixer"], "role": ["in", "out"]}}
 
 
 def lora_rules(table):
     """The coverage-local LoRA rule set for ``table`` (see LORA_RANK) and its rank."""
     from vlpet_fx.rules import parse_rules
 
-    widths = [min(s.in_features, s.out_features) for s in table.where(**LORA_SELECT)]
+    widths = [min(s.in_features, s.out_features) for sel in LORA_SELECT.values() for s in table.where(**sel)]
     rank = max(1, min([LORA_RANK, *widths]))
+    rules = ", ".join("{name: %s, select: %s, insert: lora, placement: parallel, optional: true}"
+                      % (name, json.dumps(sel)) for name, sel in LORA_SELECT.items())
     return parse_rules(
         "name: coverage-lora\n"
         "methods: {lora: {type: lora, rank: %d, alpha: 32, dropout: 0.1}}\n"
-        "rules: [{name: attention-qv, select: %s, insert: lora, placement: parallel}]\n"
-        % (rank, json.dumps(LORA_SELECT)), source="coverage-lora"), rank
+        "rules: [%s]\n" % (rank, rules), source="coverage-lora"), rank
 
 
 def families() -> list[tuple[str, str]]:
@@ -110,6 +114,22 @@ def _first_float(out):
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             return v
     raise RuntimeError("the forward returned no float tensor")
+
+
+def _own_generate_fault(model, extra: dict) -> str | None:
+    """What is wrong with transformers' own ``generate()`` on the unpatched ``model`` (it raises, or the KV cache
+    changes the tokens), or None when it is fine: a failure of the patched model is then the patch's."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            cached = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=True)
+            plain = model.generate(**extra, max_new_tokens=4, do_sample=False, use_cache=False)
+    except Exception as exc:  # noqa: BLE001
+        return f"generate() fails on the unpatched model too: {_line(exc)}"
+    if cached.shape != plain.shape or not bool((cached == plain).all()):
+        return "generate() with the KV cache differs from generate() without it on the unpatched model too"
+    return None
 
 
 def run_family(mapping: str, model_type: str) -> dict:
@@ -188,6 +208,7 @@ def run_family(mapping: str, model_type: str) -> dict:
         with torch.no_grad():
             reference = _first_float(model(*args, **kwargs)).detach()
         base = copy.deepcopy(model)
+        pristine = copy.deepcopy(model)  # never patched: tells a failing generate() of transformers' own apart
         rec["rules"] = rules_for(table)
         plan = vlpet_fx.plan(model, rec["rules"], table=table)
         rec["placements"] = len(plan.placements)
@@ -204,7 +225,10 @@ def run_family(mapping: str, model_type: str) -> dict:
     # 4. LoRA (zero-initialised B) leaves the outputs unchanged at init
     try:
         lora, rec["lora_rank"] = lora_rules(plan.table)
-        vlpet_fx.patch(base, lora, table=plan.table)  # the same module paths: no second capture
+        lora_plan = vlpet_fx.plan(base, lora, table=plan.table)  # the same module paths: no second capture
+        if not lora_plan.placements:
+            raise RuntimeError("LoRA places nothing: no attention q/v and no mixer in/out projection found")
+        vlpet_fx.patch(base, lora_plan)
         with torch.no_grad():
             diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
         rec["lora_max_diff"] = diff
@@ -224,7 +248,8 @@ def run_family(mapping: str, model_type: str) -> dict:
                 raise RuntimeError("generate() with the KV cache differs from generate() without it")
             rec["generate"] = "equal"
         except Exception as exc:  # noqa: BLE001
-            return failed_here("generate", exc)
+            own = _own_generate_fault(pristine, extra)
+            return failed_here("generate", RuntimeError(own) if own else exc)
     else:
         rec["generate"] = "not generative"
     rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -309,6 +334,8 @@ CAUSES = [
     ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
     ("per-family time limit", "over the per-family time limit on the busy machine"),
     ("LoRA at init", "LoRA not identical at init"),
+    ("LoRA places nothing", "LoRA finds no attention q/v and no mixer projection"),
+    ("on the unpatched model too", "transformers' own generate() fails on the tiny config (unpatched too)"),
     ("generate()", "generate() with the KV cache differs"),
 ]
 
@@ -327,8 +354,8 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "attention stays multi-head, derived settings follow) and saved with `save_pretrained`, then: sites per "
              "stack, block and role, a VL-PET rule set patched in (`vlpet_large` when the model has cross-attention, "
              "`vlpet_causal_lm` when its decoder has none, `vl_adapter` when it has no decoder) with a forward and a backward, LoRA "
-             "(the shipped `lora` rule set on q and v, zero-initialised B, its rank 128 capped at the narrowest q/v site "
-             "of the tiny model: `LORA_RANK` in `bench/coverage.py`) identical to the unpatched model, and `generate()` with the KV cache equal to "
+             "(the shipped `lora` rule set on q and v and on mixers' in/out projections, zero-initialised B, its rank "
+             "128 capped at the narrowest site it selects in the tiny model: `LORA_RANK` in `bench/coverage.py`) identical to the unpatched model, and `generate()` with the KV cache equal to "
              "`generate()` without it after patching. A family fails at its first failing step. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
              "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",

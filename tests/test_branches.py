@@ -20,8 +20,11 @@ from vlpet_fx.rules import parse_rules
 
 DEPTH = 2
 # the shipped lora.yaml (rank 128) is wider than these toys; the same rule at rank 4
+# the shipped `lora` set's two rules at rank 4: q/v of attention, in/out of mixers (the short-conv toy is causal,
+# a decoder without attention)
 LORA = parse_rules("name: lora4\nmethods: {lora: {type: lora, rank: 4, alpha: 8}}\nrules: [{select: {block: "
-                   "[self_attn, cross_attn], role: [q, v]}, insert: lora, placement: parallel}]\n")
+                   "[self_attn, cross_attn], role: [q, v]}, insert: lora, placement: parallel, optional: true}, "
+                   "{select: {block: mixer, role: [in, out]}, insert: lora, placement: parallel, optional: true}]\n")
 
 
 def _table(**kw):
@@ -113,8 +116,9 @@ def test_parallel_mixture_reads_the_same_input_as_attention():
 
 def test_short_conv_mixer_is_a_mixer_block(mixer):
     _, table = mixer
-    # no attention: nothing says the stack is causal, so it is an encoder (documented in docs/PATTERNS.md)
-    assert table.num_layers() == {"encoder": DEPTH}
+    # no attention, but a causal conv (padded k - 1, cut to n) and a forward scan: its values at a position do not
+    # depend on later tokens, so the stack is a decoder (analysis/behaviour.py; was `encoder` before that)
+    assert table.num_layers() == {"decoder": DEPTH}
     for layer in range(DEPTH):
         p = f"layers.{layer}.mix"
         assert _roles(table, layer, "mixer") == {"in": f"{p}.inp", "out": f"{p}.outp", "output": p}

@@ -10,6 +10,8 @@ on a tensor of channel indices (:meth:`Dataflow.channels`).
 
 from __future__ import annotations
 
+import operator
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -145,10 +147,76 @@ def forward(n: Node) -> list[Node]:
     return list(n.users)
 
 
+def _in_place_writes(nodes: list[Node]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
+    """In-place writes into a tensor (``out[:, t] = step`` in a loop over the tokens: ``copy_`` into a view of a
+    buffer made by ``zeros_like``): the buffer's readers depend on the write, which the graph's edges do not
+    show. Returns (buffer -> the mutating nodes that write into it, mutating node -> the buffers it writes)."""
+    written_by: dict[Node, list[Node]] = {}
+    writes_into: dict[Node, list[Node]] = {}
+    for n in nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None or not schema.arguments or not n.args or not isinstance(n.args[0], Node):
+            continue
+        alias = schema.arguments[0].alias_info
+        if alias is None or not alias.is_write:
+            continue
+        base = n.args[0]
+        while base.op == "call_function" and base.target in ops.SHAPE and base.args and isinstance(base.args[0], Node):
+            base = base.args[0]  # the tensor whose view was written
+        written_by.setdefault(base, []).append(n)
+        writes_into.setdefault(n, []).append(base)
+    return written_by, writes_into
+
+
+_IN_PLACE_SCALE = ops._overloads(ops.aten.mul_, ops.aten.div_)
+
+
+def _scaled_in_place(node: Node) -> bool:
+    """``w.div_(c)`` / ``w.mul_(c)`` by a number (RWKV rescales its output weights in place for inference): the
+    result is the same weight, scaled."""
+    return node.target in _IN_PLACE_SCALE and len(node.args) == 2 and isinstance(node.args[1], (int, float))
+
+
+def _through_region(graph_module, node: Node) -> Node | None:
+    """For ``getitem(region(..., submodule, *operands), i)`` (a higher-order op running a sub-graph, e.g. the
+    ``torch.no_grad()`` block of ``wrap_with_set_grad_enabled``) whose i-th result is one of its operands up to
+    shape ops and in-place scaling: that operand in the outer graph; otherwise None."""
+    if node.target is not operator.getitem or len(node.args) != 2 or not isinstance(node.args[1], int):
+        return None
+    region = node.args[0]
+    if not isinstance(region, Node) or region.op != "call_function" or ops.is_aten(region.target):
+        return None
+    at = next((i for i, a in enumerate(region.args) if isinstance(a, Node) and a.op == "get_attr"), None)
+    sub = getattr(graph_module, region.args[at].target, None) if at is not None else None
+    if not isinstance(sub, torch.fx.GraphModule):
+        return None
+    inner_inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    out = next((n for n in sub.graph.nodes if n.op == "output"), None)
+    results = out.args[0] if out is not None else None
+    if not isinstance(results, (tuple, list)) or not 0 <= node.args[1] < len(results):
+        return None
+    inner = results[node.args[1]]
+    while isinstance(inner, Node) and inner.op == "call_function" and (
+            inner.target in ops.SHAPE or _scaled_in_place(inner)) and inner.args and isinstance(inner.args[0], Node):
+        inner = inner.args[0]
+    if not isinstance(inner, Node) or inner not in inner_inputs:
+        return None
+    operands = region.args[at + 1:]
+    j = inner_inputs.index(inner)
+    return operands[j] if j < len(operands) and isinstance(operands[j], Node) else None
+
+
 def _param_source(cap: Captured, node: Node) -> tuple[str, bool] | None:
     """Follow a weight operand back through shape/slicing ops to the parameter it comes from."""
     whole = True
-    while node.op == "call_function" and node.target in ops.SHAPE:
+    graph_module = cap.graph_module
+    while node.op == "call_function":
+        region = _through_region(graph_module, node)
+        if region is not None:  # a value returned by a no-grad / autocast region: follow it inside and back out
+            node = region
+            continue
+        if node.target not in ops.SHAPE and not _scaled_in_place(node):
+            break
         if node.target in SLICING:
             whole = False
         inputs = [a for a in node.all_input_nodes]
@@ -176,6 +244,7 @@ class Dataflow:
         # of two or more axes: heavy for every walk, as a projection is
         self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
                                   and n not in self.projections and self._weighted(n)}
+        self.written_by, self.writes_into = _in_place_writes(self.nodes)
 
     # -- buffers filled by in-place writes ----------------------------------------------------
     def _written_buffers(self) -> dict[Node, list[Node]]:
@@ -433,7 +502,7 @@ class Dataflow:
             if n in ancestors:
                 continue
             ancestors.add(n)
-            for i in n.all_input_nodes:
+            for i in [*n.all_input_nodes, *self.written_by.get(n, ())]:
                 if i is stream:
                     reached = True
                 elif self.order[i] > lo:
@@ -444,7 +513,7 @@ class Dataflow:
         todo = [stream]
         while todo:
             n = todo.pop()
-            for u in n.users:
+            for u in [*n.users, *self.writes_into.get(n, ())]:
                 if u in ancestors and u not in region:
                     region.add(u)
                     todo.append(u)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import ops
+from .behaviour import causal_streams
 from .dataflow import Block, Dataflow, Node, backward, forward, walk
 
 
@@ -233,6 +234,7 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
     groups: dict[int, list[Block]] = {}
     for i, b in enumerate(blocks):
         groups.setdefault(find(i), []).append(b)
+    undecided = []
     for members in groups.values():
         members.sort(key=lambda b: flow.order[b.start_node()])
         # a stream fed by images only is visual even where its attention reads another stream (a vision tower's
@@ -248,6 +250,8 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             kind = "decoder"
         else:
             kind = "encoder"
+            if not any(b.kind == "attn" for b in members):
+                undecided.append(members)  # no mask to read: decided by what the stream computes
         for b in members:
             b.stack = kind
 
@@ -281,6 +285,14 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
             if len(kinds) == 1:
                 for b in members:
                     b.stack = next(iter(kinds))
+                undecided = [ms for ms in undecided if ms is not members]
+
+    # 4c. a stream without attention in any of its layers (SSM, recurrence) is a decoder when its values at a
+    # position do not depend on later tokens (behaviour.py: the graph run on token ids that differ in one place)
+    for members, causal in zip(undecided, causal_streams(flow, undecided)):
+        if causal:
+            for b in members:
+                b.stack = "decoder"
 
     # 5. layers, numbered per stack kind along the stream (a layer container keeps its number across pieces)
     by_kind: dict[str, list[list[Block]]] = {}
