@@ -31,6 +31,8 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     blocks = [b for b in blocks if not b.extra.get("off_stream")]
     for b in blocks:
         tie_block_input(flow, b)
+    for b in blocks:
+        tie_unmerged_input(flow, b, blocks)
     return blocks
 
 
@@ -144,6 +146,22 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
         if not ops.is_heavy(n) or _joins_tokens(n):
             for u in n.users:
                 heapq.heappush(heap, (order[u], u))
+
+
+def tie_unmerged_input(flow: Dataflow, b: Block, blocks: list[Block]) -> None:
+    """X of a block whose output no residual add merges back into a stream (a gate computed inside a norm, a
+    shared sub-layer whose output is fed to another sub-layer instead of added): the latest value the sub-layer
+    reads (through light ops: a norm, a cast, a concatenation) that is a stream value, i.e. another block's input
+    X, residual add or output (the value a preceding sub-layer hands on). Nothing changes for a block that has an
+    X already or when no such value is read."""
+    if block_input(b) is not None or not b.all_projections():
+        return
+    reads = _upstream_light(_reads(b))
+    stream = {v for o in blocks if o is not b for v in (block_input(o), o.residual_add, o.output, o.end_node())
+              if v is not None}
+    common = reads & stream
+    if common:
+        b.extra["stream_x"] = max(common, key=flow.order.__getitem__)
 
 
 def _joins_tokens(n: Node) -> bool:
