@@ -21,6 +21,10 @@ from vlpet_fx.rules import parse_rules
 LORA = parse_rules("name: lora4\nmethods: {lora: {type: lora, rank: 4, alpha: 8}}\nrules: [{select: {block: "
                    "[self_attn, cross_attn], role: [q, v]}, insert: lora, placement: parallel}]\n")
 RULES = "vlpet_causal_lm"
+# VL-PET's value adapter (no gate, non-zero weights at init) in parallel to q and v
+VALUE = parse_rules("name: value\nmethods: {value: {type: vlpet, dim: 8, heads: 1, gate: none, init: normal, "
+                    "zero_init_up: false}}\nrules: [{select: {block: self_attn, role: [q, v]}, insert: value, "
+                    "placement: parallel}]\n")
 
 
 def _discovered(cls, **kw):
@@ -207,3 +211,32 @@ def test_hybrid_families(family):
         cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
         plain = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain), family
+
+
+def test_a_block_shared_by_several_layers_is_one_site():
+    """One shared block called by two layers (``layers.1.shared`` is ``layers.2.shared``): each of its modules is
+    one site under the name ``named_modules()`` gives it, with both calls; LoRA there is the identity at init, and
+    a PET module with non-zero weights applies at both calls alike in both back ends. Its attention's X is another
+    value at each call, read by no one module: VL-PET's gate there is refused in one line."""
+    model, table = _discovered(SharedLM, depth=3)
+    assert model.layers[1].shared is model.layers[2].shared
+    names = dict(model.named_modules())
+    q = table.where(block="self_attn", role="q")
+    assert len(q) == 1 and q[0].path == "layers.1.shared.attn.q" and len(q[0].calls) == 2
+    assert all(s.path is None or s.path in names for s in table)
+    (ids,) = model.example_inputs()
+    with torch.no_grad():
+        reference = model(ids)
+        torch.testing.assert_close(vlpet_fx.patch(copy.deepcopy(model), LORA, table=table)(ids), reference,
+                                   rtol=1e-5, atol=1e-5)
+    plan = vlpet_fx.plan(model, VALUE, table=table)
+    assert [p.site.key for p in plan.placements] == ["decoder.1.self_attn.q", "decoder.1.self_attn.v"]
+    eager = vlpet_fx.patch(copy.deepcopy(model), plan)
+    graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=((ids,), {}))
+    with torch.no_grad():
+        out_e = eager(ids)
+        assert not torch.allclose(out_e, reference)
+        torch.testing.assert_close(graph(ids), out_e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(vlpet_fx.PlanError, match="reads the block input") as err:
+        vlpet_fx.patch(copy.deepcopy(model), RULES, table=table)
+    assert "\n" not in str(err.value)
