@@ -31,6 +31,8 @@ def blocks_of(model: nn.Module, cap: Captured) -> list[Block]:
     blocks = [b for b in blocks if not b.extra.get("off_stream")]
     for b in blocks:
         tie_block_input(flow, b)
+    for b in blocks:
+        tie_unmerged_input(flow, b, blocks)
     return [b for b in blocks if not _conditioning_map(b, blocks)]
 
 
@@ -63,9 +65,9 @@ _SHAPE_ONLY = ops._overloads(
 _SCALE = ops.MUL | ops._overloads(ops.aten.div)
 
 
-def _upstream_light(start: Node) -> set[Node]:
-    """``start`` and every value it is computed from through light ops (the heavy ops and inputs where the walk
-    stops are included; ops that read only a shape are not walked through)."""
+def _upstream_light(start: Node, through: frozenset = frozenset()) -> set[Node]:
+    """``start`` and every value it is computed from through light ops and the ops in ``through`` (the heavy ops
+    and inputs where the walk stops are included; ops that read only a shape are not walked through)."""
     seen: set[Node] = set()
     todo = [start]
     while todo:
@@ -73,7 +75,7 @@ def _upstream_light(start: Node) -> set[Node]:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and not ops.is_heavy(n) and n.target not in _SHAPE_ONLY:
+        if n.op == "call_function" and (not ops.is_heavy(n) or n.target in through) and n.target not in _SHAPE_ONLY:
             todo.extend(ops.tensor_inputs(n))
     return seen
 
@@ -157,6 +159,30 @@ def tie_block_input(flow: Dataflow, b: Block) -> None:
         if not ops.is_heavy(n) or _joins_tokens(n):
             for u in n.users:
                 heapq.heappush(heap, (order[u], u))
+
+
+def tie_unmerged_input(flow: Dataflow, b: Block, blocks: list[Block]) -> None:
+    """X of a block whose output no residual add merges back into a stream (a gate computed inside a norm, a
+    shared sub-layer whose output is fed to another sub-layer instead of added): the latest value the sub-layer
+    reads (through light ops: a norm, a cast, a concatenation) that is a stream value, i.e. another block's input
+    X, residual add or output (the value a preceding sub-layer hands on). Nothing changes for a block that has an
+    X already; X stays unknown when no such value is read.
+
+    Its output is its last projection's value, through value-preserving ops only (views, casts, dropout): what
+    follows (the sigmoid of a gate inside a norm) belongs to the consumer, and the module the eager back end
+    hooks returns that value, the same the graph back end changes."""
+    if block_input(b) is not None or not b.all_projections():
+        return
+    out = b.last().node
+    while len(out.users) == 1 and ops.is_kind(next(iter(out.users)), ops.SHAPE):
+        out = next(iter(out.users))
+    b.output = out
+    reads = _upstream_light(_reads(b), through=ops.CONCAT)
+    stream = {v for o in blocks if o is not b for v in (block_input(o), o.residual_add, o.output, o.end_node())
+              if v is not None}
+    common = reads & stream
+    if common:
+        b.extra["stream_x"] = max(common, key=flow.order.__getitem__)
 
 
 def _joins_tokens(n: Node) -> bool:

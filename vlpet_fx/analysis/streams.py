@@ -325,15 +325,21 @@ def assign_streams(flow: Dataflow, blocks: list[Block], model: nn.Module) -> Non
 
 
 def _layer_container(block_path: str, modules: dict[str, nn.Module]) -> str | None:
+    """The element of a module list on ``block_path`` that is the block's layer: the innermost element of a
+    homogeneous list (repeated layers, not a list of heterogeneous sub-layers such as T5's attention and FFN
+    sub-layers inside its repeated block), or, when there is none, the outermost element of a list of composite
+    modules of several classes (a hybrid's attention and recurrent layers)."""
     parts = block_path.split(".") if block_path else []
+    mixed: str | None = None
     for i in range(len(parts), 0, -1):
         parent = ".".join(parts[: i - 1])
         container = modules.get(parent)
         if parts[i - 1].isdigit() and isinstance(container, (nn.ModuleList, nn.Sequential)):
-            # a homogeneous list of repeated layers, not a list of heterogeneous sub-layers
             if len({type(m) for m in container}) == 1:
                 return ".".join(parts[:i])
-    return None
+            if len(container) > 1 and all(next(m.children(), None) is not None for m in container):
+                mixed = ".".join(parts[:i])
+    return mixed
 
 
 def _output_path(cap, b: Block, common: list[str]) -> str | None:

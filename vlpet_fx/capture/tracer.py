@@ -463,15 +463,40 @@ def capture(model: nn.Module, example_inputs: Any = None, *, train: bool = False
                     f"captured {type(model).__name__} with its data-dependent branches fixed by the example inputs "
                     f"({'; '.join(specialised[:2])}); the graph checks them when it runs", stacklevel=2)
 
+    canonical = _canonical_module_paths(exported.graph_module, model)
     sig = exported.graph_signature
     return Captured(
         graph_module=exported.graph_module,
         method="export",
-        param_names=dict(sig.inputs_to_parameters),
-        buffer_names=dict(sig.inputs_to_buffers),
+        param_names={k: canonical(v) for k, v in sig.inputs_to_parameters.items()},
+        buffer_names={k: canonical(v) for k, v in sig.inputs_to_buffers.items()},
         user_inputs=list(sig.user_inputs),
         exported=exported,
         example_inputs=(args, kwargs),
         specialised=specialised,
         opaque=opaque,
     )
+
+
+def _canonical_module_paths(gm: torch.fx.GraphModule, model: nn.Module):
+    """A module reachable under several names (one block shared by several layers) is named by its first name,
+    as ``named_modules()`` gives it, in every node's ``nn_module_stack``: its calls are calls of one module (one
+    site, one PET module), and every path analysis hands on is one the model's ``named_modules()`` has.
+    Returns the map of a parameter's or buffer's qualified name to its name under those module names."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        alias_of = first.setdefault(id(m), name)
+        if alias_of != name:
+            alias[name] = alias_of
+
+    def canonical(qualified: str) -> str:
+        owner, dot, leaf = qualified.rpartition(".")
+        return f"{alias[owner]}{dot}{leaf}" if owner in alias else qualified
+
+    if alias:
+        for n in gm.graph.nodes:
+            stack = n.meta.get("nn_module_stack")
+            if stack:
+                n.meta["nn_module_stack"] = {k: (alias.get(path, path), t) for k, (path, t) in stack.items()}
+    return canonical
