@@ -239,27 +239,27 @@ class Dataflow:
         self._products: dict[Node, patterns.ProductPattern | None] = {}
         self._closures: dict[Node, dict[Node, object]] = {}
         self._find_projections()
-        self.written = self._written_buffers()
         # ops outside ATen (library custom ops, e.g. a grouped matrix product over experts) that map by a weight
         # of two or more axes: heavy for every walk, as a projection is
         self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
                                   and n not in self.projections and self._weighted(n)}
         self.written_by, self.writes_into = _in_place_writes(self.nodes)
+        self.written = self._written_buffers()
 
     # -- buffers filled by in-place writes ----------------------------------------------------
     def _written_buffers(self) -> dict[Node, list[Node]]:
         """Fresh tensors (``new_empty``, ``zeros`` ...) whose values come from in-place copies into them or into
         views of them (multi-head latent attention's key: the non-rotary part and the shared rotary part copied
-        into the two halves of an empty tensor): buffer -> the values copied in, in graph order."""
+        into the two halves of an empty tensor): buffer -> the values copied in, in graph order (from
+        :func:`_in_place_writes`)."""
         out: dict[Node, list[Node]] = {}
-        for n in self.nodes:
-            if n.op != "call_function" or n.target not in _WRITE or len(n.args) < 2 or not isinstance(n.args[1], Node):
+        for buf, writers in self.written_by.items():
+            if buf.op != "call_function" or buf.target not in _FRESH:
                 continue
-            dst = n.args[0]
-            while isinstance(dst, Node) and dst.op == "call_function" and dst.target in ops.SHAPE and dst.args:
-                dst = dst.args[0]
-            if isinstance(dst, Node) and dst.op == "call_function" and dst.target in _FRESH:
-                out.setdefault(dst, []).append(n.args[1])
+            copied = [w.args[1] for w in writers
+                      if w.target in _WRITE and len(w.args) > 1 and isinstance(w.args[1], Node)]
+            if copied:
+                out[buf] = copied
         return out
 
     def back(self, n: Node) -> list[Node]:

@@ -440,8 +440,9 @@ def _splits_channels(flow: "Dataflow", value: Node, axis: int) -> bool:
 
 
 def _after_the_sublayer(flow: "Dataflow", branch: "Branch", n: Node) -> bool:
-    """Whether ``n`` works on the branch's finished output: no weighted op of the branch reads its result, and a
-    projection back to the stream's width (the branch value's) comes before it."""
+    """Whether ``n`` works on the branch's finished output: no weighted op of the branch reads its result (also
+    through in-place writes into a buffer: RWKV's recurrence fills its output step by step), and a projection back
+    to the stream's width (the branch value's) comes before it."""
     out = ops.shape(branch.value)
     if not out:
         return False
@@ -454,7 +455,7 @@ def _after_the_sublayer(flow: "Dataflow", branch: "Branch", n: Node) -> bool:
         seen.add(u)
         if u in flow.projections or u in flow.opaque:
             return False
-        todo.extend(u.users)
+        todo.extend([*u.users, *flow.writes_into.get(u, ())])  # a write into a buffer reaches the buffer's readers
     seen, todo = set(), list(n.all_input_nodes)
     while todo:
         u = todo.pop()
