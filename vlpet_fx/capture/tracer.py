@@ -333,7 +333,7 @@ def _with_opaque(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException
         # an opaque module inside another one is never called under export: keep the outermost only
         paths = tuple(sorted(p for p in chosen if not any(p.startswith(c + ".") for c in chosen)))
         try:
-            with _module_tracker(model) as stack, _no_op_conversions(), \
+            with _module_tracker(model) as stack, _no_op_conversions(model), \
                     contextlib.redirect_stderr(io.StringIO()), opaque_modules(model, list(paths), args, kwargs):
                 return torch.export.export(model, args, kwargs, strict=False), paths, (), kwargs
         except Exception as again:  # noqa: BLE001 -- the first failure is the one reported
