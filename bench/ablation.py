@@ -143,8 +143,12 @@ def main() -> None:
             results.setdefault(c, {})[method] = {"seeds": len(reps), "averages": avgs,
                                                  "mean_std": q.mean_std(avgs)}
     base_lora = results.get("base", {}).get("lora")
-    lines = ["| condition | VL-PET-large avg | LoRA avg (same backbone and budget) | gap VL-PET − LoRA |",
-             "|---|---:|---:|---:|"]
+    def fmt(r: dict) -> str:  # mean ± std over the seeds that finished (no spread from one seed)
+        m, sd = r["mean_std"]
+        return f"{m:.1f} ± {sd:.1f}" if r["seeds"] > 1 else f"{m:.1f}"
+
+    lines = ["| condition | VL-PET-large avg | LoRA avg (same backbone and budget) | gap VL-PET − LoRA | seeds "
+             "(VL-PET / LoRA) |", "|---|---:|---:|---:|---:|"]
     for c, rows in results.items():
         v = rows.get("vlpet_large")
         ref = rows.get("lora") or base_lora
@@ -152,8 +156,9 @@ def main() -> None:
             continue
         gap = v["mean_std"][0] - ref["mean_std"][0]
         spread = (v["mean_std"][1] ** 2 + ref["mean_std"][1] ** 2) ** 0.5
-        lines.append(f"| {c} | {v['mean_std'][0]:.1f} ± {v['mean_std'][1]:.1f} | {ref['mean_std'][0]:.1f} ± "
-                     f"{ref['mean_std'][1]:.1f}{'' if 'lora' in rows else ' (base)'} | {gap:+.1f} ± {spread:.1f} |")
+        both = v["seeds"] > 1 and ref["seeds"] > 1
+        lines.append(f"| {c} | {fmt(v)} | {fmt(ref)}{'' if 'lora' in rows else ' (base)'} | {gap:+.1f}"
+                     f"{f' ± {spread:.1f}' if both else ''} | {v['seeds']} / {ref['seeds']} |")
     meta = {"family": FAMILY, "seeds": args.seeds, "steps": args.steps, "backbone_steps": args.backbone_steps,
             "train_per_task": args.train_per_task, "eval_per_task": args.eval_per_task, "lr": args.lr,
             "recipe_condition": recipe_ok, "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -78,6 +78,27 @@ def test_t5_visual_embedding_uses_the_rms_norm_of_its_text_model(t5):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_new_layers_start_as_under_the_authors_transformers(bart, t5):
+    # the authors' transformers 4.x: BART's _init_weights draws every Linear / Embedding N(0, init_std) with zero
+    # biases; T5's has no branch for a bare Linear / Embedding, so they keep PyTorch's default (uniform within
+    # +-1/sqrt(fan_in), N(0, 1) rows), not transformers 5's N(0, initializer_factor = 1) fallback
+    std = bart.text.config.init_std
+    bve = bart.visual_projection
+    for lin in (bve.feat_embedding[0], bve.absolute_vis_pos_embedding[0]):
+        assert torch.count_nonzero(lin.bias) == 0
+    w = bve.feat_embedding[0].weight
+    assert abs(w.std().item() - std) < 0.15 * std
+    assert abs(bve.img_order_embedding.weight.std().item() - std) < 0.15 * std
+    tve = t5.visual_projection
+    for lin in (tve.feat_embedding[0], tve.absolute_vis_pos_embedding[0]):
+        bound = 1 / math.sqrt(lin.in_features)
+        assert lin.weight.abs().max() <= bound and lin.bias.abs().max() <= bound
+        assert torch.count_nonzero(lin.bias) == lin.out_features
+    w = tve.feat_embedding[0].weight  # uniform +-b: std b / sqrt(3)
+    assert abs(w.std().item() - 1 / math.sqrt(3 * w.shape[1])) < 0.1 / math.sqrt(3 * w.shape[1])
+    assert abs(tve.img_order_embedding.weight.std().item() - 1.0) < 0.1
+
+
 def test_the_two_images_of_a_pair_are_told_apart(bart):
     feats = _features(bart, batch=1)
     n = bart.tokens_per_image

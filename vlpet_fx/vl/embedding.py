@@ -9,10 +9,10 @@ Each visual token is the sum of three trainable terms:
 
 The norm is a fresh copy of the text model's own normalisation (found by what it computes, not by its class
 name): T5's RMS-style norm for T5, ``LayerNorm`` for BART, as the authors use per backbone. New layers are
-initialised by the text model's ``_init_weights`` (the authors' encoder calls ``init_weights()`` after building
-its visual embedding). The authors also add a frozen row of the text vocabulary per token position
-(``<vis_extra_id_k>``), their only per-token position when their CLIP boxes are all zero; here every patch token
-carries its own box, and no vocabulary row is reserved.
+initialised as the authors' code got them (:func:`init_like`: BART's N(0, ``init_std``), T5's PyTorch default;
+the authors' encoder calls ``init_weights()`` after building its visual embedding). The authors also add a frozen
+row of the text vocabulary per token position (``<vis_extra_id_k>``), their only per-token position when their
+CLIP boxes are all zero; here every patch token carries its own box, and no vocabulary row is reserved.
 
 :class:`EncoderJoin` finds where the text encoder's embedding pipeline ends (what it computes before its first
 layer: BART's token embeddings × scale + positions → ``layernorm_embedding``; T5's token embeddings) so that the
@@ -150,14 +150,39 @@ def norm_like(text: nn.Module, d: int) -> nn.Module:
     return nn.LayerNorm(d)
 
 
+# the config fields a Hugging Face family names its weights' init standard deviation by
+_INIT_STD_FIELDS = ("initializer_range", "init_std")
+
+
+def _names_init_std(config) -> bool:
+    """Whether the text model's config (or one of its sub-configs: an encoder-decoder's halves) names a standard
+    deviation for new weights."""
+    configs = [config] + [getattr(config, k, None) for k in ("encoder", "decoder", "text_config")]
+    return any(isinstance(getattr(c, f, None), (int, float)) for c in configs if c is not None
+               for f in _INIT_STD_FIELDS)
+
+
 def init_like(text: nn.Module, module: nn.Module) -> None:
-    """Initialise ``module``'s Linear and Embedding layers as the text model initialises its own."""
+    """Initialise ``module``'s Linear and Embedding layers as the authors' code got them.
+
+    The authors' encoder calls ``init_weights()`` after building its visual embedding, under transformers 4.x,
+    where a layer is initialised only by the family's own ``_init_weights`` branches: BART draws every Linear
+    and Embedding N(0, ``init_std``), zero biases; T5's has no branch for a bare Linear or Embedding, so they keep
+    PyTorch's default (uniform ±1/√fan_in, N(0, 1) rows). Transformers 5 added a generic fallback that draws
+    N(0, std) with std the config's ``initializer_range`` / ``init_std``, or, for a config naming only a scale
+    ``initializer_factor`` (T5), that factor itself: N(0, 1) weights, √fan_in times PyTorch's scale, which a
+    norm right after hides at the start but which makes Adam's steps that many times smaller relative to the
+    weights (the layer learns that much slower). So the text model's ``_init_weights`` is used when its config
+    names a standard deviation, PyTorch's default otherwise."""
     init = getattr(text, "_init_weights", None)
-    if init is None:
-        return
+    config = getattr(text, "config", None)
+    use_model = init is not None and config is not None and _names_init_std(config)
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            init(m)
+            if use_model:
+                init(m)
+            else:
+                m.reset_parameters()
 
 
 # ---- where the visual tokens join the encoder ---------------------------------------------------------------
