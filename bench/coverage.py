@@ -298,8 +298,7 @@ def run_family(mapping: str, model_type: str) -> dict:
     try:
         lora, rec["lora_rank"] = lora_rules(plan.table)
         lora_plan = vlpet_fx.plan(base, lora, table=plan.table)  # the same module paths: no second capture
-        if not lora_plan.placements:
-            raise RuntimeError("LoRA places nothing: no attention q/v and no mixer in/out projection found")
+        # a plan in which every rule is optional and none matched is refused by plan() in one line
         vlpet_fx.patch(base, lora_plan)
         with torch.no_grad():
             diff = (_first_float(base(*args, **kwargs)) - reference).abs().max().item()
@@ -407,7 +406,7 @@ CAUSES = [
     ("torch.export failed", "torch.export cannot capture the forward (data-dependent control flow ...)"),
     ("per-family time limit", "over the per-family time limit on the busy machine"),
     ("LoRA at init", "LoRA not identical at init"),
-    ("LoRA places nothing", "LoRA finds no attention q/v and no mixer projection"),
+    ("trains nothing", "LoRA finds no attention q/v and no mixer projection (every rule optional, none matched)"),
     ("on the unpatched model too", "transformers' own generate() fails on the tiny config (unpatched too)"),
     ("generate()", "generate() with the KV cache differs"),
 ]

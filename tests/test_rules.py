@@ -56,8 +56,17 @@ def test_rule_matching_nothing_is_an_error_unless_optional():
     text = GOOD.replace("stack: encoder, role: output", "stack: visual, role: output")
     with pytest.raises(vlpet_fx.RulesError, match=r"<rules>:5: rule 'r' matches no site"):
         vlpet_fx.plan(m, parse_rules(text))
-    p = vlpet_fx.plan(m, parse_rules(text.replace("    insert: a", "    insert: a\n    optional: true")))
-    assert p.placements == [] and p.unmatched == ["r"]
+    optional = text.replace("    insert: a", "    insert: a\n    optional: true")
+    # an optional rule that matches nothing is skipped and recorded; the other rules still place their modules
+    p = vlpet_fx.plan(m, parse_rules(optional + GOOD.split("rules:\n", 1)[1].replace("name: r", "name: r2")))
+    assert p.unmatched == ["r"] and {x.rule for x in p.placements} == {"r2"}
+    assert len(p.placements) == sum(1 for s in p.table if s.stack == "encoder" and s.role == "output")
+    # a plan in which nothing would train is refused in one line naming the rules that matched nothing
+    with pytest.raises(vlpet_fx.RulesError) as info:
+        vlpet_fx.plan(m, parse_rules(optional))
+    msg = str(info.value)
+    assert "rule set 't' trains nothing" in msg and "(r) are optional and matched no site" in msg, msg
+    assert "\n" not in msg
 
 
 def test_method_that_does_not_fit_the_site():

@@ -255,6 +255,11 @@ def plan(model: nn.Module, rules: "RuleSet | str", *, table: SiteTable | None = 
             for n_ in _params_of(model, named, [p.site.path], "all"):
                 trainable.setdefault(n_, named[n_].numel())
                 sources.setdefault(n_, p.rule)
+    if not chosen and not trainable:
+        what = (f"its rules ({', '.join(shown(u, 40) for u in unmatched[:6])}) are optional and matched no site"
+                if unmatched else "it has no rule that places a method or makes a parameter trainable")
+        raise RulesError(f"{rs.where('rules')}: rule set '{shown(rs.name)}' trains nothing on {table.model}: {what}; "
+                         "check the selectors against `vlpet-fx inspect`, or use a rule set that fits this model")
     _check_attach_names(chosen.values(), rs)
     order = {id(s): i for i, s in enumerate(table)}
     placements = sorted(chosen.values(), key=lambda p: (p.rule_index, order[id(p.site)], p.placement))
