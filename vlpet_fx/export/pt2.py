@@ -104,7 +104,9 @@ def _export_failure(model: nn.Module, exc: BaseException, where: str) -> ExportE
             f"cannot export to .pt2: {who} depends on tensor values{f' ({at})' if at else ''}, which torch.export "
             "cannot turn into a program for every input (capture keeps such a module as one opaque call, which runs "
             "only in the process that captured it and cannot be saved); export with --format adapters instead")
-    return ExportError(f"torch.export could not export the patched model: {type(exc).__name__}: {_first_line(exc)}")
+    inside = f" in module '{where}'" if where else ""
+    return ExportError(f"torch.export could not export the patched model{inside}: {type(exc).__name__}: "
+                       f"{_first_line(exc)}; export with --format adapters instead")
 
 
 def _export_text_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:

@@ -141,8 +141,8 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 # what torch resolves a target to by getattr from the torch, operator or math module: only operator overloads
 # (torch.ops.<namespace>.<op>.<overload>), higher-order operators, the operator/math functions of symbolic shapes
 # and the torch functions torch's own verifier lets into a program (anything else could name torch.os.system)
-_OPERATOR = re.compile(rf"^(torch\.ops\.(?!higher_order\.){_IDENT}\.{_IDENT}\.[A-Za-z][A-Za-z0-9_]*|torch\.ops\.higher_order\.{_IDENT}"
-                       r"|_operator\.[a-z_]+|math\.(ceil|floor|trunc))$")
+_OPERATOR = re.compile(rf"^(torch\.ops\.(?!higher_order\.){_IDENT}\.{_IDENT}\.[A-Za-z][A-Za-z0-9_]*"
+                       rf"|torch\.ops\.higher_order\.{_IDENT}|_operator\.[a-z_]+|math\.(ceil|floor|trunc))$")
 _TORCH_FUNCTIONS = frozenset(
     [f"torch.sym_{f}" for f in ("int", "float", "ite", "max", "min", "not", "sqrt", "sum")]
     + ["torch._C._set_grad_enabled", "torch.autograd.grad_mode.set_grad_enabled",
