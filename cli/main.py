@@ -59,6 +59,22 @@ def reported(writing: Path | None = None):
         fail(f"cannot write '{writing}': {exc.strerror or exc}")
 
 
+def say_unmatched(plan) -> None:
+    """One line on stderr naming the optional rules that matched no site (they placed nothing, and a rule set meant
+    for another kind of model would otherwise patch only part of what it promises without a word)."""
+    if not plan.unmatched:
+        return
+    from vlpet_fx._text import shown
+
+    names = ", ".join(f"'{shown(n, 40)}'" for n in plan.unmatched[:6])
+    n = len(plan.unmatched)
+    more = f" and {n - 6} more" if n > 6 else ""
+    line = (f"{n} optional rule{'s' if n > 1 else ''} of {shown(plan.rules.name, 60)} matched no site of "
+            f"{shown(plan.model, 80)} and placed nothing: {names}{more}; check the selectors against "
+            "`vlpet-fx inspect` if that model should have them")
+    err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def given(ctx: typer.Context, *names: str) -> list[str]:
     """The options among ``names`` (parameter names) that were typed on the command line, as spelled in help."""
     # by name: typer ships its own copy of click, so click's ParameterSource enum is another class
@@ -121,11 +137,13 @@ def inspect(
         if rs is not None:
             the_plan = vlpet_fx.plan(net, rs, table=table)
             hits = {p.site.key for p in the_plan.placements}
+            say_unmatched(the_plan)
 
     if fmt is InspectFormat.json:
         doc = table.to_dict()
         if rules is not None:  # the rule set's hits: one entry per placement, with its site
             doc["hits"] = [p.public() for p in the_plan.placements]
+            doc["unmatched"] = list(the_plan.unmatched)
         text = json.dumps(doc) + "\n"
         if out_file is None:
             sys.stdout.write(text)
@@ -199,6 +217,7 @@ def patch(
             check_out_dir(out_dir)
         net, name = load_model(model, size.value, weights=not dry_run, seed=seed)
         the_plan = vlpet_fx.plan(net, rs, name=name)
+        say_unmatched(the_plan)
         if dry_run:
             if fmt is PatchFormat.json:
                 sys.stdout.write(json.dumps(the_plan.to_dict()) + "\n")

@@ -510,6 +510,36 @@ def _duplicate(marker):
     return e
 
 
+def _opaque_call(marker):
+    """A node calling vlpet-fx's opaque op (a slot naming a module of whichever process loads the file)."""
+    def e(root, entries):
+        name = f"{root}/models/model.json"
+        text = entries[name].decode()
+        assert '"torch.ops.aten.mul.Tensor"' in text
+        entries[name] = text.replace('"torch.ops.aten.mul.Tensor"', '"torch.ops.vlpet_fx.opaque.default"').encode()
+        return entries
+
+    return e
+
+
+def _target(target):
+    """A node whose target is ``target``: torch resolves `torch.a.b` by getattr from the torch module, so
+    `torch.os.system` is os.system (torch's verifier refuses it after resolving; the scan refuses it first)."""
+    def make(marker):
+        def e(root, entries):
+            name = f"{root}/models/model.json"
+            doc = json.loads(entries[name])
+            doc["graph_module"]["graph"]["nodes"].insert(0, {
+                "target": target, "inputs": [{"name": "", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+                "outputs": [{"as_none": True}], "metadata": {}, "is_hop_single_tensor_return": None, "name": "x"})
+            entries[name] = json.dumps(doc).encode()
+            return entries
+
+        return e
+
+    return make
+
+
 PT2_ROWS = [
     ("use-pickle-weight", _use_pickle, "marks 'lin.weight' use_pickle"),
     ("sample-inputs-pickle", _sample_inputs, "names Python objects besides tensors"),
@@ -523,6 +553,10 @@ PT2_ROWS = [
     ("unknown-entry", _add("xl_model_weights/model_param_config", lambda m: b"{}"), "is not part of a torch.export"),
     ("number-as-code", _int_as_string, "wrong type at program.range_constraints"),
     ("duplicate-entry", _duplicate, "appears twice"),
+    ("opaque-op-call", _opaque_call, "calls torch.ops.vlpet_fx.opaque.default: a module that capture kept"),
+    ("torch-callable-target", _target("torch.os.system"), "names 'torch.os.system' as an operator, which is not"),
+    ("ops-attribute-target", _target("torch.ops.load_library"), "names 'torch.ops.load_library' as an operator"),
+    ("hop-attribute-target", _target("torch.ops.higher_order.cond.name"), "as an operator, which is not one"),
 ]
 
 

@@ -142,7 +142,7 @@ def test_patch_dry_run_json_contract(rules):
     res = run("patch", "bart", "--rules", rules, "--dry-run", "--format", "json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert set(doc) == {"placements", "trainable_params", "pet_params", "base_params", "patched_params"}
+    assert set(doc) == {"placements", "trainable_params", "pet_params", "base_params", "patched_params", "unmatched"}
     assert doc["placements"] and all(set(p) == PLACEMENT_KEYS for p in doc["placements"])
     assert sum(p["params"] for p in doc["placements"]) <= doc["trainable_params"] < doc["patched_params"]
     assert doc["patched_params"] == doc["base_params"] + doc["pet_params"]

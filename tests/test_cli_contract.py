@@ -52,9 +52,10 @@ def test_inspect_json_with_rules_has_the_hits_and_out_writes_it(tmp_path):
     res = run("inspect", "t5", "--format", "json", "--rules", "vlpet_large")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert set(doc) == {"model", "base_params", "sites", "hits"}
+    assert set(doc) == {"model", "base_params", "sites", "hits", "unmatched"}
     plan = json.loads(run("patch", "t5", "--rules", "vlpet_large", "--dry-run", "--format", "json").stdout)
     assert doc["hits"] == plan["placements"] and doc["base_params"] == plan["base_params"]
+    assert doc["unmatched"] == plan["unmatched"]
     res = run("inspect", "t5", "--format", "json", "--out", tmp_path / "t.json")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "t.json").read_text())["base_params"] == doc["base_params"]

@@ -330,3 +330,73 @@ def test_index_inputs_that_change_the_outputs_are_not_passed_in():
     model = PositionsLM(scale_given=2).eval()  # given ids are doubled: the recorded ones would change the output
     with pytest.raises(CaptureError, match="torch.export failed in module 'inner'"):
         vlpet_fx.capture(model, (POS_IDS,))
+
+
+# ---- .pt2: a program cannot hold an opaque call ------------------------------------------------------------------
+
+def test_a_saved_program_with_opaque_calls_is_refused_by_load_pt2(captured, tmp_path):
+    """The call names a module of the capturing process by a slot number: no file holds it, and a file must not
+    reach a module of the loading process. Refused in one line when loaded, even in the process that captured it."""
+    from vlpet_fx.errors import ExportError
+    from vlpet_fx.export import load_pt2
+
+    cap, _ = captured
+    f = tmp_path / "opaque.pt2"
+    torch.export.save(cap.exported, str(f))
+    assert torch.export.load(str(f)) is not None  # the premise: torch saves and loads it (the refusal is ours)
+    with pytest.raises(ExportError) as err:
+        load_pt2(f)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"refusing '{f}': its program (models/model.json) calls "
+                                                      "torch.ops.vlpet_fx.opaque.default")
+    assert "--format adapters" in message and "untrusted" not in message
+
+
+@pytest.fixture(scope="module")
+def switch():
+    tf = pytest.importorskip("transformers")
+    from vlpet_fx.zoo.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return tf.AutoModelForSeq2SeqLM.from_config(tiny_config("switch_transformers")).eval()
+
+
+def test_pt2_export_of_a_model_with_a_data_dependent_module_is_one_line(switch):
+    """Switch Transformers' experts loop over the experts the router picked (capture keeps them opaque): pt2 cannot
+    hold them, and the refusal names the module, the line of the loop and the format that works."""
+    from vlpet_fx.errors import ExportError
+    from vlpet_fx.export.pt2 import export_programs
+
+    with pytest.raises(ExportError) as err:
+        export_programs(switch)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("cannot export to .pt2: module 'encoder.block.")
+    assert "(SwitchTransformersExperts) depends on tensor values" in message and "for expert_idx in" in message
+    assert message.endswith("export with --format adapters instead")
+    experts = {p for p, m in switch.named_modules() if type(m).__name__ == "SwitchTransformersExperts"}
+    where = message.split("module '", 1)[1].split("'", 1)[0]
+    assert where in experts
+
+
+@pytest.mark.slow
+def test_cli_export_pt2_of_a_patched_switch_model_is_refused_in_one_line(switch, tmp_path):
+    """End to end in a real process: `patch` then `export --format pt2` exits 2 with one line on stderr (the
+    load's capture warning is not printed over it) and writes nothing; `--format adapters` works."""
+    from badinput import assert_refused, run_cli
+
+    switch.save_pretrained(tmp_path / "switch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, _, stderr = run_cli("patch", str(tmp_path / "switch"), "--rules", "vlpet_large", "--out",
+                                  str(tmp_path / "p"))
+    assert code == 0, stderr
+    code, _, stderr = run_cli("export", str(tmp_path / "p"), "--format", "pt2", "--out", str(tmp_path / "x"),
+                              subprocess_=True)
+    assert_refused(code, stderr, "(SwitchTransformersExperts) depends on tensor values")
+    assert not (tmp_path / "x").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, _, stderr = run_cli("export", str(tmp_path / "p"), "--format", "adapters", "--out",
+                                  str(tmp_path / "a"))
+    assert code == 0 and (tmp_path / "a" / "vlpet.json").is_file(), stderr

@@ -15,7 +15,9 @@ ONE graph node, ``torch.ops.vlpet_fx.opaque(slot, tensors, state)``:
 * the analysis treats the node as heavy (a walk stops there) and finds no site inside it: those sites are given
   up, the sites around it (the router, the residual branch holding it) are kept.
 
-The slot numbers refer to this process's modules: a graph holding opaque calls cannot be saved as a program.
+The slot numbers refer to this process's modules: a graph holding opaque calls cannot be saved as a program
+(``vlpet_fx.export.load_pt2`` refuses a ``.pt2`` that calls the op, and ``export --format pt2`` of a model with
+such a module stops in one line: :mod:`vlpet_fx.export.pt2`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -55,14 +56,19 @@ def export(src: str | Path, fmt: str, out: str | Path, *, force: bool = False, t
     check_out_dir(out)
     model_dir = model_dir_of(src)
     manifest = read_manifest(model_dir)
-    model = load(model_dir, force=force, trust_code=trust_code)
-    tok = tokenizer_dir_of(src)
-    with atomic_dir(out) as tmp:
-        payload = tmp / "payload"
-        _FORMATS[fmt](model, manifest, payload)
-        for p in payload.iterdir():
-            os.replace(p, tmp / p.name)
-        payload.rmdir()
-        if tok is not None and not (tmp / "tokenizer").exists():
-            shutil.copytree(tok, tmp / "tokenizer")
+    # the warnings of loading (re-capturing the base model) are shown once the export worked: when it fails, its
+    # one-line error says why (a pt2 export that fails on a module capture kept opaque names that module)
+    with warnings.catch_warnings(record=True) as held:
+        model = load(model_dir, force=force, trust_code=trust_code)
+        tok = tokenizer_dir_of(src)
+        with atomic_dir(out) as tmp:
+            payload = tmp / "payload"
+            _FORMATS[fmt](model, manifest, payload)
+            for p in payload.iterdir():
+                os.replace(p, tmp / p.name)
+            payload.rmdir()
+            if tok is not None and not (tmp / "tokenizer").exists():
+                shutil.copytree(tok, tmp / "tokenizer")
+    for w in held:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return Path(out)

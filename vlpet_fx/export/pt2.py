@@ -13,6 +13,8 @@ and refuses anything torch would unpickle or run; plain ``torch.export.load`` un
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -68,6 +70,8 @@ def example(model: nn.Module, batch: int = 2, src: int = 9, tgt: int = 5):
 
 
 def export_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:
+    """The programs of ``model`` (see the module doc); ExportError (one line) when torch.export cannot make them."""
+    from ..capture.tracer import _module_tracker, _no_op_conversions
     from ..vl.model import VLModel
 
     if isinstance(model, VLModel):  # images next to the text: see pt2_vl
@@ -76,8 +80,33 @@ def export_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]
         exporter = export_vl_programs
     else:
         exporter = _export_text_programs
-    with _quiet_export(model):
-        return exporter(model.eval())
+    stack: list[str] = []
+    try:
+        # a module converting itself to the dtype it already has (a router's classifier) is a no-op here, as in
+        # capture; the tracker names the module a failure happens in; torch.export's report of a failure (the
+        # partial graph, on stderr and in its logs) is replaced by one line
+        with _quiet_export(model), _module_tracker(model) as stack, _no_op_conversions(model), \
+                contextlib.redirect_stderr(io.StringIO()):
+            return exporter(model.eval())
+    except ExportError:
+        raise
+    except Exception as exc:  # torch.export's own errors are long: one line naming the cause
+        raise _export_failure(model, exc, stack[-1] if stack else "") from None
+
+
+def _export_failure(model: nn.Module, exc: BaseException, where: str) -> ExportError:
+    from ..capture.tracer import _first_line, data_dependent, user_line
+
+    if data_dependent(exc):
+        at = user_line(exc)
+        who = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the forward"
+        return ExportError(
+            f"cannot export to .pt2: {who} depends on tensor values{f' ({at})' if at else ''}, which torch.export "
+            "cannot turn into a program for every input (capture keeps such a module as one opaque call, which runs "
+            "only in the process that captured it and cannot be saved); export with --format adapters instead")
+    inside = f" in module '{where}'" if where else ""
+    return ExportError(f"torch.export could not export the patched model{inside}: {type(exc).__name__}: "
+                       f"{_first_line(exc)}; export with --format adapters instead")
 
 
 def _export_text_programs(model: nn.Module) -> dict[str, torch.export.ExportedProgram]:
@@ -90,6 +119,12 @@ def _export_text_programs(model: nn.Module) -> dict[str, torch.export.ExportedPr
 
 @contextlib.contextmanager
 def _quiet_export(model: nn.Module):
+    from ..capture.tracer import _NOISY_LOGGERS
+
+    quiet = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # VL-PET's gates receive the block input through an attribute set by a pre-hook; export traces
@@ -97,6 +132,8 @@ def _quiet_export(model: nn.Module):
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             yield
     finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
         for m in model.modules():
             if getattr(m, "block_input", None) is not None:
                 m.block_input = None  # drop the tracing-time tensors
@@ -116,13 +153,7 @@ def _export_all(model, ids, mask, dec) -> dict[str, torch.export.ExportedProgram
 
 
 def write_pt2(model: nn.Module, manifest: dict, out: str | Path) -> None:
-    try:
-        programs = export_programs(model)
-    except ExportError:
-        raise
-    except Exception as exc:  # torch.export's own errors are long; keep the first line
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise ExportError(f"torch.export could not export the patched model: {first}") from None
+    programs = export_programs(model)
     with atomic_dir(out) as tmp:
         for name, ep in programs.items():
             torch.export.save(ep, str(tmp / f"{name}.pt2"))
@@ -135,8 +166,6 @@ def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
     """``torch.export.load`` made safe for a file from elsewhere: the archive is scanned first and refused (one line
     naming the entry and why) if torch would unpickle, exec or eval anything in it, and the load itself runs with
     every ``torch.load`` forced to ``weights_only=True`` (see pt2_safety.py and docs/SECURITY.md)."""
-    import io
-
     from ..io import FileProblem, read_user_file
     from .pt2_safety import restricted_unpickling, scan_pt2
 

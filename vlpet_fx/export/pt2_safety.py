@@ -20,6 +20,9 @@ entry (relative to the archive's root folder)       what torch does with it     
 ``models/<model>.json`` numbers                     spliced into generated guard code                   typed
 ``models/<model>.json`` names, targets, FQNs        written into generated code (``getattr(self, "…")``)  dotted
                                                     unescaped                                            names
+``models/<model>.json`` node targets                resolved by getattr from ``torch`` (any callable:     operators
+                                                    ``torch.os.system``), then checked by its verifier   only
+``models/<model>.json`` ``vlpet_fx::opaque`` calls  run a module of this process named by a slot number  refused
 any other entry (xl weights, mtia, executorch, …)   not needed by a vlpet-fx export                     refused
 ==================================================  =================================================  ==========
 
@@ -110,6 +113,58 @@ class _Refused(Exception):
 
 class _Damaged(Exception):
     pass
+
+
+class _Unloadable(Exception):
+    """A well-formed program this process cannot run (not an attack: no 'untrusted source' warning)."""
+
+
+OPAQUE_NAMESPACE = "torch.ops.vlpet_fx."  # vlpet_fx/capture/opaque.py: a call into a module of another process
+
+
+def _operators(doc: Any, depth: int = 0) -> typing.Iterator[str]:
+    """Every operator a program names: node targets (also in nested graphs) and operator arguments."""
+    if depth > 200:
+        return
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k in ("target", "as_operator") and isinstance(v, str):
+                yield v
+            else:
+                yield from _operators(v, depth + 1)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _operators(v, depth + 1)
+
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+# what torch resolves a target to by getattr from the torch, operator or math module: only operator overloads
+# (torch.ops.<namespace>.<op>.<overload>), higher-order operators, the operator/math functions of symbolic shapes
+# and the torch functions torch's own verifier lets into a program (anything else could name torch.os.system)
+_OPERATOR = re.compile(rf"^(torch\.ops\.(?!higher_order\.){_IDENT}\.{_IDENT}\.[A-Za-z][A-Za-z0-9_]*"
+                       rf"|torch\.ops\.higher_order\.{_IDENT}|_operator\.[a-z_]+|math\.(ceil|floor|trunc))$")
+_TORCH_FUNCTIONS = frozenset(
+    [f"torch.sym_{f}" for f in ("int", "float", "ite", "max", "min", "not", "sqrt", "sum")]
+    + ["torch._C._set_grad_enabled", "torch.autograd.grad_mode.set_grad_enabled",
+       "torch.amp.autocast_mode._enter_autocast", "torch.amp.autocast_mode._exit_autocast",
+       "torch.fx.experimental.symbolic_shapes.cast_symbool_to_symint_guardless"])
+
+
+def check_operators(doc: Any, entry: str) -> None:
+    """Refuse a program naming a callable that is not an operator (torch.export.load would resolve and place it in
+    the graph; torch's verifier is the only other guard), and one that calls ``vlpet_fx::opaque``: that call names
+    a module (by a slot number) of the process that captured the model, which no file holds (and must not reach a
+    module of this process)."""
+    ops = set(_operators(doc))
+    bad = next((op for op in sorted(ops) if not (_OPERATOR.match(op) or op in _TORCH_FUNCTIONS)), None)
+    if bad is not None:
+        _refuse(entry, f"names {bad[:80]!r} as an operator, which is not one (torch.export.load would call it)")
+    found = next((op for op in sorted(ops) if op.startswith(OPAQUE_NAMESPACE)), None)
+    if found is not None:
+        raise _Unloadable(
+            f"its program ({entry}) calls {found[:80]}: a module that capture kept as one opaque call (its forward "
+            "depends on tensor values), which runs only in the process that captured the model; export the patched "
+            "model with `vlpet-fx export --format adapters` instead")
 
 
 def _refuse(entry: str, why: str):
@@ -337,6 +392,8 @@ def scan_pt2(data: bytes, label: str) -> None:
     except _Refused as exc:
         raise ExportError(f"refusing '{label}': {exc}; a .pt2 from an untrusted source can run code, and "
                           "vlpet-fx only loads plain programs (see docs/SECURITY.md)") from None
+    except _Unloadable as exc:
+        raise ExportError(f"refusing '{label}': {exc}") from None
 
 
 def _scan(data: bytes) -> None:
@@ -380,6 +437,7 @@ def _scan(data: bytes) -> None:
             _refuse(entry, "is not a program description")
         check_names(doc, entry)
         _check_value(schema.ExportedProgram, doc, "program", entry)
+        check_operators(doc, entry)
         for g in doc.get("guards_code") or []:
             check_guard(g, entry)
         for folder, kind, prefix in (("data/weights/", "weights", "weight_"),

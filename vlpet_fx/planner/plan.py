@@ -169,7 +169,8 @@ class Plan:
     def to_dict(self) -> dict:
         """The public JSON contract of ``patch --format json`` (field names: docs/CLI.md)."""
         return {"placements": [p.public() for p in self.placements], "trainable_params": self.trainable_params,
-                "pet_params": self.pet_params, "base_params": self.total_params, "patched_params": self.patched_total}
+                "pet_params": self.pet_params, "base_params": self.total_params, "patched_params": self.patched_total,
+                "unmatched": list(self.unmatched)}
 
     def to_full_dict(self) -> dict:
         """The manifest's record (vlpet.json; its keys are kept as they were written)."""
