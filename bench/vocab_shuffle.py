@@ -5,17 +5,20 @@ twice with the same recipe, seed and steps: once as shipped, once as a copy whos
 shuffled among the non-special tokens (encoder and decoder alike, one permutation; the decoder's output layer is
 tied to its embeddings). The copy is the checkpoint as a mismatched tokenizer would see it: every id means
 another word than the one its row learnt. If the run trains with the checkpoint's own tokenizer, the shipped
-backbone starts and ends at a lower loss than the shuffled one.
+backbone learns faster and ends at a lower loss than the shuffled one. Both start at chance (about ln V): a
+BERT2BERT decoder's cross-attention and the VL parts are new, so the first steps' losses are not told apart.
 
     python bench/vocab_shuffle.py --out bench/out/vocab-shuffle        # needs: pip install -e .[pretrained]
 
-Writes OUT/result.json (per-step losses of both runs, first/last, means of the first and the last 5) and prints a summary.
+Writes OUT/result.json (per-step losses of both runs, first/last, means of steps 1-5, 6-15 and the last 5, ln V)
+and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -60,15 +63,25 @@ def run(text: Path, out: Path, args) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r and "eval" not in r]
 
 
+def chance_loss(backbone: Path) -> float:
+    """ln V: the loss of a uniform guess over the decoder's vocabulary."""
+    cfg = json.loads((backbone / "config.json").read_text())
+    return math.log(cfg.get("decoder", cfg)["vocab_size"])
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def compare(backbone: Path, work: Path, args) -> dict:
     shuffled = shuffled_copy(backbone, work / "shuffled-backbone")
-    result = {}
+    result = {"chance": chance_loss(backbone)}
     for name, text in (("as shipped", backbone), ("rows shuffled", shuffled)):
         t0 = time.perf_counter()
         losses = run(text, work / name.replace(" ", "-"), args)
         result[name] = {"losses": losses, "first": losses[0], "last": losses[-1],
-                        "first5_mean": sum(losses[:5]) / len(losses[:5]),
-                        "last5_mean": sum(losses[-5:]) / len(losses[-5:]), "seconds": time.perf_counter() - t0}
+                        "first5_mean": mean(losses[:5]), "steps6_15_mean": mean(losses[5:15]),
+                        "last5_mean": mean(losses[-5:]), "seconds": time.perf_counter() - t0}
     return result
 
 
@@ -101,14 +114,15 @@ def main(argv=None) -> int:
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "runs": res}
     (args.out / "result.json").write_text(json.dumps(doc, indent=1))
-    for name, r in res.items():
-        print(f"{name:14s} first {r['first']:.3f}  mean of first 5 {r['first5_mean']:.3f}  last {r['last']:.3f}  "
-              f"mean of last 5 {r['last5_mean']:.3f}  "
-              f"({r['seconds']:.0f} s)")
+    print(f"chance (ln V) {res['chance']:.3f}")
+    for name in ("as shipped", "rows shuffled"):
+        r = res[name]
+        print(f"{name:14s} first {r['first']:.3f}  steps 1-5 {r['first5_mean']:.3f}  steps 6-15 "
+              f"{r['steps6_15_mean']:.3f}  last 5 {r['last5_mean']:.3f}  last {r['last']:.3f}  ({r['seconds']:.0f} s)")
     a, b = res["as shipped"], res["rows shuffled"]
-    ok = a["first5_mean"] < b["first5_mean"] and a["last5_mean"] < b["last5_mean"]
-    print("pretrained vocabulary kept: " + ("yes" if ok else "NO") + " (shipped starts and ends lower: means of the "
-          "first and the last 5 steps)")
+    ok = a["steps6_15_mean"] < b["steps6_15_mean"] and a["last5_mean"] < b["last5_mean"]
+    print("pretrained vocabulary kept: " + ("yes" if ok else "NO") + " (shipped learns faster and ends lower: means "
+          "of steps 6-15 and of the last 5)")
     return 0
 
 

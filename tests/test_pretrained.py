@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,11 +129,13 @@ def test_train_text_dir_end_to_end_then_predict(b2b, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_vocabulary_is_kept_shuffled_rows_start_and_end_higher(b2b, tmp_path):
-    """The same backbone, same recipe and steps: as shipped it starts and ends at a lower loss than a copy whose
-    embedding rows are shuffled (ids meaning other words) — what a mismatched tokenizer would do to it. Run as the
-    bench's own command in a fresh process (the figures in BENCHMARKS.md), so nothing an earlier test left in this
-    process (registries, random state) changes them."""
+def test_pretrained_vocabulary_is_kept_shuffled_rows_learn_slower_and_end_higher(b2b, tmp_path):
+    """The same backbone, same recipe and steps: as shipped it learns faster and ends at a lower loss than a copy
+    whose embedding rows are shuffled (ids meaning other words) — what a mismatched tokenizer would do to it. Both
+    start at chance (ln V): a BERT2BERT decoder's cross-attention and the VL parts are new, so the first steps'
+    losses go either way between processes (10.53 vs 10.60 and 10.52 vs 10.16 as means of steps 1-5), and the
+    issue's "starts lower" is not what this backbone can show. Run as the bench's own command in a fresh process
+    (the figures in BENCHMARKS.md), so nothing an earlier test left in this process changes them."""
     bench = os.path.join(os.path.dirname(__file__), "..", "bench", "vocab_shuffle.py")
     out = tmp_path / "vocab"
     res = subprocess.run([sys.executable, bench, "--out", str(out), "--backbone", str(b2b), "--eval-per-task", "2"],
@@ -141,8 +144,10 @@ def test_pretrained_vocabulary_is_kept_shuffled_rows_start_and_end_higher(b2b, t
     runs = json.loads((out / "result.json").read_text())["runs"]
     shipped, shuffled = runs["as shipped"], runs["rows shuffled"]
     assert len(shipped["losses"]) == len(shuffled["losses"]) == 30
-    # one step's loss still jumps around (the first step: 11.14 vs 11.20 here, the other way round in another
-    # process state once); the mean of the first 5 steps is the start, of the last 5 the end (30 steps:
-    # 10.76 vs 10.91 and 3.54 vs 5.98)
-    assert shipped["first5_mean"] < shuffled["first5_mean"]
+    chance = math.log(30522)  # MiniLM's vocabulary (bert-base-uncased's)
+    assert runs["chance"] == pytest.approx(chance)
+    for r in (shipped, shuffled):  # both start at chance: nothing of the new parts is trained yet
+        assert abs(r["first"] - chance) < 1.5, r["first"]
+    # the curves part after a few steps (BENCHMARKS.md: steps 6-15 5.5 vs 7.5, last 5 3.4 vs 5.8)
+    assert shipped["steps6_15_mean"] < shuffled["steps6_15_mean"]
     assert shipped["last5_mean"] < shuffled["last5_mean"]

@@ -132,7 +132,7 @@ def test_user_jsonl_data(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--task", "vqa", "--task", "poetry"], "unknown task 'poetry'"),
     (["--data", "{tmp}/empty.jsonl"], "no usable rows"),
-    (["--rules", "{tmp}/nothing.yaml"], "leaves nothing trainable"),
+    (["--rules", "{tmp}/nothing.yaml"], "trains nothing"),
     (["--out", "{tmp}/taken"], "holds another run"),
 ])
 def test_train_bad_input(tmp_path, args, needle):
