@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vlpet_fx
+from patched_checks import assert_trains_and_generates
 from vlpet_fx.capture.inputs import build_example_inputs
 from vlpet_fx.zoo.tiny import tiny_config
 
@@ -238,15 +239,7 @@ def test_patch_forward_backward_lora_identity_and_generate(name):
     vlpet_fx.patch(patched, plan)
     out = _first_float(patched(*args, **kwargs))
     assert not torch.allclose(out, reference), name  # VL-PET modules (non-zero init) change the output
-    out.float().sum().backward()
-    trainable = [p for p in patched.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable), name
-    if kind in ("causal", "vlm", "audio"):
-        extra = {k: v for k, v in kwargs.items() if k != "use_cache"}
-        with torch.no_grad():
-            cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
-            plain = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=False)
-        assert torch.equal(cached, plain), name
+    assert_trains_and_generates(patched, out, kwargs, name, generate=kind in ("causal", "vlm", "audio"))
 
 
 def test_the_table_spans_the_patterns():

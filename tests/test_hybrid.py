@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vlpet_fx
+from patched_checks import assert_trains_and_generates
 from toy_hybrid import HybridLM, SharedLM, build
 from vlpet_fx.rules import parse_rules
 
@@ -203,14 +204,7 @@ def test_hybrid_families(family):
     out, checked, _ = _gate_inputs(patched, patched.model.layers, terms, lambda: patched(*args, **kwargs))
     assert checked == set(terms), (family, set(terms) - checked)
     assert not torch.allclose(out, reference), family
-    _first(patched(*args, **kwargs)).float().sum().backward()
-    trainable = [p for p in patched.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable), family
-    extra = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    with torch.no_grad():
-        cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
-        plain = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=False)
-    assert torch.equal(cached, plain), family
+    assert_trains_and_generates(patched, _first(patched(*args, **kwargs)), kwargs, family)
 
 
 def test_a_block_shared_by_several_layers_is_one_site():

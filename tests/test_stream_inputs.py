@@ -47,11 +47,19 @@ def _hidden(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _seen_x(model, select: dict):
-    """Patch VL-PET gates on the selected sites; run once; per placement, the X each call of its site used."""
+def _record(module, where: str, store: list):
+    """A hook on ``module`` that appends its first input (``where="in"``) or first output (``"out"``)."""
+    if where == "in":
+        return module.register_forward_pre_hook(lambda m, a, kw: store.append(_hidden(a, kw).clone()), with_kwargs=True)
+    return module.register_forward_hook(lambda m, a, out: store.append(_first(out).clone()))  # before any in-place op
+
+
+def _seen_x(model, select: dict, watched, where: str = "in"):
+    """Patch VL-PET gates on the selected sites and run once. Returns the plan, the patched model, per placement
+    the X each call of its site used, and per module of ``watched(patched)`` (a list) what each of its calls
+    received (``where="in"``) or returned (``"out"``): the reference, from the model's own modules."""
     inputs = build_example_inputs(model)  # before any hook: building them may run the model
-    table = vlpet_fx.discover(model)
-    plan = vlpet_fx.plan(model, _gates(select), table=table)
+    plan = vlpet_fx.plan(model, _gates(select), table=vlpet_fx.discover(model))
     assert plan.placements
     patched = vlpet_fx.patch(copy.deepcopy(model), plan)
     used: dict[str, list[torch.Tensor]] = {}
@@ -62,20 +70,18 @@ def _seen_x(model, select: dict):
         # registered after the patch's own hook: sees the X that hook has just used
         handles.append(patched.get_submodule(p.site.path).register_forward_hook(
             lambda m, a, out, pet=pet, path=path: used.setdefault(path, []).append(pet.block_input.clone())))
-    return table, plan, patched, used, handles, inputs
-
-
-def _record(module, where: str, store: list, *, call=None):
-    """A hook on ``module`` that appends its first input (``where="in"``) or first output (``"out"``)."""
-    if where == "in":
-        return module.register_forward_pre_hook(lambda m, a, kw: store.append(_hidden(a, kw).clone()), with_kwargs=True)
-    return module.register_forward_hook(lambda m, a, out: store.append(_first(out).clone()))  # before any in-place op
-
-
-def _run(model, inputs):
+    seen: list[list[torch.Tensor]] = []
+    for module in watched(patched):
+        seen.append([])
+        handles.append(_record(module, where, seen[-1]))
     _, args, kwargs = inputs
-    with torch.no_grad():
-        model(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            patched(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return plan, patched, used, seen
 
 
 def _check(used: dict, patched, want_of, name: str) -> int:
@@ -95,30 +101,20 @@ def _check(used: dict, patched, want_of, name: str) -> int:
 def test_led_encoder_attention_reads_the_layer_input_beside_its_padding_mask():
     """LED's encoder layer takes X with a per-token padding mask (B, S) beside it: the layer is X's module."""
     model = _build("AutoModelForSeq2SeqLM", "led")
-    table, plan, patched, used, handles, inputs = _seen_x(model, {"stack": "encoder", "block": "self_attn", "role": "output"})
-    layers = patched.led.encoder.layers
-    seen = {i: [] for i in range(len(layers))}
-    handles += [_record(layer, "in", seen[i]) for i, layer in enumerate(layers)]
-    _run(patched, inputs)
-    for h in handles:
-        h.remove()
-    assert len(plan.placements) == len(layers)
-    assert _check(used, patched, lambda s: seen[s.layer], "led") == len(layers)
+    plan, patched, used, seen = _seen_x(model, {"stack": "encoder", "block": "self_attn", "role": "output"},
+                                        lambda m: list(m.led.encoder.layers))
+    assert len(plan.placements) == len(seen) == len(model.led.encoder.layers)
+    assert _check(used, patched, lambda s: seen[s.layer], "led") == len(seen)
 
 
 def test_prophetnet_main_and_ngram_streams_read_one_x():
     """ProphetNet's decoder attends its main and n-gram streams with one call of each projection: the two
     attention calls' output site reads the layer input, taken from that one call."""
     model = _build("AutoModelForCausalLM", "prophetnet")
-    table, plan, patched, used, handles, inputs = _seen_x(model, {"stack": "decoder", "block": "self_attn", "role": "output"})
-    layers = patched.prophetnet.decoder.layers
-    seen = {i: [] for i in range(len(layers))}
-    handles += [_record(layer, "in", seen[i]) for i, layer in enumerate(layers)]
-    _run(patched, inputs)
-    for h in handles:
-        h.remove()
-    assert len(plan.placements) == len(layers)
-    assert _check(used, patched, lambda s: seen[s.layer], "prophetnet") == len(layers)
+    plan, patched, used, seen = _seen_x(model, {"stack": "decoder", "block": "self_attn", "role": "output"},
+                                        lambda m: list(m.prophetnet.decoder.layers))
+    assert len(plan.placements) == len(seen) == len(model.prophetnet.decoder.layers)
+    assert _check(used, patched, lambda s: seen[s.layer], "prophetnet") == len(seen)
 
 
 @pytest.mark.slow
@@ -128,15 +124,10 @@ def test_granite_speech_intermediate_head_reads_the_middle_layer_output():
     model = _build("AutoModelForSeq2SeqLM", "granite_speech")
     enc = model.model.encoder
     select = {"stack": "encoder", "block": "ffn", "role": "output", "path_regex": r"^model\.encoder\.out_mid$"}
-    table, plan, patched, used, handles, inputs = _seen_x(model, select)
+    plan, patched, used, (outs,) = _seen_x(model, select, lambda m: [m.model.encoder.layers[enc.num_layers // 2 - 1]],
+                                           where="out")
     (site,) = [p.site for p in plan.placements]
     assert site.path == "model.encoder.out_mid" and site.layer_path is None
-    middle = patched.model.encoder.layers[enc.num_layers // 2 - 1]
-    outs: list = []
-    handles.append(_record(middle, "out", outs))
-    _run(patched, inputs)
-    for h in handles:
-        h.remove()
     assert _check(used, patched, lambda s: outs, "granite_speech") == 1
 
 
@@ -150,16 +141,11 @@ def test_voxtral_realtime_time_conditioning_is_no_block_and_ffn_gates_read_the_s
     table = vlpet_fx.discover(model)
     assert not [s for s in table if any(s.path and (s.path == c or s.path.startswith(c + ".")) for c in cond)]
     lm = "model.language_model.layers."
-    table, plan, patched, used, handles, inputs = _seen_x(
-        model, {"stack": "decoder", "block": "ffn", "role": "output", "path_regex": "^" + lm.replace(".", r"\.")})
-    layers = patched.model.language_model.layers
-    seen = {i: [] for i in range(len(layers))}
-    handles += [_record(layer.post_attention_layernorm, "in", seen[i]) for i, layer in enumerate(layers)]
-    _run(patched, inputs)
-    for h in handles:
-        h.remove()
-    assert len(plan.placements) == len(layers)
-    assert _check(used, patched, lambda s: seen[int(s.path[len(lm):].split(".")[0])], "voxtral_realtime") == len(layers)
+    plan, patched, used, seen = _seen_x(
+        model, {"stack": "decoder", "block": "ffn", "role": "output", "path_regex": "^" + lm.replace(".", r"\.")},
+        lambda m: [layer.post_attention_layernorm for layer in m.model.language_model.layers])
+    assert len(plan.placements) == len(seen) == len(model.model.language_model.layers)
+    assert _check(used, patched, lambda s: seen[int(s.path[len(lm):].split(".")[0])], "voxtral_realtime") == len(seen)
 
 
 def test_pegasus_x_ffn_norm_called_on_two_streams_hands_each_call_its_x():
@@ -167,16 +153,11 @@ def test_pegasus_x_ffn_norm_called_on_two_streams_hands_each_call_its_x():
     each call of the FFN's output site reads the X of its own stream (the residual that call's norm receives,
     in the model's own code), token stream first."""
     model = _build("AutoModelForSeq2SeqLM", "pegasus_x")
-    table, plan, patched, used, handles, inputs = _seen_x(model, {"stack": "encoder", "block": "ffn", "role": "output"})
-    layers = patched.model.encoder.layers
-    seen = {i: [] for i in range(len(layers))}
-    handles += [_record(layer.final_layer_norm, "in", seen[i]) for i, layer in enumerate(layers)]
-    _run(patched, inputs)
-    for h in handles:
-        h.remove()
-    assert len(plan.placements) == len(layers)
-    assert all(len(xs) == 2 and xs[0].shape[1] != xs[1].shape[1] for xs in seen.values())  # two lengths
-    assert _check(used, patched, lambda s: seen[s.layer], "pegasus_x") == 2 * len(layers)
+    plan, patched, used, seen = _seen_x(model, {"stack": "encoder", "block": "ffn", "role": "output"},
+                                        lambda m: [layer.final_layer_norm for layer in m.model.encoder.layers])
+    assert len(plan.placements) == len(seen) == len(model.model.encoder.layers)
+    assert all(len(xs) == 2 and xs[0].shape[1] != xs[1].shape[1] for xs in seen)  # two lengths
+    assert _check(used, patched, lambda s: seen[s.layer], "pegasus_x") == 2 * len(seen)
 
 
 def test_pegasus_x_attention_output_of_two_streams_is_no_eager_site():

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toy_lm import TokenLM
+
 
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int = 4):
@@ -122,23 +124,10 @@ class Layer(nn.Module):
         return x + self.ffn(self.n2(x))
 
 
-class ToyLM(nn.Module):
+class ToyLM(TokenLM):
     def __init__(self, mix: str = "attention", ffn: str = "experts", depth: int = 2, d: int = 32, f: int = 48,
                  vocab: int = 50, parallel: bool = False, **kw):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Layer(d, f, mix, ffn, parallel, **kw) for _ in range(depth))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
-    def example_inputs(self):
-        return (torch.randint(0, self.embed.num_embeddings, (2, 7)),)
+        super().__init__((Layer(d, f, mix, ffn, parallel, **kw) for _ in range(depth)), d, vocab, nn.LayerNorm)
 
 
 def build(**kw) -> ToyLM:

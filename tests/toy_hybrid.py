@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toy_lm import TokenLM
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d: int):
@@ -107,22 +109,10 @@ class MixerLayer(nn.Module):
         return x + self.ffn(self.n2(x))
 
 
-class HybridLM(nn.Module):
+class HybridLM(TokenLM):
     def __init__(self, kinds: str = "AMAM", d: int = 32, f: int = 48, vocab: int = 50, gated_norm: bool = False):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(AttnLayer(d, f, gated_norm) if k == "A" else MixerLayer(d, f) for k in kinds)
-        self.norm = RMSNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
-    def example_inputs(self):
-        return (torch.randint(0, self.embed.num_embeddings, (2, 7)),)
+        super().__init__((AttnLayer(d, f, gated_norm) if k == "A" else MixerLayer(d, f) for k in kinds), d, vocab,
+                         RMSNorm)
 
 
 class SharedBlock(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -65,9 +66,8 @@ _SHAPE_ONLY = ops._overloads(
 _SCALE = ops.MUL | ops._overloads(ops.aten.div)
 
 
-def _upstream_light(start: Node, through: frozenset = frozenset()) -> set[Node]:
-    """``start`` and every value it is computed from through light ops and the ops in ``through`` (the heavy ops
-    and inputs where the walk stops are included; ops that read only a shape are not walked through)."""
+def _walk_back(start: Node, step: Callable[[Node], Iterable[Node]]) -> set[Node]:
+    """``start`` and every value reached from it by following ``step(node)`` (the inputs to go on to) backwards."""
     seen: set[Node] = set()
     todo = [start]
     while todo:
@@ -75,34 +75,40 @@ def _upstream_light(start: Node, through: frozenset = frozenset()) -> set[Node]:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and (not ops.is_heavy(n) or n.target in through) and n.target not in _SHAPE_ONLY:
-            todo.extend(ops.tensor_inputs(n))
+        if n.op == "call_function":
+            todo.extend(step(n))
     return seen
+
+
+def _upstream_light(start: Node, through: frozenset = frozenset()) -> set[Node]:
+    """``start`` and every value it is computed from through light ops and the ops in ``through`` (the heavy ops
+    and inputs where the walk stops are included; ops that read only a shape are not walked through)."""
+
+    def step(n: Node) -> Iterable[Node]:
+        if (not ops.is_heavy(n) or n.target in through) and n.target not in _SHAPE_ONLY:
+            return ops.tensor_inputs(n)
+        return ()
+
+    return _walk_back(start, step)
 
 
 def _carried(start: Node, weights: set[str]) -> set[Node]:
     """The values ``start`` carries unchanged, up to reshapes, casts, scaling by a constant or a parameter and
     other branches added in: what a skip path of the residual stream can be made of (``weights``: the names of
     the parameter and buffer nodes)."""
-    seen: set[Node] = set()
-    todo = [start]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op != "call_function":
-            continue
+
+    def step(n: Node) -> Iterable[Node]:
         if ops.is_tensor_add(n):
-            todo.extend(a for a in n.args[:2] if isinstance(a, Node))
-        elif n.target in ops.SHAPE:
-            if n.args and isinstance(n.args[0], Node):
-                todo.append(n.args[0])
-        elif ops.is_kind(n, _SCALE):
+            return [a for a in n.args[:2] if isinstance(a, Node)]
+        if n.target in ops.SHAPE:
+            return [n.args[0]] if n.args and isinstance(n.args[0], Node) else []
+        if ops.is_kind(n, _SCALE):
             values = [a for a in n.args[:2] if isinstance(a, Node) and a.name not in weights]
             if len(values) == 1 and (ops.is_kind(n, ops.MUL) or values[0] is n.args[0]):  # x * w, x / w
-                todo.append(values[0])
-    return seen
+                return values
+        return ()
+
+    return _walk_back(start, step)
 
 
 def _reads(b: Block) -> Node:

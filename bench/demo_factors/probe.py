@@ -1,3 +1,5 @@
+"""Can a linear probe read the MNIST digit from the tiny ViT's 16 per-patch tokens, side by side, averaged, or
+from one patch? (docs/bench/demo-factors/README.md)  .venv/bin/python bench/demo_factors/probe.py"""
 import numpy as np, torch
 from sklearn.linear_model import LogisticRegression
 from vlpet_fx.data.images import load_source

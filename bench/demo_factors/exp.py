@@ -1,10 +1,11 @@
-"""The demo-factor runs' driver: `vlpet-fx` with one factor of the visual embedding varied by an env variable.
+"""The demo-factor runs' driver (docs/bench/demo-factors/README.md): `vlpet-fx` with one factor of the visual
+embedding varied by an environment variable.
 
 VIS_INIT  code (the installed package's init_like) | v5 (the text model's _init_weights on every new layer: the code
           before the init fix, transformers 5's N(0, 1) for T5) | torch (PyTorch's default for every new layer)
 VIS_TERMS all | feat (feature term only: no box, no image order) | feat+box | feat+order
 VIS_NORM  model (the text model's norm) | layernorm
-Usage: run.sh NAME [train options] (run.sh gives the Makefile's backbone line; RUNS=dir, PY=python)."""
+Usage: bench/demo_factors/run.sh NAME [train options] (run.sh gives the Makefile's backbone line)."""
 import os, sys
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ if INIT == "torch":
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.reset_parameters()
     M.init_like = init_like
-elif INIT == "v5":  # the text model's _init_weights on every new layer (the code before d1's fix)
+elif INIT == "v5":  # the text model's _init_weights on every new layer (the code before the init fix)
     def init_like(text, module):
         for m in module.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
