@@ -179,7 +179,7 @@ def test_not_buildable_only_when_the_default_config_fails_too(monkeypatch):
     assert cov.default_build("causal", "llama") == "ok"
     assert cov.default_build("causal", "gemma4_assistant") != "ok"  # its default config does not validate
 
-    def broken(model_type):
+    def broken(model_type, layers=tiny.LAYERS):
         raise ValueError("shrunk badly")
 
     monkeypatch.setattr(tiny, "tiny_config", broken)
@@ -191,3 +191,26 @@ def test_not_buildable_only_when_the_default_config_fails_too(monkeypatch):
     assert (theirs["status"], theirs["step"]) == ("not buildable", "build")
     assert "shrunk badly" in theirs["reason"]
     assert cov.summarise([ours, theirs])["causal"]["buildable"] == 1
+
+
+def test_more_layers_give_two_of_each_repeated_kind():
+    """With room for two layers of each kind, a kind the defaults repeat occurs twice (zamba's hybrid layers share
+    one attention block, which needs two of them to build); with two layers, one of each kind as before."""
+    assert tiny._cut_layers(list("lllhlh"), 4) == ["l", "l", "h", "h"]
+    assert tiny._cut_layers(list("llllhll"), 4) == ["l", "l", "l", "h"]  # a kind the list names once: once
+    assert tiny._cut_layers(list("lllhlh"), 2) == ["l", "h"]
+    z = tiny_config("zamba", layers=4)
+    assert z.num_hidden_layers == 4 and z.layers_block_type.count("hybrid") == 2
+    assert tiny_config("zamba").num_hidden_layers == tiny.LAYERS
+
+
+def test_ssm_heads_split_the_expanded_width():
+    """mamba2: heads * head width == expand * width holds in the tiny config as in the defaults (the class checks
+    it when saving)."""
+    import transformers
+
+    m = tiny_config("mamba2")
+    d = transformers.AutoConfig.for_model("mamba2")
+    assert d.num_heads * d.head_dim == d.expand * d.hidden_size
+    assert m.num_heads * m.head_dim == m.expand * m.hidden_size and m.hidden_size < d.hidden_size
+    m.validate()

@@ -83,15 +83,15 @@ _HEADS_KEY = re.compile(_RULES[1][0])
 MAX_HIDDEN = 1024
 
 
-def _shrink_value(name: str, value: Any, hidden: int) -> Any:
+def _shrink_value(name: str, value: Any, hidden: int, layers: int = LAYERS) -> Any:
     if isinstance(value, (list, tuple)) and value and all(_count(v) for v in value):  # per-layer widths ...
-        new = type(value)(_shrink_value(name, v, hidden) for v in value)
+        new = type(value)(_shrink_value(name, v, hidden, layers) for v in value)
         return value if list(new) == list(value) else new
     if isinstance(value, bool) or not isinstance(value, int):
         return value
     for pat, new in _COMPILED:
         if pat.match(name):
-            new = hidden if pat is _COMPILED[3][0] else new
+            new = hidden if pat is _COMPILED[3][0] else layers if pat is _COMPILED[2][0] else new
             return min(value, new) if value > 0 else value
     return value
 
@@ -140,16 +140,20 @@ def _cut_layers(values: list, n: int) -> list:
 
     A hybrid model lists layer kinds (``["linear_attention"] * 3 + ["full_attention"]``, mamba/attention ...); its
     first two would all be of one kind, and the tiny model would have no softmax attention at all. Kinds are
-    only strings; numbers (per-layer widths, ids) are cut as they are."""
+    only strings; numbers (per-layer widths, ids) are cut as they are. Where ``n`` leaves room for two layers of
+    each kind, a kind the list repeats occurs twice (layers of one kind may share weights, which takes two)."""
     cut = values[:n]
     if not n or not all(isinstance(v, str) for v in values):
         return cut
-    for kind in [v for v in dict.fromkeys(values) if v not in cut]:
-        # replace from the end a layer whose kind occurs more than once; the first layer stays
-        i = next((i for i in range(n - 1, 0, -1) if cut.count(cut[i]) > 1), None)
-        if i is None:
-            break
-        cut[i] = kind
+    kinds = list(dict.fromkeys(values))
+    for times in (1, 2) if n >= 2 * len(kinds) else (1,):
+        for kind in [k for k in kinds if cut.count(k) < min(times, values.count(k))]:
+            while cut.count(kind) < min(times, values.count(kind)):
+                # replace from the end a layer whose kind occurs more than `times` times; the first layer stays
+                i = next((i for i in range(n - 1, 0, -1) if cut[i] != kind and cut.count(cut[i]) > times), None)
+                if i is None:
+                    break
+                cut[i] = kind
     return cut
 
 
@@ -297,8 +301,8 @@ def _inner_heads_follow_the_width(config, before) -> None:
                         setattr(c, hk, inner // getattr(c, dk))
 
 
-def shrink(config) -> Any:
-    """Shrink ``config`` (a ``PretrainedConfig``) in place and return it."""
+def shrink(config, layers: int = LAYERS) -> Any:
+    """Shrink ``config`` (a ``PretrainedConfig``) in place to ``layers`` layers per stack and return it."""
     overrides = _overrides(config)
     if overrides is not None:
         vars(config)["allow_global_per_layer_attribute_access"] = True
@@ -310,9 +314,9 @@ def shrink(config) -> Any:
         if name.startswith("_"):
             continue
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
-            shrink(value)
+            shrink(value, layers)
             continue
-        new = _shrink_value(name, value, hidden)
+        new = _shrink_value(name, value, hidden, layers)
         if new is not value:
             setattr(config, name, new)
     _keep_kv_equal_to_heads(config, attrs)
@@ -331,7 +335,7 @@ def shrink(config) -> Any:
     if not old_layers:  # no layer count: the per-layer list of kinds is the count (cut to one layer of each kind)
         for name, value in vars(config).items():
             if "type" in name and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-                n = max(LAYERS, len(set(value)))
+                n = max(layers, len(set(value)))
                 if len(value) > n:
                     setattr(config, name, type(value)(_cut_layers(list(value), n)))
     _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
@@ -559,8 +563,9 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def tiny_config(model_type: str):
-    """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
+def tiny_config(model_type: str, layers: int = LAYERS):
+    """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults and
+    ``layers`` layers per stack (more layers: each kind of layer twice, where two of a kind are needed to build)."""
     import transformers as tf
 
     config = tf.AutoConfig.for_model(model_type)
@@ -576,7 +581,7 @@ def tiny_config(model_type: str):
     widths = _width_links(config)
     _allow_global(config, True)  # heterogeneous configs: the global settings are shrunk, then the per-layer ones
     before = copy.deepcopy(config)
-    shrunk = shrink(config)
+    shrunk = shrink(config, layers)
     config = rederive(shrunk, before)
     text = getattr(config, "text_config", None) or config
     linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
