@@ -456,6 +456,8 @@ def cause_of(reason: str) -> str:
 
 
 def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
+    from vlpet_fx.zoo.tiny import LAYERS
+
     summary = summarise(records)
     lines = ["# Coverage: every causal-LM and seq2seq family of transformers, tiny configs, offline", "",
              f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} (torch {meta['torch']}, "
@@ -497,14 +499,16 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
         roles = "; ".join(f"{k}: " + " ".join(f"{role}{'×' + str(n) if n > 1 else ''}" for role, n in v)
                           for k, v in (r.get("roles") or {}).items())
         why = f"generate: {r['generate']}".replace("|", "\\|") if r["status"] == "pass" and _upstream(r) else ""
-        if r.get("tiny_layers"):
-            why = f"built with {r['tiny_layers']} layers (two of each kind: not with 2) " + why
         if r["status"] != "pass":
             why = f"{r.get('step', '')}: {r.get('reason', '')}".replace("|", "\\|")
             if r["status"] == "fail" and not r.get("clear"):
                 why = "(not a VlpetError) " + why
+            if r["status"] == "not buildable" and r.get("default_build"):
+                why += " (transformers' default config fails too)"
             if r.get("inspect_dir"):
                 why += f" (inspect DIR: {r['inspect_dir']})"
+        if r.get("tiny_layers"):
+            why = f"(built with {r['tiny_layers']} layers, two of each kind: not with {LAYERS}) " + why
         lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
                      f"{roles} | {r.get('norms', '')} | {why} |")
     if UNSUPPORTED:

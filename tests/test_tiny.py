@@ -99,6 +99,11 @@ def test_per_layer_overrides_follow_the_tiny_layers():
     assert {g.per_layer_config[i].head_dim for i in range(tiny.LAYERS)} == {256, 512}  # both widths kept
     with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
         g.head_dim  # noqa: B018 -- a per-layer setting, as in the default config
+    alone = tiny.shrink(transformers.AutoConfig.for_model("gemma4_text"))  # shrink() on its own: the same
+    assert [alone.per_layer_config[i].head_dim for i in range(tiny.LAYERS)] == [
+        default.per_layer_config[k].head_dim for k in alone.layer_types]
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        alone.head_dim  # noqa: B018
     d = tiny_config("dots3_note_text")  # sliding layers: fewer heads and another latent rank than the others
     default = transformers.AutoConfig.for_model("dots3_note_text")
     assert set(d.layer_types) == set(default.layer_types)

@@ -13,6 +13,14 @@ a decoder's cross-attention width) follow them. Widths that name another sub-con
 any depth (a diarization head's ``audio_hidden_size``); an audio encoder's ``output_dim`` no narrower than its own
 width is the width it hands to the language model. A config whose layer count is its list of layer kinds keeps
 one layer of each kind. An audio encoder's windows in mel frames keep their defaults.
+
+Settings derived from others stay consistent with the shrunk ones: per-layer overrides of a heterogeneous config
+(``per_layer_config``) are shrunk the same way and re-indexed to the tiny layers by kind; per-layer lists of widths
+are shrunk element by element; the count of the last layers that share an earlier layer's cache keeps its
+fraction of the layers (rounded down); sizes derived from the vocabulary (an unpadded vocabulary, a modality's
+first token id after the text vocabulary) follow it; parts that sum to the width (axial position embeddings) sum
+to the tiny width; an SSM's heads split ``expand`` times the tiny width. ``tiny_config(..., layers=4)`` gives two
+layers of each kind a hybrid repeats (layers of a kind may share one block, which takes two of them).
 """
 
 from __future__ import annotations
@@ -304,9 +312,11 @@ def _inner_heads_follow_the_width(config, before) -> None:
 def shrink(config, layers: int = LAYERS) -> Any:
     """Shrink ``config`` (a ``PretrainedConfig``) in place to ``layers`` layers per stack and return it."""
     overrides = _overrides(config)
-    if overrides is not None:
+    opened = overrides is not None and "allow_global_per_layer_attribute_access" not in vars(config)
+    if opened:  # the per-layer settings are read and shrunk globally first, then per layer
         vars(config)["allow_global_per_layer_attribute_access"] = True
-    attrs = {k: v for k, v in vars(config).items() if k != "_heterogeneity_spec"}
+    attrs = {k: v for k, v in vars(config).items() if k not in ("_heterogeneity_spec",
+                                                                 "allow_global_per_layer_attribute_access")}
     hd = _head_dim(attrs)
     hidden = min(HEADS * hd, MAX_HIDDEN) if hd else HIDDEN
     old_layers = {k: attrs[k] for k in _LAYER_KEYS if isinstance(attrs.get(k), int)}
@@ -354,6 +364,8 @@ def shrink(config, layers: int = LAYERS) -> Any:
             if _TOKEN_ID.match(name) and isinstance(value, int) and not isinstance(value, bool) and value >= vocab:
                 setattr(config, name, spare)  # distinct ids at the top of the vocabulary
                 spare -= 1
+    if opened:
+        vars(config).pop("allow_global_per_layer_attribute_access", None)
     return config
 
 
@@ -569,6 +581,7 @@ def tiny_config(model_type: str, layers: int = LAYERS):
     import transformers as tf
 
     config = tf.AutoConfig.for_model(model_type)
+    _allow_global(config, True)  # heterogeneous configs: the global settings are shrunk, then the per-layer ones
     text = getattr(config, "text_config", None) or config
     old_text = getattr(text, "hidden_size", None)
     linked = [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
@@ -579,7 +592,6 @@ def tiny_config(model_type: str, layers: int = LAYERS):
     linked += [(c, "output_dim") for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
                and _projects_out(c) and not any(o is c and k == "output_dim" for o, k in linked)]
     widths = _width_links(config)
-    _allow_global(config, True)  # heterogeneous configs: the global settings are shrunk, then the per-layer ones
     before = copy.deepcopy(config)
     shrunk = shrink(config, layers)
     config = rederive(shrunk, before)
