@@ -219,3 +219,22 @@ def test_ssm_heads_split_the_expanded_width():
     assert d.num_heads * d.head_dim == d.expand * d.hidden_size
     assert m.num_heads * m.head_dim == m.expand * m.hidden_size and m.hidden_size < d.hidden_size
     m.validate()
+
+
+def test_example_inputs_skip_audio_when_the_config_has_no_audio_tower():
+    """gemma4's forward takes audio features, but its default config has no audio tower (``audio_config`` None):
+    the example inputs are text (and no audio), and the forward runs on them."""
+    import transformers
+
+    from vlpet_fx.capture.inputs import build_example_inputs
+
+    torch = pytest.importorskip("torch")
+    config = tiny_config("gemma4")
+    assert config.audio_config is None
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    built = build_example_inputs(model)
+    assert built is not None
+    _, args, kwargs = built
+    assert "input_features" not in kwargs and kwargs["input_ids"].shape[0] > 0
+    with torch.no_grad():
+        assert model(*args, **kwargs).logits.shape[-1] == config.text_config.vocab_size
