@@ -5,7 +5,10 @@ Per family: build (``vlpet_fx.zoo.tiny``: the config class's defaults, shrunk ge
 ``save_pretrained`` to a temporary directory, sites per stack/block/role, patch with a VL-PET rule set + forward + backward, LoRA
 identical to the unpatched model at init, and for generative models ``generate()`` with the KV cache equal to
 ``generate()`` without it after patching. A family fails on the first step that fails, with one line; for a
-failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not).
+failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not). A family
+is "not buildable" only when transformers' own default config fails to build too (tried on the meta device); a
+tiny config that fails where the default builds is our failure at step ``build`` (a 2-layer tiny model that does
+not build is tried once more with 4 layers, two of each kind).
 
     nice -n 10 .venv/bin/python bench/coverage.py                 # all (about an hour on 2 busy cores with --workers 3)
     .venv/bin/python bench/coverage.py --only llama gpt2 whisper  # a few
