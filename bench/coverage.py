@@ -5,7 +5,10 @@ Per family: build (``vlpet_fx.zoo.tiny``: the config class's defaults, shrunk ge
 ``save_pretrained`` to a temporary directory, sites per stack/block/role, patch with a VL-PET rule set + forward + backward, LoRA
 identical to the unpatched model at init, and for generative models ``generate()`` with the KV cache equal to
 ``generate()`` without it after patching. A family fails on the first step that fails, with one line; for a
-failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not).
+failure, what ``vlpet-fx inspect DIR`` says about the saved directory is recorded too (one line or not). A family
+is "not buildable" only when transformers' own default config fails to build too (tried on the meta device); a
+tiny config that fails where the default builds is our failure at step ``build`` (a 2-layer tiny model that does
+not build is tried once more with 4 layers, two of each kind).
 
     nice -n 10 .venv/bin/python bench/coverage.py                 # all (about an hour on 2 busy cores with --workers 3)
     .venv/bin/python bench/coverage.py --only llama gpt2 whisper  # a few
@@ -204,6 +207,27 @@ def check_generate(model, lora_patched, pristine, extra: dict) -> str:
     return _same_as_unpatched(lora_patched, pristine, extra, own)
 
 
+# the reason of a family whose tiny config fails to build although transformers' default config builds
+TINY_FAILS = "the tiny config does not build (transformers' default config does)"
+
+
+def default_build(mapping: str, model_type: str) -> str:
+    """"ok" when transformers' own default config of ``model_type`` builds its model class (on the meta device: no
+    memory, no initialisation), else the one-line reason it does not."""
+    import torch
+    import transformers as tf
+
+    try:
+        config = tf.AutoConfig.for_model(model_type)
+        if mapping == "causal" and getattr(config, "is_decoder", None) is False:
+            config.is_decoder = True  # as for the tiny config (the causal-LM heads of encoder families)
+        with torch.device("meta"):
+            getattr(tf, AUTO[mapping]).from_config(config)
+    except Exception as exc:  # noqa: BLE001
+        return _line(exc)
+    return "ok"
+
+
 def run_family(mapping: str, model_type: str) -> dict:
     """All steps for one family; never raises (the record says where and why it stopped)."""
     import torch
@@ -213,7 +237,7 @@ def run_family(mapping: str, model_type: str) -> dict:
     from vlpet_fx.capture.inputs import build_example_inputs
     from vlpet_fx.errors import VlpetError
     from vlpet_fx.zoo import load_model
-    from vlpet_fx.zoo.tiny import tiny_config
+    from vlpet_fx.zoo.tiny import LAYERS, tiny_config
 
     rec: dict = {"mapping": mapping, "model_type": model_type, "status": "pass", "steps": {}}
     t0 = time.perf_counter()
@@ -225,24 +249,41 @@ def run_family(mapping: str, model_type: str) -> dict:
             e = e.__cause__ or e.__context__
         if any(isinstance(e, Timeout) for e in chain):  # our own time limit, even when raised inside torch.export
             step, exc = "time", next(e for e in chain if isinstance(e, Timeout))
-        rec["status"] = "not buildable" if step == "build" else "fail"
-        rec["step"] = step
-        rec["reason"] = _line(exc)
+        rec["status"], rec["step"], rec["reason"] = "fail", step, _line(exc)
+        if step == "build":
+            rec["default_build"] = default_build(mapping, model_type)
+            if rec["default_build"] != "ok":  # transformers' own default config does not build either
+                rec["status"] = "not buildable"
+            else:  # only our tiny config fails: a failure of ours, counted among the buildable
+                rec["reason"] = f"{TINY_FAILS}: {rec['reason']}"
         rec["clear"] = isinstance(exc, VlpetError) and "\n" not in str(exc).strip()
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         return rec
 
     tmp = tempfile.TemporaryDirectory()
-    # 1. build (and save: a config that does not validate is not buildable either)
-    try:
+    # 1. build and save (a failure here is "not buildable" only when transformers' default config fails too)
+    def build(layers: int):
         torch.manual_seed(0)
-        config = tiny_config(model_type)
+        config = tiny_config(model_type, layers)
         if mapping == "causal" and getattr(config, "is_decoder", None) is False:
             config.is_decoder = True  # the causal-LM heads of encoder families (BERT ...) need it, as their docs say
         model = getattr(tf, AUTO[mapping]).from_config(config).eval()
+        model.save_pretrained(tmp.name)
+        return model
+
+    try:
+        try:
+            model = build(LAYERS)
+        except Exception as first:  # noqa: BLE001
+            if isinstance(first, Timeout):
+                raise
+            try:  # layers of one kind may share weights (one shared block for all hybrid layers): two of each kind
+                model = build(2 * LAYERS)
+            except Exception:  # noqa: BLE001 -- the tiny model's own failure is the one to report
+                raise first from None
+            rec["tiny_layers"] = 2 * LAYERS
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["model_class"] = type(model).__name__
-        model.save_pretrained(tmp.name)
     except Exception as exc:  # noqa: BLE001
         return failed("build", exc)
 
@@ -407,6 +448,7 @@ CAUSES = [
     ("per-family time limit", "over the per-family time limit on the busy machine"),
     ("LoRA at init", "LoRA not identical at init"),
     ("trains nothing", "LoRA finds no attention q/v and no mixer projection (every rule optional, none matched)"),
+    (TINY_FAILS, "our tiny config does not build although transformers' default config does (vlpet_fx/zoo/tiny.py)"),
     ("on the unpatched model too", "transformers' own generate() fails on the tiny config (unpatched too)"),
     ("generate()", "generate() with the KV cache differs"),
 ]
@@ -417,6 +459,8 @@ def cause_of(reason: str) -> str:
 
 
 def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
+    from vlpet_fx.zoo.tiny import LAYERS
+
     summary = summarise(records)
     lines = ["# Coverage: every causal-LM and seq2seq family of transformers, tiny configs, offline", "",
              f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} (torch {meta['torch']}, "
@@ -431,7 +475,9 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
              "`generate()` without it after patching — or, where transformers' own `generate()` fails that check on the "
              "unpatched tiny model (it raises, or its cache changes the tokens), the LoRA-patched copy generating "
              "exactly what the unpatched model generates in every cache mode that runs there (counted apart below). "
-             "A family fails at its first failing step. For every failure the "
+             "A family fails at its first failing step. A family is `not buildable` only when transformers' own "
+             "default config of it fails to build too (tried on the meta device); where only the tiny config fails, "
+             "it is a failure at step `build`, counted among the buildable. For every failure the "
              "table says whether it is a one-line `VlpetError` (what `vlpet-fx` prints with exit 2) and what "
              "`vlpet-fx inspect DIR` says about the saved directory (`inspect DIR: ok` when only a later step fails).",
              "", "| mapping | families | not run | buildable (of those run) | pass | of which generate() checked "
@@ -460,8 +506,12 @@ def write_markdown(records: list[dict], meta: dict, path: Path) -> None:
             why = f"{r.get('step', '')}: {r.get('reason', '')}".replace("|", "\\|")
             if r["status"] == "fail" and not r.get("clear"):
                 why = "(not a VlpetError) " + why
+            if r["status"] == "not buildable" and r.get("default_build"):
+                why += " (transformers' default config fails too)"
             if r.get("inspect_dir"):
                 why += f" (inspect DIR: {r['inspect_dir']})"
+        if r.get("tiny_layers"):
+            why = f"(built with {r['tiny_layers']} layers, two of each kind: not with {LAYERS}) " + why
         lines.append(f"| {r['mapping']} | {r['model_type']} | {r['status']} | {layers} | {r.get('sites', '')} | "
                      f"{roles} | {r.get('norms', '')} | {why} |")
     if UNSUPPORTED:
@@ -481,7 +531,8 @@ def main() -> None:
     ap.add_argument("--reverse", action="store_true", help="go through the families from the last one")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (each single-threaded)")
     ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
-    ap.add_argument("--redo-failed", action="store_true", help="run the failed families again (others are kept)")
+    ap.add_argument("--redo-failed", action="store_true",
+                    help="run the failed and not buildable families again (others are kept)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--markdown", type=Path, default=ROOT / "docs" / "COVERAGE.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -496,7 +547,8 @@ def main() -> None:
         jsonl.unlink()
     if args.redo_failed and jsonl.exists():
         kept = [r for r in _done(jsonl).values()
-                if r["status"] != "fail" or (args.only is not None and r["model_type"] not in args.only)]
+                if r["status"] not in ("fail", "not buildable")
+                or (args.only is not None and r["model_type"] not in args.only)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
     if args.reverse:  # e.g. a second run from the other end of the list

@@ -403,7 +403,9 @@ def _hf_auto(model: nn.Module):
     n_vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else _find(cfg, "vocab_size")
     placeholders: list[int] = []  # image/audio placeholder tokens that go before the text
     retry: dict[str, torch.Tensor] = {}  # other inputs to use if the forward refuses the first ones
-    if "input_features" in params:
+    # a forward that takes audio although the config has no audio tower (its `audio_config` is None) gets none
+    no_audio = "audio_config" in vars(cfg) and cfg.audio_config is None
+    if "input_features" in params and not no_audio:
         found = _audio_inputs(model, params, device, dtype)
         if found is None:
             return None
@@ -414,7 +416,7 @@ def _hf_auto(model: nn.Module):
             retry = {n: torch.ones(BATCH, audio_tokens, dtype=torch.bool, device=device) for n in masks}
         if audio_tokens:
             placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * audio_tokens)
-    elif "input_values" in params and _find(cfg, "audio_token_id", "audio_token_index") is not None:
+    elif "input_values" in params and not no_audio and _find(cfg, "audio_token_id", "audio_token_index") is not None:
         found = _waveform_inputs(model, device, dtype)  # a raw waveform; without one the model still runs on text
         if found is not None:
             kwargs.update(found[0])

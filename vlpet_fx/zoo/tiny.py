@@ -13,6 +13,14 @@ a decoder's cross-attention width) follow them. Widths that name another sub-con
 any depth (a diarization head's ``audio_hidden_size``); an audio encoder's ``output_dim`` no narrower than its own
 width is the width it hands to the language model. A config whose layer count is its list of layer kinds keeps
 one layer of each kind. An audio encoder's windows in mel frames keep their defaults.
+
+Settings derived from others stay consistent with the shrunk ones: per-layer overrides of a heterogeneous config
+(``per_layer_config``) are shrunk the same way and re-indexed to the tiny layers by kind; per-layer lists of widths
+are shrunk element by element; the count of the last layers that share an earlier layer's cache keeps its
+fraction of the layers (rounded down); sizes derived from the vocabulary (an unpadded vocabulary, a modality's
+first token id after the text vocabulary) follow it; parts that sum to the width (axial position embeddings) sum
+to the tiny width; an SSM's heads split ``expand`` times the tiny width. ``tiny_config(..., layers=4)`` gives two
+layers of each kind a hybrid repeats (layers of a kind may share one block, which takes two of them).
 """
 
 from __future__ import annotations
@@ -83,12 +91,15 @@ _HEADS_KEY = re.compile(_RULES[1][0])
 MAX_HIDDEN = 1024
 
 
-def _shrink_value(name: str, value: Any, hidden: int) -> Any:
+def _shrink_value(name: str, value: Any, hidden: int, layers: int = LAYERS) -> Any:
+    if isinstance(value, (list, tuple)) and value and all(_count(v) for v in value):  # per-layer widths ...
+        new = type(value)(_shrink_value(name, v, hidden, layers) for v in value)
+        return value if list(new) == list(value) else new
     if isinstance(value, bool) or not isinstance(value, int):
         return value
     for pat, new in _COMPILED:
         if pat.match(name):
-            new = hidden if pat is _COMPILED[3][0] else new
+            new = hidden if pat is _COMPILED[3][0] else layers if pat is _COMPILED[2][0] else new
             return min(value, new) if value > 0 else value
     return value
 
@@ -104,6 +115,8 @@ def _head_dim(attrs: dict) -> int | None:
 
 
 _KV_KEY = re.compile(_RULES[0][0])
+# the names of the query-head count, in the order a config is searched for it
+_HEADS_KEY_ORDER = ("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads")
 
 
 _EXPERTS_KEY = re.compile(_RULES[5][0])
@@ -135,16 +148,20 @@ def _cut_layers(values: list, n: int) -> list:
 
     A hybrid model lists layer kinds (``["linear_attention"] * 3 + ["full_attention"]``, mamba/attention ...); its
     first two would all be of one kind, and the tiny model would have no softmax attention at all. Kinds are
-    only strings; numbers (per-layer widths, ids) are cut as they are."""
+    only strings; numbers (per-layer widths, ids) are cut as they are. Where ``n`` leaves room for two layers of
+    each kind, a kind the list repeats occurs twice (layers of one kind may share weights, which takes two)."""
     cut = values[:n]
     if not n or not all(isinstance(v, str) for v in values):
         return cut
-    for kind in [v for v in dict.fromkeys(values) if v not in cut]:
-        # replace from the end a layer whose kind occurs more than once; the first layer stays
-        i = next((i for i in range(n - 1, 0, -1) if cut.count(cut[i]) > 1), None)
-        if i is None:
-            break
-        cut[i] = kind
+    kinds = list(dict.fromkeys(values))
+    for times in (1, 2) if n >= 2 * len(kinds) else (1,):
+        for kind in [k for k in kinds if cut.count(k) < min(times, values.count(k))]:
+            while cut.count(kind) < min(times, values.count(kind)):
+                # replace from the end a layer whose kind occurs more than `times` times; the first layer stays
+                i = next((i for i in range(n - 1, 0, -1) if cut[i] != kind and cut.count(cut[i]) > times), None)
+                if i is None:
+                    break
+                cut[i] = kind
     return cut
 
 
@@ -167,9 +184,139 @@ def _every_period_in_reach(config, old: dict, layers: int) -> None:
                 setattr(config, off, old[off] % layers)
 
 
-def shrink(config) -> Any:
-    """Shrink ``config`` (a ``PretrainedConfig``) in place and return it."""
-    attrs = dict(vars(config))
+def _overrides(config) -> dict[int, dict[str, Any]] | None:
+    """The per-layer overrides of a heterogeneous config (``per_layer_config``: layer index -> the settings in which
+    that layer differs from the global ones), or None for a config whose layers all read the global settings."""
+    spec = vars(config).get("_heterogeneity_spec")
+    overrides = getattr(spec, "per_layer_overrides", None)
+    return {int(i): dict(o) for i, o in overrides.items()} if isinstance(overrides, dict) else None
+
+
+def _allow_global(config, on: bool) -> None:
+    """Let the settings a heterogeneous config overrides per layer be read and written globally (transformers
+    refuses that by default), for ``config`` and every sub-config; ``on=False`` restores the refusal."""
+    for _, c in _tree(config):
+        if _overrides(c) is not None and on:
+            vars(c)["allow_global_per_layer_attribute_access"] = True
+        else:
+            vars(c).pop("allow_global_per_layer_attribute_access", None)
+
+
+def _layer_sources(old_kinds, new_kinds, n: int) -> list[int]:
+    """For each of the ``n`` tiny layers, the layer of the default model it stands for: the same index where the
+    kind is the same (or no kinds are listed), else the first default layer of that kind not yet taken."""
+    if not isinstance(old_kinds, (list, tuple)) or not isinstance(new_kinds, (list, tuple)) or len(new_kinds) != n:
+        return list(range(n))
+    taken: set[int] = set()
+    out = []
+    for i, kind in enumerate(new_kinds):
+        if i < len(old_kinds) and old_kinds[i] == kind and i not in taken:
+            j = i
+        else:
+            j = next((j for j, k in enumerate(old_kinds) if k == kind and j not in taken), i)
+        taken.add(j)
+        out.append(j)
+    return out
+
+
+def _shrink_overrides(config, old: dict, overrides: dict[int, dict[str, Any]], hidden: int) -> dict[int, dict]:
+    """The per-layer overrides of a heterogeneous config, for its tiny layers: each tiny layer takes the overrides
+    of the default layer of its kind (``_layer_sources``), shrunk by the same rules as the global settings (head
+    counts, latent ranks ...); a layer whose default key/value heads equal its query heads keeps them equal."""
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or isinstance(n, bool):
+        n = max(overrides, default=-1) + 1
+    sources = _layer_sources(old.get("layer_types"), getattr(config, "layer_types", None), n)
+    out: dict[int, dict] = {}
+    for i, j in enumerate(sources):
+        if j not in overrides:
+            continue
+        layer = {k: _shrink_value(k, v, hidden) for k, v in overrides[j].items()}
+        heads = next((k for k in _HEADS_KEY_ORDER if k in layer or k in old), None)
+        if heads is not None:
+            old_heads = overrides[j].get(heads, old.get(heads))
+            for k in [k for k in overrides[j] if _KV_KEY.match(k)]:
+                if overrides[j][k] == old_heads:
+                    layer[k] = layer.get(heads, getattr(config, heads, None))
+        out[i] = layer
+    return out
+
+
+# a count of the model's last layers that reuse an earlier layer's key/value cache (``num_kv_shared_layers``)
+_SHARED_LAYERS = re.compile(r"^(num|n)_\w*shared\w*_layers$")
+
+
+def _shared_layers_in_reach(config, old: dict, old_layers: dict, new_layers: dict) -> None:
+    """The count of the last layers that reuse an earlier layer's cache, fewer than all layers in the defaults and
+    as many as the tiny layers or more, keeps its fraction of the layers, rounded down: layers that fill a cache
+    of each kind stay in front of them. A count of all the layers stays all of them."""
+    if "num_hidden_layers" in old_layers:
+        before, after = old_layers["num_hidden_layers"], new_layers["num_hidden_layers"]
+    elif len(set(old_layers.values())) == 1 and len(set(new_layers.values())) == 1:
+        before, after = next(iter(old_layers.values())), next(iter(new_layers.values()))
+    else:
+        return
+    if not isinstance(after, int) or after >= before:
+        return
+    for key, value in old.items():
+        if not _SHARED_LAYERS.match(key) or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if value == before:
+            setattr(config, key, after)
+        elif after <= value < before:
+            setattr(config, key, value * after // before)
+
+
+def _parts_of_width(config, old: dict) -> None:
+    """A list of widths that sums to the config's width in the defaults (the axial position embedding's parts of
+    the hidden width) is rescaled to sum to the tiny width, each part in proportion (the last takes the rest)."""
+    own = next((k for k in _WIDTH_KEYS if _count(old.get(k))), None)
+    if own is None or not _count(getattr(config, own, None)) or getattr(config, own) >= old[own]:
+        return
+    before, after = old[own], getattr(config, own)
+    for key, value in old.items():
+        if (key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) < 2
+                or not all(_count(v) and v > 0 for v in value) or sum(value) != before):
+            continue
+        parts = [max(1, v * after // before) for v in value[:-1]]
+        if sum(parts) < after:
+            setattr(config, key, type(value)([*parts, after - sum(parts)]))
+
+
+_EXPAND = re.compile(r"^(\w+_)?expand$")
+
+
+def _inner_heads_follow_the_width(config, before) -> None:
+    """A state-space mixer's inner width is ``expand`` times the width, split into heads of the head width: where
+    the defaults' heads times head width equal that product and the shrunk (and rebuilt) config's do not, the head
+    count follows the tiny width (the head width is kept). For ``config`` and every sub-config."""
+    for path, c in _tree(config):
+        old = vars(_at(before, path) or object())
+        hidden = next((k for k in _WIDTH_KEYS if _count(old.get(k))), None)
+        if hidden is None or not _count(getattr(c, hidden, None)):
+            continue
+        for ek, expand in old.items():
+            if not _EXPAND.match(ek) or not _count(expand) or expand <= 0:
+                continue
+            prefix = ek[: -len("expand")]
+            for hk in (f"{prefix}num_heads", f"{prefix}n_heads"):
+                for dk in (f"{prefix}head_dim", f"{prefix}d_head", f"{prefix}headdim"):
+                    heads, width = old.get(hk), old.get(dk)
+                    if not (_count(heads) and _count(width) and width > 0 and heads * width == expand * old[hidden]):
+                        continue
+                    inner, now = getattr(c, ek) * getattr(c, hidden), getattr(c, hk) * getattr(c, dk)
+                    if now != inner and inner % getattr(c, dk) == 0:
+                        setattr(c, hk, inner // getattr(c, dk))
+
+
+def shrink(config, layers: int = LAYERS) -> Any:
+    """Shrink ``config`` (a ``PretrainedConfig``) in place to ``layers`` layers per stack and return it."""
+    overrides = _overrides(config)
+    opened = overrides is not None and "allow_global_per_layer_attribute_access" not in vars(config)
+    if opened:  # the per-layer settings are read and shrunk globally first, then per layer
+        vars(config)["allow_global_per_layer_attribute_access"] = True
+    attrs = {k: v for k, v in vars(config).items() if k not in ("_heterogeneity_spec",
+                                                                 "allow_global_per_layer_attribute_access")}
     hd = _head_dim(attrs)
     hidden = min(HEADS * hd, MAX_HIDDEN) if hd else HIDDEN
     old_layers = {k: attrs[k] for k in _LAYER_KEYS if isinstance(attrs.get(k), int)}
@@ -177,9 +324,9 @@ def shrink(config) -> Any:
         if name.startswith("_"):
             continue
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
-            shrink(value)
+            shrink(value, layers)
             continue
-        new = _shrink_value(name, value, hidden)
+        new = _shrink_value(name, value, hidden, layers)
         if new is not value:
             setattr(config, name, new)
     _keep_kv_equal_to_heads(config, attrs)
@@ -198,10 +345,14 @@ def shrink(config) -> Any:
     if not old_layers:  # no layer count: the per-layer list of kinds is the count (cut to one layer of each kind)
         for name, value in vars(config).items():
             if "type" in name and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-                n = max(LAYERS, len(set(value)))
+                n = max(layers, len(set(value)))
                 if len(value) > n:
                     setattr(config, name, type(value)(_cut_layers(list(value), n)))
     _every_period_in_reach(config, attrs, min(new_layers.values(), default=0))
+    _shared_layers_in_reach(config, attrs, old_layers, new_layers)
+    _parts_of_width(config, attrs)
+    if overrides is not None:  # after the layer count and kinds are final: the setter checks the layer indices
+        config.per_layer_config = _shrink_overrides(config, attrs, overrides, hidden)
     vocab = getattr(config, "vocab_size", None)
     text = getattr(config, "text_config", None)
     if not isinstance(vocab, int) and text is not None:  # a VLM: its token ids index the language model's vocabulary
@@ -213,6 +364,8 @@ def shrink(config) -> Any:
             if _TOKEN_ID.match(name) and isinstance(value, int) and not isinstance(value, bool) and value >= vocab:
                 setattr(config, name, spare)  # distinct ids at the top of the vocabulary
                 spare -= 1
+    if opened:
+        vars(config).pop("allow_global_per_layer_attribute_access", None)
     return config
 
 
@@ -245,6 +398,7 @@ def rederive(config, before):
         fresh = cls()
     except Exception:  # noqa: BLE001
         return config
+    _allow_global(fresh, True)
     kwargs: dict[str, Any] = {}
     for name in names:
         if not hasattr(config, name):
@@ -254,10 +408,14 @@ def rederive(config, before):
             kwargs[name] = rederive(value, old) if old is not None else value
         elif not _equal(value, old) or not _equal(old, getattr(fresh, name, None)):
             kwargs[name] = value
+    overrides = _overrides(config)
+    if overrides is not None:  # the shrunk per-layer overrides, not the ones the class derives from its defaults
+        kwargs["per_layer_config"] = overrides
     try:
         new = cls(**kwargs)
     except Exception:  # noqa: BLE001 -- a class that validates its settings its own way: keep the shrunk one
         return config
+    _allow_global(new, True)
     for name, value in vars(config).items():
         if name not in names and not hasattr(new, name):
             setattr(new, name, value)
@@ -389,11 +547,41 @@ def _projects_out(sub) -> bool:
     return isinstance(out, int) and not isinstance(out, bool) and isinstance(own, int) and out >= own
 
 
-def tiny_config(model_type: str):
-    """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults."""
+def _vocab_derived(config, before) -> None:
+    """Sizes derived from the vocabulary (a ``*vocab*`` setting no shrink rule names, within a factor 2 of the
+    vocabulary in the defaults: an unpadded vocabulary, a per-layer embedding table over the vocabulary, the first
+    id of a modality's tokens after the text vocabulary) follow the tiny vocabulary: the config's own, else the
+    language model's. They keep their offset from it when that is at most half the tiny vocabulary, else their ratio
+    to it (rounded down)."""
+    text, old_text = getattr(config, "text_config", None) or config, getattr(before, "text_config", None) or before
+    for path, c in _tree(config):
+        old_c = _at(before, path)
+        if old_c is None:
+            continue
+        refs = [(getattr(old_c, "vocab_size", None), getattr(c, "vocab_size", None)),
+                (getattr(old_text, "vocab_size", None), getattr(text, "vocab_size", None))]
+        refs = [(a, b) for a, b in refs if _count(a) and _count(b) and 0 < b < a]
+        for k, v in vars(old_c).items():
+            if "vocab" not in k or not _count(v) or any(p.match(k) for p, _ in _COMPILED) or getattr(c, k, None) != v:
+                continue
+            for old_v, new_v in refs:
+                if old_v / 2 <= v <= 2 * old_v:
+                    offset = v - old_v
+                    setattr(c, k, new_v + offset if abs(offset) <= new_v // 2 else max(1, v * new_v // old_v))
+                    break
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def tiny_config(model_type: str, layers: int = LAYERS):
+    """The config class of ``model_type`` (a key of transformers' ``CONFIG_MAPPING``) with shrunk defaults and
+    ``layers`` layers per stack (more layers: each kind of layer twice, where two of a kind are needed to build)."""
     import transformers as tf
 
     config = tf.AutoConfig.for_model(model_type)
+    _allow_global(config, True)  # heterogeneous configs: the global settings are shrunk, then the per-layer ones
     text = getattr(config, "text_config", None) or config
     old_text = getattr(text, "hidden_size", None)
     linked = [(c, k) for c in _subconfigs(config) if c is not text and isinstance(old_text, int)
@@ -405,7 +593,7 @@ def tiny_config(model_type: str):
                and _projects_out(c) and not any(o is c and k == "output_dim" for o, k in linked)]
     widths = _width_links(config)
     before = copy.deepcopy(config)
-    shrunk = shrink(config)
+    shrunk = shrink(config, layers)
     config = rederive(shrunk, before)
     text = getattr(config, "text_config", None) or config
     linked = [(_same_place(config, shrunk, c), k) for c, k in linked]
@@ -416,10 +604,13 @@ def tiny_config(model_type: str):
         if c is not None and other is not None and _width(other):
             setattr(c, k, _width(other))
     _link_encoder_widths(config, text)
+    _vocab_derived(config, before)
+    _inner_heads_follow_the_width(config, before)
     _tokens_per_image(config, before)
     _name_modality_tokens(config)
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         # saved checkpoints name the decoder's first token; a bare config may not
         pad = getattr(config, "pad_token_id", None)
         config.decoder_start_token_id = pad if isinstance(pad, int) else 0
+    _allow_global(config, False)
     return config
