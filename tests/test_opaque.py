@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import vlpet_fx
 from toy_branches import Attention
+from toy_lm import TokenLM
 from vlpet_fx.analysis import ops
 from vlpet_fx.capture import tracer
 from vlpet_fx.errors import CaptureError
@@ -62,18 +63,9 @@ class Layer(nn.Module):
         return x + self.moe(self.n2(x))
 
 
-class LoopLM(nn.Module):
+class LoopLM(TokenLM):
     def __init__(self, depth=2):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList(Layer() for _ in range(depth))
-        self.head = nn.Linear(D, VOCAB, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        super().__init__((Layer() for _ in range(depth)), D, VOCAB, lambda d: nn.Identity())
 
 
 def _ids(seed):

@@ -14,6 +14,7 @@ from torch import nn
 
 from badinput import run_cli
 from toy_branches import Attention
+from toy_lm import TokenLM
 
 D, VOCAB = 32, 50
 
@@ -28,20 +29,11 @@ class AttentionOnlyLayer(nn.Module):
         return x + self.attn(self.norm(x))
 
 
-class AttentionOnlyLM(nn.Module):
+class AttentionOnlyLM(TokenLM):
     """A causal LM whose layers have causal self-attention and no feed-forward sub-layer: no FFN site to find."""
 
     def __init__(self, depth: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList(AttentionOnlyLayer() for _ in range(depth))
-        self.head = nn.Linear(D, VOCAB, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        super().__init__((AttentionOnlyLayer() for _ in range(depth)), D, VOCAB, lambda d: nn.Identity())
 
     def example_inputs(self):
         return (torch.arange(14).view(2, 7) % VOCAB,)
