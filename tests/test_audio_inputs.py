@@ -238,7 +238,7 @@ class InnerAudio(nn.Module):
     def get_audio_features(self, input_features, input_features_mask):
         b, frames, feat = input_features.shape
         if frames % 4 or input_features_mask.shape != (b, frames):
-            raise ValueError(f"expected (B, 4k, feat) features and a (B, frames) mask, got {tuple(input_features.shape)}")
+            raise ValueError(f"expected (B, 4k, feat) and a (B, frames) mask, got {tuple(input_features.shape)}")
         return SimpleNamespace(pooler_output=self.proj(input_features.reshape(b, frames // 4, 4 * feat)))
 
 
@@ -252,7 +252,8 @@ class PaddedAudioLLM(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = Cfg("toy", vocab_size=40, audio_token_id=37, image_token_id=36, audio_soft_tokens_per_image=self.SOFT,
+        self.config = Cfg("toy", vocab_size=40, audio_token_id=37, image_token_id=36,
+                          audio_soft_tokens_per_image=self.SOFT,
                           audio_config=Cfg("toy_audio", input_feat_size=6, hidden_size=16),
                           vision_config=Cfg("toy_vision", hidden_size=16))
         self.model = InnerAudio(self.config.audio_config.input_feat_size, 16)

@@ -399,6 +399,8 @@ def _hf_auto(model: nn.Module):
       ``get_audio_features`` makes (:func:`_audio_inputs`, :func:`_waveform_inputs`);
     * ``pixel_values`` for vision-language models, with as many image tokens in ``input_ids`` (the config's
       image token id, between its vision start/end tokens if it has them) as ``get_image_features`` makes;
+      none when the image encoder takes no layout tried and the forward runs without them;
+    * a forward that pads audio embeddings to a count the config names gets that many audio tokens instead;
     * ``lang_ids`` (the config's first language) for models with per-language modules;
     * ``use_cache=False`` whenever the forward accepts it (a cache object is not a graph output).
     """
