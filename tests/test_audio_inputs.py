@@ -225,3 +225,102 @@ def test_omniasr_waveform_through_the_feature_encoder():
         n = (n - kernel) // stride + 1
     assert n > 0 and _audio_tokens(model, kwargs) == [n] * BATCH
     _check_runs(model, args, kwargs)
+
+
+class InnerAudio(nn.Module):
+    """An inner multimodal model that holds ``get_audio_features``: (B, frames, feat) features, every 4 frames one
+    embedding; the mask is a padding mask (True = padded), as the outer forward hands on ``~mask``."""
+
+    def __init__(self, feat: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(4 * feat, width)
+
+    def get_audio_features(self, input_features, input_features_mask):
+        b, frames, feat = input_features.shape
+        if frames % 4 or input_features_mask.shape != (b, frames):
+            raise ValueError(f"expected (B, 4k, feat) and a (B, frames) mask, got {tuple(input_features.shape)}")
+        return SimpleNamespace(pooler_output=self.proj(input_features.reshape(b, frames // 4, 4 * feat)))
+
+
+class PaddedAudioLLM(nn.Module):
+    """A conditional-generation wrapper without ``get_audio_features`` of its own; the mel setting is called
+    ``input_feat_size``; the forward pads the audio embeddings up to the config's ``audio_soft_tokens_per_image``
+    and wants that many placeholders. Its image encoder takes no pixels at all (``pixel_values`` must stay None),
+    and the model runs on text and audio alone."""
+
+    SOFT = 21  # more than the 16 embeddings of 64 frames
+
+    def __init__(self):
+        super().__init__()
+        self.config = Cfg("toy", vocab_size=40, audio_token_id=37, image_token_id=36,
+                          audio_soft_tokens_per_image=self.SOFT,
+                          audio_config=Cfg("toy_audio", input_feat_size=6, hidden_size=16),
+                          vision_config=Cfg("toy_vision", hidden_size=16))
+        self.model = InnerAudio(self.config.audio_config.input_feat_size, 16)
+        self.embed = nn.Embedding(40, 16)
+        self.head = nn.Linear(16, 40)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_image_features(self, pixel_values):
+        raise RuntimeError("this image encoder takes no pixels")
+
+    def forward(self, input_ids, pixel_values=None, input_features=None, attention_mask=None,
+                input_features_mask=None, use_cache=None):
+        if pixel_values is not None:
+            self.get_image_features(pixel_values)
+        x = self.embed(input_ids)
+        if input_features is not None and input_features_mask is not None:
+            audio = self.model.get_audio_features(input_features, ~input_features_mask).pooler_output
+            b, n, d = audio.shape
+            if n > self.SOFT:
+                raise ValueError(f"{n} audio embeddings, more than {self.SOFT}")
+            audio = torch.cat([audio, audio.new_zeros(b, self.SOFT - n, d)], dim=1)  # padded to the set count
+            slots = input_ids == self.config.audio_token_id
+            if int(slots.sum()) != audio.shape[0] * audio.shape[1]:
+                raise ValueError(f"{int(slots.sum())} audio tokens for {audio.shape[0] * audio.shape[1]} embeddings")
+            x = x.masked_scatter(slots[..., None].expand_as(x), audio)
+        return self.head(x)
+
+
+def test_inner_get_audio_features_input_feat_size_and_a_padded_token_count():
+    model = PaddedAudioLLM()
+    _, args, kwargs = build_example_inputs(model)
+    feat = model.config.audio_config.input_feat_size
+    _, frames, got = kwargs["input_features"].shape
+    assert got == feat and frames % 4 == 0  # (B, frames, feat), the layout the inner method takes
+    assert kwargs["input_features_mask"].shape == (BATCH, frames)
+    assert _audio_tokens(model, kwargs) == [model.SOFT] * BATCH  # the config's count, not frames // 4
+    assert "pixel_values" not in kwargs  # the image encoder took none of the layouts: text and audio only
+    with torch.no_grad():
+        assert model(*args, **kwargs).shape[:2] == kwargs["input_ids"].shape
+
+
+class NeedsImages(PaddedAudioLLM):
+    """The same model, whose forward refuses to run without images."""
+
+    def forward(self, input_ids, pixel_values=None, input_features=None, attention_mask=None,
+                input_features_mask=None, use_cache=None):
+        if pixel_values is None:
+            raise ValueError("this model needs images")
+        return super().forward(input_ids, pixel_values, input_features, attention_mask, input_features_mask)
+
+
+def test_no_inputs_when_the_forward_needs_the_images_it_cannot_get():
+    assert build_example_inputs(NeedsImages()) is None
+
+
+@pytest.mark.slow
+def test_gemma3n_audio_and_text():
+    """gemma3n: the conformer's ``get_audio_features`` sits on the inner model, the mel setting is
+    ``input_feat_size``, and the forward pads the audio embeddings to ``audio_soft_tokens_per_image``."""
+    from vlpet_fx.zoo.tiny import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("gemma3n")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _, args, kwargs = build_example_inputs(model)
+    assert kwargs["input_features"].shape[-1] == config.audio_config.input_feat_size
+    assert _audio_tokens(model, kwargs) == [config.audio_soft_tokens_per_image] * BATCH
+    _check_runs(model, args, kwargs)

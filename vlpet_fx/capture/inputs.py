@@ -197,6 +197,16 @@ def _image_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[di
     return None
 
 
+def _audio_method(model: nn.Module):
+    """The model's ``get_audio_features``, or that of the first submodule that has one (a conditional-generation
+    wrapper whose inner multimodal model holds it)."""
+    for m in model.modules():
+        fn = getattr(m, "get_audio_features", None)
+        if callable(fn):
+            return fn
+    return None
+
+
 def _lengths_function(model: nn.Module):
     """The audio encoder's own frames -> embeddings formula (``_get_feat_extract_output_lengths``), if it has one."""
     for m in model.modules():
@@ -223,8 +233,8 @@ def _call_audio_features(model: nn.Module, inputs: dict, optional: set[str]) -> 
     forward itself would pass it. ``(True, None)`` means the model's own audio encoder rejects these inputs."""
     import inspect
 
-    get = getattr(model, "get_audio_features", None)
-    if not callable(get):
+    get = _audio_method(model)
+    if get is None:
         return False, None
     try:
         sig = inspect.signature(get).parameters
@@ -288,7 +298,7 @@ def _frame_counts(model: nn.Module, cfg) -> list[int]:
     return [first, *sorted(windows - {first})]
 
 
-_MEL_KEYS = ("num_mel_bins", "feature_size", "n_mels", "input_dim")
+_MEL_KEYS = ("num_mel_bins", "feature_size", "n_mels", "input_dim", "input_feat_size")
 
 
 def _audio_inputs(model: nn.Module, params: set[str], device, dtype) -> tuple[dict, int] | None:
@@ -389,6 +399,8 @@ def _hf_auto(model: nn.Module):
       ``get_audio_features`` makes (:func:`_audio_inputs`, :func:`_waveform_inputs`);
     * ``pixel_values`` for vision-language models, with as many image tokens in ``input_ids`` (the config's
       image token id, between its vision start/end tokens if it has them) as ``get_image_features`` makes;
+      none when the image encoder takes no layout tried and the forward runs without them;
+    * a forward that pads audio embeddings to a count the config names gets that many audio tokens instead;
     * ``lang_ids`` (the config's first language) for models with per-language modules;
     * ``use_cache=False`` whenever the forward accepts it (a cache object is not a graph output).
     """
@@ -403,6 +415,8 @@ def _hf_auto(model: nn.Module):
     n_vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else _find(cfg, "vocab_size")
     placeholders: list[int] = []  # image/audio placeholder tokens that go before the text
     retry: dict[str, torch.Tensor] = {}  # other inputs to use if the forward refuses the first ones
+    other_counts: list[int] = []  # other audio token counts to try if the forward refuses the first one
+    without_images = False
     # a forward that takes audio although the config has no audio tower (its `audio_config` is None) gets none
     no_audio = "audio_config" in vars(cfg) and cfg.audio_config is None
     if "input_features" in params and not no_audio:
@@ -415,6 +429,9 @@ def _hf_auto(model: nn.Module):
         if audio_tokens and masks:  # a mask over the frames, or over the audio embeddings: the forward decides
             retry = {n: torch.ones(BATCH, audio_tokens, dtype=torch.bool, device=device) for n in masks}
         if audio_tokens:
+            fixed = _fixed_audio_tokens(cfg)
+            if fixed is not None and fixed != audio_tokens:  # a forward that pads the embeddings to a set count
+                other_counts.append(fixed)
             placeholders += _wrapped(cfg, "audio", [_find(cfg, "audio_token_id", "audio_token_index")] * audio_tokens)
     elif "input_values" in params and not no_audio and _find(cfg, "audio_token_id", "audio_token_index") is not None:
         found = _waveform_inputs(model, device, dtype)  # a raw waveform; without one the model still runs on text
@@ -424,18 +441,18 @@ def _hf_auto(model: nn.Module):
     if "pixel_values" in params and getattr(cfg, "vision_config", None) is not None:
         found = _image_inputs(model, params, device, dtype)
         if found is None:
-            return None
-        pixels, image_tokens = found
-        kwargs.update(pixels)
-        if image_tokens:
-            image_id = _find(cfg, "image_token_id", "image_token_index")
-            if image_id is None:
-                return None
-            placeholders += _wrapped(cfg, "vision", [image_id] * image_tokens)
+            without_images = True  # the model's own image encoder takes none of our layouts: text (and audio) only
+        else:
+            pixels, image_tokens = found
+            kwargs.update(pixels)
+            if image_tokens:
+                image_id = _find(cfg, "image_token_id", "image_token_index")
+                if image_id is None:
+                    return None
+                placeholders += _wrapped(cfg, "vision", [image_id] * image_tokens)
     if "input_ids" in params and n_vocab:
-        ids = _text_ids(n_vocab, (BATCH, SOURCE_LEN), device, avoid)
-        if placeholders:
-            ids = torch.cat([torch.tensor([placeholders] * BATCH, device=device), ids], dim=1)
+        text = _text_ids(n_vocab, (BATCH, SOURCE_LEN), device, avoid)
+        ids = _with_placeholders(text, placeholders)
         kwargs["input_ids"] = ids
         if "mm_token_type_ids" in params and placeholders:  # which tokens are image placeholders (1) or text (0)
             image_id = _find(cfg, "image_token_id", "image_token_index")
@@ -456,7 +473,50 @@ def _hf_auto(model: nn.Module):
         kwargs["use_cache"] = False
     if retry and not _runs(model, kwargs) and _runs(model, {**kwargs, **retry}):
         kwargs.update(retry)
+    if other_counts and "input_ids" in kwargs and not _runs(model, kwargs):
+        audio_id = _find(cfg, "audio_token_id", "audio_token_index")
+        for n in other_counts:
+            ids = _with_placeholders(text, _recount(placeholders, audio_id, n))
+            other = {**kwargs, "input_ids": ids}
+            if "attention_mask" in kwargs:
+                other["attention_mask"] = torch.ones_like(ids)
+            if "mm_token_type_ids" in kwargs:
+                other["mm_token_type_ids"] = (ids == _find(cfg, "image_token_id", "image_token_index")).long()
+            if _runs(model, other):
+                kwargs = other
+                break
+    if without_images and (any(p.is_meta for p in model.parameters()) or not _runs(model, kwargs)):
+        return None  # left without images, the forward must still run on what it got
     return (), kwargs
+
+
+def _with_placeholders(text: torch.Tensor, placeholders: list[int]) -> torch.Tensor:
+    """Text ids with the image/audio placeholder tokens before them (the same for every example)."""
+    if not placeholders:
+        return text
+    return torch.cat([torch.tensor([placeholders] * text.shape[0], device=text.device), text], dim=1)
+
+
+def _recount(placeholders: list[int], token: int | None, n: int) -> list[int]:
+    """``placeholders`` with its run of ``token`` made ``n`` long."""
+    if token is None or token not in placeholders:
+        return placeholders
+    first = placeholders.index(token)
+    rest = [t for t in placeholders[first:] if t != token]
+    return placeholders[:first] + [token] * n + rest
+
+
+_FIXED_AUDIO = re.compile(r"^audio_\w*tokens_per|^tokens_per_audio")
+
+
+def _fixed_audio_tokens(cfg) -> int | None:
+    """A set number of audio embeddings per example that a config names (``audio_..._tokens_per_...``): a forward
+    that pads what its audio encoder makes up to that count wants that many placeholders."""
+    for c in _configs(cfg):
+        for k, v in vars(c).items():
+            if _FIXED_AUDIO.search(k) and isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_FRAMES:
+                return v
+    return None
 
 
 def _runs(model: nn.Module, kwargs: dict) -> bool:
