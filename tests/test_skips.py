@@ -4,7 +4,9 @@ The toy model (tests/toy_skips.py) puts a short causal convolution with its own 
 1)``, on the keys' and values' projections (48 wide, the stream is 32) and after the attention's output, and its
 first layer starts the stream with that attention's output (no residual add). Those skips are ``x + f(x)`` with a
 weight in ``f``, but none of them adds a sub-layer's output into the residual stream: discovery must find the
-attention and the FFN of every layer and no token mixer, every block output as wide as the stream. Expectations
+attention and the FFN of every layer and no token mixer, every block output as wide as the stream. Its attention
+has a sink logit computed per query; the attention over depth before the head (a learned query, no projection
+of q, k or v) is no block and does not take the head for its output projection. Expectations
 come from how the toy is written (two layers of attention q/k/v/o + output and FFN in/out/output), never from
 running discovery; VL-PET's causal-LM rules fit, both back ends compute the same and it trains.
 """

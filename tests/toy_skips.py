@@ -1,7 +1,9 @@
 """A toy causal LM with skips inside its sub-layers (the shape of Inkling2's layers, written by hand): a short
 causal depthwise convolution with its own skip, ``(x + conv(x)) / sqrt(k + 1)``, on the keys' and values'
-projections (a width other than the stream's) and on the attention's output; the first layer starts the stream
-with its attention's output (no residual add there), the others add it back."""
+projections (a width other than the stream's) and on the attention's output; the attention has a sink logit
+computed for each query (concatenated with the scores before the softmax, dropped after it); the first layer
+starts the stream with its attention's output (no residual add there), the others add it back; before the head,
+a learned query attends over the stacked embedding and last layer output (attention over depth)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class ConvAttention(nn.Module):
         self.v = nn.Linear(d, inner, bias=False)
         self.k_conv, self.v_conv = ShortConv(inner), ShortConv(inner)
         self.o = nn.Linear(inner, d, bias=False)
+        self.sink = nn.Linear(d, heads, bias=False)  # one sink logit per head and query, computed from x
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -46,8 +49,12 @@ class ConvAttention(nn.Module):
             return z.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k_conv(self.k(x))), heads(self.v_conv(self.v(x)))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+        scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5
+        pos = torch.arange(t, device=x.device)
+        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        sinks = self.sink(x).transpose(1, 2).unsqueeze(-1)  # (b, heads, t, 1): absorbs probability mass
+        probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
+        return self.o((probs @ v).transpose(1, 2).reshape(b, t, -1))
 
 
 class SkipLayer(nn.Module):
@@ -68,6 +75,34 @@ class SkipLayer(nn.Module):
         return h + self.down(F.gelu(self.up(self.ffn_norm(h))))
 
 
+class DepthMix(nn.Module):
+    """Attention over depth: a learned query weighs the stacked embedding and last layer output of each token
+    (``softmax(q · norm(stack)) @ norm(stack)``); it projects none of q, k, v."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(d) / d**0.5)
+
+    def forward(self, first, last):
+        stack = F.rms_norm(torch.cat([first.unsqueeze(-2), last.unsqueeze(-2)], dim=-2), (first.shape[-1],))
+        weights = (self.query.view(1, -1) @ stack.transpose(-1, -2)).softmax(-1)  # (b, t, 1, 2)
+        return (weights @ stack).squeeze(-2)
+
+
+class SkipLM(TokenLM):
+    """``head(norm(mix(embed(ids), layers(embed(ids)))))``."""
+
+    def __init__(self, layers, d: int, vocab: int):
+        super().__init__(layers, d, vocab, nn.LayerNorm)
+        self.mix = DepthMix(d)
+
+    def forward(self, ids):
+        x = first = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(self.mix(first, x)))
+
+
 def skip_lm(d: int = 32, vocab: int = 50, depth: int = 2, seed: int = 0) -> TokenLM:
     torch.manual_seed(seed)
-    return TokenLM([SkipLayer(d, first=i == 0) for i in range(depth)], d, vocab, nn.LayerNorm).eval()
+    return SkipLM([SkipLayer(d, first=i == 0) for i in range(depth)], d, vocab).eval()

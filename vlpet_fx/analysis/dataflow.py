@@ -327,12 +327,20 @@ class Dataflow:
         return list(seen)
 
     def concat_with_weights(self, n: Node) -> bool:
-        """A concatenation of one activation with values made from weights only (learned logits, e.g.
-        attention sinks), through light ops."""
+        """A concatenation of one activation with attention sinks: values made from weights only (learned
+        logits), through light ops, or one value per row along the concatenated axis (a sink logit computed for
+        each query)."""
         if not ops.is_kind(n, ops.CONCAT) or not n.args or not isinstance(n.args[0], (list, tuple)):
             return False
         parts = [a for a in n.args[0] if isinstance(a, Node)]
-        return len(parts) >= 2 and sum(not self._weights_only(a) for a in parts) == 1
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+
+        def sink(a: Node) -> bool:
+            shape = ops.shape(a)
+            one = isinstance(dim, int) and shape is not None and len(shape) > 0 and shape[dim] == 1
+            return one or self._weights_only(a)
+
+        return len(parts) >= 2 and sum(not sink(a) for a in parts) == 1
 
     def _weights_only(self, node: Node) -> bool:
         seen, todo = set(), [node]
@@ -444,6 +452,10 @@ class Dataflow:
                     projs[role] = found
             slices = self.shared_slices(projs, {"q": core.q, "k": core.k, "v": core.v})
             o = self.projection_from(core.out, exclude=set()) or self.joined_from(core)
+            if o is not None and not projs:
+                # an attention projecting none of q, k, v (a learned probe weighing stacked values: attention
+                # over a model's depth) owns no projection outside its module: the next one is another layer's
+                o = next(iter(self._inside_core_module(core, [o])), None)
             if o is not None:
                 projs["o"] = [o]
             if not projs:

@@ -187,8 +187,13 @@ def tie_unmerged_input(flow: Dataflow, b: Block, blocks: list[Block]) -> None:
     reads = _upstream_light(_reads(b), through=ops.CONCAT)
     stream = {v for o in blocks if o is not b for v in (block_input(o), o.residual_add, o.output, o.end_node())
               if v is not None}
-    # a token stream starts at an embedding look-up: the first sub-layer may read it with no add before it
-    stream |= {n for n in reads if ops.is_kind(n, ops.EMBEDDING)}
+    # a token stream starts at an embedding look-up: a first sub-layer may read it with no add before it; X is
+    # then the latest value of the look-up's shape it reads from outside its layer (e.g. a norm of the look-up)
+    starts = [n for n in reads if ops.is_kind(n, ops.EMBEDDING)]
+    if starts and b.layer_path is not None:
+        shapes = {_shape(n) for n in starts}
+        stream |= {n for n in reads if n.op == "call_function" and _shape(n) in shapes
+                   and b.layer_path not in flow.cap.module_stack(n)}
     common = reads & stream
     if common:
         b.extra["stream_x"] = max(common, key=flow.order.__getitem__)
