@@ -327,12 +327,20 @@ class Dataflow:
         return list(seen)
 
     def concat_with_weights(self, n: Node) -> bool:
-        """A concatenation of one activation with values made from weights only (learned logits, e.g.
-        attention sinks), through light ops."""
+        """A concatenation of one activation with attention sinks: values made from weights only (learned
+        logits), through light ops, or one value per row along the concatenated axis (a sink logit computed for
+        each query)."""
         if not ops.is_kind(n, ops.CONCAT) or not n.args or not isinstance(n.args[0], (list, tuple)):
             return False
         parts = [a for a in n.args[0] if isinstance(a, Node)]
-        return len(parts) >= 2 and sum(not self._weights_only(a) for a in parts) == 1
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+
+        def sink(a: Node) -> bool:
+            shape = ops.shape(a)
+            one = isinstance(dim, int) and shape is not None and len(shape) > 0 and shape[dim] == 1
+            return one or self._weights_only(a)
+
+        return len(parts) >= 2 and sum(not sink(a) for a in parts) == 1
 
     def _weights_only(self, node: Node) -> bool:
         seen, todo = set(), [node]
@@ -444,6 +452,10 @@ class Dataflow:
                     projs[role] = found
             slices = self.shared_slices(projs, {"q": core.q, "k": core.k, "v": core.v})
             o = self.projection_from(core.out, exclude=set()) or self.joined_from(core)
+            if o is not None and not projs:
+                # an attention projecting none of q, k, v (a learned probe weighing stacked values: attention
+                # over a model's depth) owns no projection outside its module: the next one is another layer's
+                o = next(iter(self._inside_core_module(core, [o])), None)
             if o is not None:
                 projs["o"] = [o]
             if not projs:
@@ -551,6 +563,7 @@ class Dataflow:
                 if done:
                     break
         found = [br for br in found if not any(br.add in other.region for other in found if other is not br)]
+        found = self._on_a_stream(found)
         # parallel layouts, (x + attn(x)) + ffn(x): the add's one operand is a residual add of x, the other
         # is computed from that same x
         by_add = {br.add: br for br in found}
@@ -568,6 +581,24 @@ class Dataflow:
                     found.append(Branch(n, first.stream, fx, region, projs, operand=a))
                     break
         return found
+
+    def _on_a_stream(self, found: list[Branch]) -> list[Branch]:
+        """The branches whose add can be a residual stream's: a sub-layer's output is added into the stream, so
+        its width is the stream's. A stream is two or more branches joined through light ops (one's add reaches
+        the next's through the stream); a branch joined to no other one, of a width no stream has, is a residual
+        inside a sub-layer (a short convolution with a skip on a key projection's output, read by the attention)
+        and is left out. With no stream of two branches found, every branch is kept."""
+        adds = {br.add: br for br in found}
+        joined: set[Node] = set()
+        for br in found:
+            reached = [n for n in self.light_reach(br.add) if n in adds and n is not br.add]
+            if reached:
+                joined.add(br.add)
+                joined.update(reached)
+        widths = {ops.shape(br.add)[-1] for br in found if br.add in joined}
+        if not widths:
+            return found
+        return [br for br in found if br.add in joined or ops.shape(br.add)[-1] in widths]
 
     def _branch_blocks(self, blocks: list[Block]) -> list[Block]:
         """Residual branches that complete or add blocks.
@@ -620,6 +651,8 @@ class Dataflow:
                 continue
             if br.add in claimed:
                 continue
+            if self._after_a_block(br, [b for b in blocks if id(b) not in removed]):
+                continue
             kind = next((k for pat in patterns.patterns("branch") if (k := pat.classify(br, self))), None)
             if kind is None:
                 continue
@@ -640,6 +673,21 @@ class Dataflow:
             blocks[:] = [b for b in blocks if id(b) not in removed]
         return new
 
+    def _after_a_block(self, br: Branch, blocks: list[Block]) -> bool:
+        """Whether the branch's ``x`` is a block's output (its last projection's value through single-input light
+        ops: a cast, a view): ``x + f(x)`` is then a skip inside that sub-layer's output path (a short convolution
+        with a skip after an attention's output projection), not a sub-layer reading the residual stream."""
+        ends = {b.last().node for b in blocks if b.all_projections()}
+        x = br.stream
+        for _ in range(64):
+            if x in ends:
+                return True
+            ins = ops.tensor_inputs(x) if x.op == "call_function" else []
+            if len(ins) != 1 or not self._light(x):
+                return False
+            x = ins[0]
+        return False
+
     def _complete(self, b: Block, br: Branch) -> None:
         b.branch = br
         b.residual_add, b.residual = br.add, br.operand if br.operand is not None else br.stream
@@ -657,6 +705,8 @@ class Dataflow:
                 break
             ins = [i for i in ops.tensor_inputs(out) if i in br.region]
             if len(ins) != 1 or len([i for i in ops.tensor_inputs(out) if ops.shape(i) and len(ops.shape(i)) >= 2]) != 1:
+                break
+            if ops.shape(ins[0]) != ops.shape(br.value):  # a slice or transpose before it: not the stream's value
                 break
             out = ins[0]
         b.output = out

@@ -171,7 +171,8 @@ def tie_unmerged_input(flow: Dataflow, b: Block, blocks: list[Block]) -> None:
     """X of a block whose output no residual add merges back into a stream (a gate computed inside a norm, a
     shared sub-layer whose output is fed to another sub-layer instead of added): the latest value the sub-layer
     reads (through light ops: a norm, a cast, a concatenation) that is a stream value, i.e. another block's input
-    X, residual add or output (the value a preceding sub-layer hands on). Nothing changes for a block that has an
+    X, residual add or output (the value a preceding sub-layer hands on), or an embedding look-up (the stream's
+    start, read by a first sub-layer whose output starts the stream with no add). Nothing changes for a block that has an
     X already; X stays unknown when no such value is read.
 
     Its output is its last projection's value, through value-preserving ops only (views, casts, dropout): what
@@ -186,6 +187,13 @@ def tie_unmerged_input(flow: Dataflow, b: Block, blocks: list[Block]) -> None:
     reads = _upstream_light(_reads(b), through=ops.CONCAT)
     stream = {v for o in blocks if o is not b for v in (block_input(o), o.residual_add, o.output, o.end_node())
               if v is not None}
+    # a token stream starts at an embedding look-up: a first sub-layer may read it with no add before it; X is
+    # then the latest value of the look-up's shape it reads from outside its layer (e.g. a norm of the look-up)
+    starts = [n for n in reads if ops.is_kind(n, ops.EMBEDDING)]
+    if starts and b.layer_path is not None:
+        shapes = {_shape(n) for n in starts}
+        stream |= {n for n in reads if n.op == "call_function" and _shape(n) in shapes
+                   and b.layer_path not in flow.cap.module_stack(n)}
     common = reads & stream
     if common:
         b.extra["stream_x"] = max(common, key=flow.order.__getitem__)
