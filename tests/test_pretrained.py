@@ -146,8 +146,8 @@ def test_pretrained_vocabulary_is_kept_shuffled_rows_learn_slower_and_end_higher
     assert len(shipped["losses"]) == len(shuffled["losses"]) == 30
     chance = math.log(30522)  # MiniLM's vocabulary (bert-base-uncased's)
     assert runs["chance"] == pytest.approx(chance)
-    for r in (shipped, shuffled):  # both start at chance: nothing of the new parts is trained yet
-        assert abs(r["first"] - chance) < 1.5, r["first"]
+    for r in (shipped, shuffled):  # neither starts better than chance: the new parts are untrained (a random
+        assert r["first"] > chance - 1.0, r["first"]  # LM head may start above ln V: 10.86, 11.04, 12.07 seen)
     # the curves part after a few steps (BENCHMARKS.md: steps 6-15 5.5 vs 7.5, last 5 3.4 vs 5.8)
     assert shipped["steps6_15_mean"] < shuffled["steps6_15_mean"]
     assert shipped["last5_mean"] < shuffled["last5_mean"]
