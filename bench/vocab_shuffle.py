@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,10 +70,6 @@ def chance_loss(backbone: Path) -> float:
     return math.log(cfg.get("decoder", cfg)["vocab_size"])
 
 
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def compare(backbone: Path, work: Path, args) -> dict:
     shuffled = shuffled_copy(backbone, work / "shuffled-backbone")
     result = {"chance": chance_loss(backbone)}
@@ -80,8 +77,8 @@ def compare(backbone: Path, work: Path, args) -> dict:
         t0 = time.perf_counter()
         losses = run(text, work / name.replace(" ", "-"), args)
         result[name] = {"losses": losses, "first": losses[0], "last": losses[-1],
-                        "first5_mean": mean(losses[:5]), "steps6_15_mean": mean(losses[5:15]),
-                        "last5_mean": mean(losses[-5:]), "seconds": time.perf_counter() - t0}
+                        "first5_mean": statistics.mean(losses[:5]), "steps6_15_mean": statistics.mean(losses[5:15]),
+                        "last5_mean": statistics.mean(losses[-5:]), "seconds": time.perf_counter() - t0}
     return result
 
 
