@@ -34,13 +34,17 @@ class Anchor(NamedTuple):
     ``None``): the value is the only tensor that one call of module ``path`` returns (``at="output"``) or
     receives (``at="input"``). ``parent`` is ``None`` when the graph calls ``path`` once: every call is the
     site's. Else ``path`` is called ``period`` times inside the one call of module ``parent`` and the site is the
-    ``index``-th of them (0-based; counted again from each call of ``parent``)."""
+    ``index``-th of them (0-based; counted again from each call of ``parent``). ``reads_x``: the call
+    (``at="output"``) is the site's projection itself, its one activation read the projection's input x, so
+    a ``parallel`` placement sees x there (a projection whose weight is tied to another module's, e.g. one
+    transformer block's weights shared by several hybrid layers, each with a module object of its own)."""
 
     path: str
     at: str
     parent: str | None
     index: int
     period: int
+    reads_x: bool = False
 
 
 class Call(NamedTuple):
@@ -444,35 +448,76 @@ def find_anchor(cap, site: Site, nodes: dict, calls: ModuleCalls) -> Anchor | No
     shape = ops.shape(v) if v is not None else None
     if v is None or site.out_slice or len(site.call_nodes()) != 1 or not shape or shape[-1] != site.out_features:
         return None
-    stack = list((v.meta.get("nn_module_stack") or {}).items())
-    # made and handed out by one call: innermost first, while the value leaves the call
-    for i in range(len(stack) - 1, 0, -1):
-        key = stack[i][0]
-        inside = calls.nodes[key]
-        exits = {n for n in inside if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
-        if v not in exits:
-            break
-        if exits == {v}:
-            return _placed(calls, key, stack[i - 1][0], "output")
+    # made and handed out by one call: the value, or the value it is a copy of (see _same_value)
+    weights = set(cap.param_names) | set(cap.buffer_names)
+    x = nodes.get(site.x_node) if site.x_node else None
+    for u in _same_value(v):
+        found = _handed_out(calls, u, x, weights)
+        if found is not None:
+            return found
     # read by one call: the outermost call that holds every user of the value and not the value itself
     users = list(v.users)
     if not users or any(u.op == "output" for u in users):
         return None
-    mine = {k for k, _ in stack}
+    mine = set(v.meta.get("nn_module_stack") or {})
     keys = [k for k in (users[0].meta.get("nn_module_stack") or {}) if k not in mine
             and all(k in (u.meta.get("nn_module_stack") or {}) for u in users)]
     if not keys:
         return None
     key = keys[0]
-    inside = calls.nodes[key]
-    weights = set(cap.param_names) | set(cap.buffer_names)
-    reads = {a for n in inside for a in n.all_input_nodes if a not in inside and a.name not in weights
-             and _tensor(a) and a.meta["val"].dtype.is_floating_point}
-    if reads != {v}:
+    if _reads(calls.nodes[key], weights) != {v}:
         return None
     user_stack = list(users[0].meta["nn_module_stack"])
     parent = user_stack[user_stack.index(key) - 1]
     return _placed(calls, key, parent, "input")
+
+
+def _reads(inside: set, weights: set) -> set:
+    """The floating-point activations a call reads from outside it (not its weights)."""
+    return {a for n in inside for a in n.all_input_nodes if a not in inside and a.name not in weights
+            and _tensor(a) and a.meta["val"].dtype.is_floating_point}
+
+
+def _same_value(v) -> list:
+    """``v`` and the values it is an unchanged copy of, nearest first: back through ops of one tensor operand that
+    keep its shape and dtype and change no value at inference (a dropout, an alias, a clone, a view or a
+    ``contiguous`` to the same shape), each the only use of its operand. A hook on the call that hands out one of
+    them changes ``v`` and nothing else, as the graph back end does (before the dropout instead of after it, as
+    for a site module that returns its value before a dropout: :func:`returns_value`)."""
+    from . import ops
+
+    out = [v]
+    while len(out) < 16:
+        n = out[-1]
+        if not ops.is_kind(n, ops.SAME_VALUE):
+            break
+        ins = ops.tensor_inputs(n)
+        if len(ins) != 1 or len(ins[0].users) != 1 or not _tensor(ins[0]):
+            break
+        a, b = ins[0].meta["val"], n.meta["val"]
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            break
+        out.append(ins[0])
+    return out
+
+
+def _handed_out(calls: ModuleCalls, v, x, weights: set) -> Anchor | None:
+    """The anchor of the call that makes ``v`` and hands out nothing else (innermost call first, while ``v``
+    leaves the call), or ``None``. ``reads_x`` when that call reads the projection input ``x`` and no other
+    activation."""
+    stack = list((v.meta.get("nn_module_stack") or {}).items())
+    for i in range(len(stack) - 1, 0, -1):
+        key = stack[i][0]
+        inside = calls.nodes[key]
+        exits = {n for n in inside if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
+        if v not in exits:
+            return None
+        if exits == {v}:
+            anchor = _placed(calls, key, stack[i - 1][0], "output")
+            if anchor is not None and x is not None and _reads(inside, weights) == {x}:
+                anchor = anchor._replace(reads_x=True)
+            return anchor
+    return None
 
 
 def _placed(calls: ModuleCalls, key: str, parent_key: str, at: str) -> Anchor | None:
