@@ -420,6 +420,26 @@ class Dataflow:
         found = self._inside_core_module(core, [self.projections[h] for h in hits if h in self.projections])
         return found[0] if found else None
 
+    def _mixed_groups(self, b: Block, used: set[Node]) -> None:
+        """An attention whose output projection works per group of heads (a block-diagonal weight in a batched
+        matrix product), its groups then flattened into one vector per token for a second projection that mixes
+        them: the value before the second projection is wider than the first one's ``out_features``, so it is no
+        site of that width; the block goes on through the second projection (a second ``o``) to its output. Only
+        where no residual add was reached and the wider value is the second projection's input alone."""
+        o = b.projections.get("o")
+        if b.residual_add is not None or not o or b.last() is not o[-1]:
+            return
+        shape = ops.shape(b.output)
+        users = list(b.output.users)
+        if not shape or shape[-1] == o[-1].out_features or len(users) != 1:
+            return
+        nxt = self.projections.get(users[0])
+        if nxt is None or nxt.x is not b.output or nxt.node in used or nxt.in_features != shape[-1]:
+            return
+        o.append(nxt)
+        used.add(nxt.node)
+        b.residual_add, b.residual, b.output = self.residual_of(nxt)
+
     def residual_of(self, proj: Projection) -> tuple[Node | None, Node | None, Node]:
         """Follow a block's last projection forward through single-input light ops to the residual add.
 
@@ -472,6 +492,7 @@ class Dataflow:
             blocks.append(b)
         for b in blocks:
             b.residual_add, b.residual, b.output = self.residual_of(b.last())
+            self._mixed_groups(b, used)
         barriers = {b.residual_add for b in blocks if b.residual_add is not None}
         blocks.extend(self._ffns(used, barriers))
         blocks.extend(self._branch_blocks(blocks))
