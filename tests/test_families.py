@@ -23,9 +23,11 @@ transformers = pytest.importorskip("transformers")
 
 GLOBAL_LOCAL = ("Pegasus-X's attention module runs a local attention on the token stream and a global one on the "
                 "global tokens and returns both; only the global core is found (the local scores are two products "
-                "concatenated before the softmax) and the eager hook could not tell its output from the token "
-                "stream's: the eager back end refuses the site in one line, the graph back end places it (the FFN "
-                "on both streams is tied: tests/test_stream_inputs.py)")
+                "concatenated before the softmax), so the encoder's self-attention sites are the global stream's "
+                "(both back ends reach them; the eager one by the output projection's first call, "
+                "tests/test_anchor_copies.py), and the last layer's global-stream output reaches no output of "
+                "the model: its VL-PET module gets no gradient (the FFN on both streams is tied: "
+                "tests/test_stream_inputs.py)")
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",

@@ -437,7 +437,9 @@ def find_anchor(cap, site: Site, nodes: dict, calls: ModuleCalls) -> Anchor | No
     """How the eager back end can change a site value that no module returns at every call, or ``None``.
 
     The value must be the only tensor one call of a module makes and hands out (``output``: a module called on
-    the attention probabilities and the output, a method's computation returned by a sub-module), or the only
+    the attention probabilities and the output, a method's computation returned by a sub-module, a projection
+    whose tied weight is named after another module; or an unchanged copy of that tensor, see
+    :func:`_same_value`: one stream's output of an attention that returns two, dropped out by the layer), or the only
     floating-point activation one call of a module reads (``input``: a value computed in a method and passed
     to a projection). Where that module is called several times, the call is told apart by its position
     among the module's calls inside one call of the enclosing module (which the graph must show called once),
