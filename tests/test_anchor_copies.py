@@ -350,3 +350,89 @@ def test_parallel_on_an_anchored_call_that_does_not_read_x_is_refused_in_one_lin
     with pytest.raises(vlpet_fx.PlanError, match="use `placement: after`") as err:
         vlpet_fx.patch(copy.deepcopy(model), rules, table=table)
     assert "\n" not in str(err.value)
+
+
+# -- a projection the graph also calls where no site is ---------------------------------------------------------
+
+class PooledSide(nn.Module):
+    """Attention on the tokens, whose output projection is applied to a second stream ``g`` too (a mean over it:
+    no attention there, so no site): a hook on the projection's every call would change ``g``'s value as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x, g, o_of=None):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / D ** 0.5, -1) @ self.v(x)
+        x_out = self.o(a)
+        x_out = o_of(a, x_out) if o_of else x_out
+        return x_out, self.o(g.mean(1, keepdim=True).expand_as(g))
+
+
+class PooledSideLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.attn = PooledSide()
+        self.ffn = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x, g, o_of=None):
+        a, b = self.attn(self.norm(x), g, o_of)
+        x = x + a
+        return x + self.ffn(x), g + b
+
+
+class PooledSideModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(1, 3, D))
+        self.layers = nn.ModuleList(PooledSideLayer() for _ in range(2))
+
+    def forward(self, x, pet_of=None):
+        g = self.g.expand(x.shape[0], -1, -1)
+        for i, layer in enumerate(self.layers):
+            x, g = layer(x, g, pet_of(i) if pet_of else None)
+        return x + g.mean(1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def pooled_side():
+    torch.manual_seed(0)
+    model = PooledSideModel().eval()
+    x = torch.randn(2, 5, D)
+    return model, x, vlpet_fx.discover(model, (x,))
+
+
+def test_a_projection_also_called_where_no_site_is_is_anchored_at_the_sites_call(pooled_side):
+    _, _, table = pooled_side
+    for layer in range(2):
+        o = table.get("encoder", layer, "self_attn", "o")
+        assert o.path is None and len(o.call_nodes()) == 1
+        assert o.anchor == Anchor(f"layers.{layer}.attn.o", "output", f"layers.{layer}.attn", 0, 2, reads_x=True)
+        assert table.get("encoder", layer, "self_attn", "q").path == f"layers.{layer}.attn.q"  # called once
+
+
+@pytest.mark.parametrize("placement", ["after", "parallel"])
+def test_a_pet_on_it_changes_the_sites_call_only_as_the_graph_does(pooled_side, placement):
+    model, x, table = pooled_side
+    method = "{type: adapter, reduction: 4}" if placement == "after" else "{type: lora, rank: 2, alpha: 4}"
+    rules = parse_rules(f"name: a\nmethods: {{a: {method}}}\n"
+                        f"rules: [{{select: {{block: self_attn, role: o}}, insert: a, placement: {placement}}}]")
+    eager = vlpet_fx.patch(copy.deepcopy(model), rules, table=table)
+    perturb(eager)
+    mods = pets(eager)
+    assert sorted(mods) == ["encoder.0.self_attn.o", "encoder.1.self_attn.o"]
+
+    def pet_of(i):
+        mod = mods[f"encoder.{i}.self_attn.o"]
+        return (lambda a, y: mod.after(y)) if placement == "after" else mod.parallel
+
+    got = eager(x)
+    assert torch.allclose(got, model(x, pet_of), atol=1e-6)
+    assert not torch.allclose(got, model(x), atol=1e-3)
+    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
+    same_pets_as(graph, eager)
+    assert torch.allclose(graph(x), got, atol=1e-6)
+    got.square().sum().backward()
+    graph(x).square().sum().backward()
+    same_grads(graph, eager)

@@ -16,7 +16,7 @@ from ..errors import DiscoveryError, VlpetError
 from . import ops
 from .dataflow import Block, Dataflow, Node
 from .norms import norm_modules
-from .sites import Site, SiteTable, merge_calls, settle_paths
+from .sites import Site, SiteTable, merge_calls, settle_paths, unclaimed_calls
 from .streams import assign_streams
 
 
@@ -473,7 +473,7 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
 
 def _sites(model: nn.Module, cap: Captured) -> list[Site]:
     """The sites of one capture; a site whose module does not return its value is left to the graph back end."""
-    return settle_paths(sites_of(_checked_blocks(model, cap), cap), cap)
+    return settle_paths(unclaimed_calls(sites_of(_checked_blocks(model, cap), cap), cap), cap)
 
 
 def _analysed(model: nn.Module, cap: Captured, run):

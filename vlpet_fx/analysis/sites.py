@@ -428,6 +428,41 @@ class ModuleCalls:
                 and (inside is None or next(iter(self.nodes[k])) in inside)]
 
 
+def unclaimed_calls(sites: Iterable[Site], cap) -> list[Site]:
+    """Projection sites whose module the graph also calls where no site is (a call of another value of the site's
+    width: e.g. an output projection applied to a second stream whose attention discovery does not see) lose
+    their module path: an eager hook on the module would change that call's value too, which the graph back end
+    leaves alone. :func:`settle_paths` then anchors each at its own call (:func:`find_anchor`) where it can."""
+    from . import ops
+
+    sites = list(sites)
+    nodes = {n.name: n for n in cap.graph.nodes}
+    claimed: dict[str, set] = {}
+    for s in sites:
+        n = nodes.get(s.node) if s.node else None
+        if s.path is None or s.role == "output" or n is None:
+            continue
+        claimed.setdefault(s.path, set()).update(k for k, (p, _t) in (n.meta.get("nn_module_stack") or {}).items()
+                                                 if p == s.path)
+    if not claimed:
+        return sites
+    calls = ModuleCalls(cap)
+    out = []
+    for s in sites:
+        if s.path in claimed and s.role != "output" and s.node in nodes:
+            for key in calls.of(s.path):
+                if key in claimed[s.path]:
+                    continue
+                inside = calls.nodes[key]
+                widths = {(ops.shape(n) or (None,))[-1:] for n in inside
+                          if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
+                if (s.out_features,) in widths or (s.out_slice and widths):
+                    s = replace(s, path=None)
+                    break
+        out.append(s)
+    return out
+
+
 def _tensor(n) -> bool:
     val = n.meta.get("val") if hasattr(n, "meta") else None
     return val is not None and hasattr(val, "shape") and hasattr(val, "dtype")
