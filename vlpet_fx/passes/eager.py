@@ -7,7 +7,8 @@ block input X); ``parallel`` by ``pet.parallel(x, y)``.
 On a slice site (q, k or v of a packed projection, ``Site.out_slice``) the method sees and changes only its
 slice of ``y`` (``pet_<role>_<slice>_<placement>``); the other channels pass unchanged.
 A method that reads the block input X (VL-PET's gates) gets it from a forward pre-hook on the module that
-receives X (``Site.input_path``, found from the dataflow). Hooks survive ``generate()`` with the KV cache,
+receives X (``Site.input_path``, found from the dataflow), or from the module call that hands X out
+(``Site.input_anchor``). Hooks survive ``generate()`` with the KV cache,
 ``.to()``, autocast and gradient checkpointing, and ``torch.compile`` traces them.
 """
 
@@ -188,14 +189,65 @@ def _owner(model: nn.Module, path: str, name: str) -> tuple[nn.Module, str, str]
 
 
 class StashInput:
-    """forward pre-hook on the module that receives the block input X: hands X to the PET module."""
+    """forward pre-hook on the module that receives the block input X (``Site.input_path``): hands X to the PET
+    module. X is the module's first input of X's rank and width (discovery checks that no other input it reads
+    has them); its first input when X's shape is unknown."""
 
-    def __init__(self, pet: nn.Module):
+    def __init__(self, pet: nn.Module, rank: int | None = None, width: int | None = None):
         self.pet = pet
+        self.rank = rank
+        self.width = width
 
     def __call__(self, module, args, kwargs):
-        self.pet.block_input = _input_of(args, kwargs)
+        self.pet.block_input = self.pick(args, kwargs)
         return None
+
+    def pick(self, args, kwargs):
+        if self.rank is not None and self.width is not None:
+            named = ([kwargs["hidden_states"]] if "hidden_states" in kwargs else []) + list(kwargs.values())
+            for v in list(args) + named:
+                if isinstance(v, torch.Tensor) and v.dim() == self.rank and v.shape[-1] == self.width:
+                    return v
+        return _input_of(args, kwargs)
+
+
+class StashAnchored:
+    """Hooks on the module call that hands out or reads the block input X when no module receives it as its
+    input (``Site.input_anchor``): the one tensor that call returns (``at="output"``) or reads (``"input"``)."""
+
+    def __init__(self, pet: nn.Module, site, count: CallCount):
+        self.pet = pet
+        self.count = count
+        self.width = site.input_features
+        self.where = site.key
+
+    def _stash(self, values) -> None:
+        self.pet.block_input = values[_only_tensor(values, self.width, self.where)]
+
+    def output(self, module, args, output):
+        if self.count.take():
+            self._stash(list(output) if isinstance(output, (tuple, list)) else [output])
+
+    def input(self, module, args, kwargs):
+        if self.count.take():
+            self._stash(list(args) + list(kwargs.values()))
+
+
+def _hook_input_anchor(model: nn.Module, pet: nn.Module, p: Placement) -> list:
+    anchor = p.site.input_anchor
+    count = CallCount(anchor, p.site.key)
+    stash = StashAnchored(pet, p.site, count)
+    target = model.get_submodule(anchor.path)
+    handles = []
+    if anchor.parent is not None:
+        parent = model.get_submodule(anchor.parent)
+        handles.append(parent.register_forward_pre_hook(count.start, with_kwargs=True))
+        handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
+    if anchor.at == "output":
+        handles.append(target.register_forward_hook(stash.output))
+    else:
+        handles.append(target.register_forward_pre_hook(stash.input, with_kwargs=True))
+    return handles
 
 
 class EagerPatch(ModulePass):
@@ -242,15 +294,19 @@ class EagerPatch(ModulePass):
                                     "rules select one of them")
                 device, dtype = site_device_dtype(target)
                 pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
-                if getattr(pet, "needs_block_input", False) and p.site.input_path is None:
+                reads_x = getattr(pet, "needs_block_input", False)
+                if reads_x and p.site.input_path is None and p.site.input_anchor is None:
                     raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to "
                                     "a module; use a gate that does not read it (gate: middleY or none)")
                 owner.add_module(name, pet)
                 added.append((owner, name))
                 attached[full] = p
-                if getattr(pet, "needs_block_input", False):  # first: X is stashed before any hook reads it
-                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
-                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
+                if reads_x and p.site.input_path is not None:  # first: X is stashed before any hook reads it
+                    stash = StashInput(pet, p.site.input_rank, p.site.input_features)
+                    handles.append(module.get_submodule(p.site.input_path).register_forward_pre_hook(
+                        stash, with_kwargs=True))
+                elif reads_x:
+                    handles.extend(_hook_input_anchor(module, pet, p))
                 if anchor is not None:
                     handles.extend(_hook_anchor(module, target, anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
