@@ -157,20 +157,26 @@ class AnchorHook:
         return tuple(values[:len(args)]), dict(zip(names, values[len(args):]))
 
 
-def _hook_anchor(model: nn.Module, target: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
-    """Register the hooks of an anchored placement; returns their handles."""
-    count = CallCount(anchor, p.site.key)
-    hook = AnchorHook(pet, p.site, count)
+def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input) -> list:
+    """Register hooks at an anchor (the counting of its module's calls on ``anchor.parent``, and ``on_output``
+    or ``on_input`` on its module); returns their handles."""
     handles = []
     if anchor.parent is not None:
         parent = model.get_submodule(anchor.parent)
         handles.append(parent.register_forward_pre_hook(count.start, with_kwargs=True))
         handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
+    target = model.get_submodule(anchor.path)
     if anchor.at == "output":
-        handles.append(target.register_forward_hook(hook.output))
+        handles.append(target.register_forward_hook(on_output))
     else:
-        handles.append(target.register_forward_pre_hook(hook.input, with_kwargs=True))
+        handles.append(target.register_forward_pre_hook(on_input, with_kwargs=True))
     return handles
+
+
+def _hook_anchor(model: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
+    """Register the hooks of an anchored placement; returns their handles."""
+    hook = AnchorHook(pet, p.site, CallCount(anchor, p.site.key))
+    return _anchored(model, anchor, hook.count, hook.output, hook.input)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -234,20 +240,9 @@ class StashAnchored:
 
 
 def _hook_input_anchor(model: nn.Module, pet: nn.Module, p: Placement) -> list:
-    anchor = p.site.input_anchor
-    count = CallCount(anchor, p.site.key)
-    stash = StashAnchored(pet, p.site, count)
-    target = model.get_submodule(anchor.path)
-    handles = []
-    if anchor.parent is not None:
-        parent = model.get_submodule(anchor.parent)
-        handles.append(parent.register_forward_pre_hook(count.start, with_kwargs=True))
-        handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
-    if anchor.at == "output":
-        handles.append(target.register_forward_hook(stash.output))
-    else:
-        handles.append(target.register_forward_pre_hook(stash.input, with_kwargs=True))
-    return handles
+    """Register the hooks that hand the PET module X from ``Site.input_anchor``; returns their handles."""
+    stash = StashAnchored(pet, p.site, CallCount(p.site.input_anchor, p.site.key))
+    return _anchored(model, p.site.input_anchor, stash.count, stash.output, stash.input)
 
 
 class EagerPatch(ModulePass):
@@ -308,7 +303,7 @@ class EagerPatch(ModulePass):
                 elif reads_x:
                     handles.extend(_hook_input_anchor(module, pet, p))
                 if anchor is not None:
-                    handles.extend(_hook_anchor(module, target, anchor, pet, p))
+                    handles.extend(_hook_anchor(module, anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
                     handles.append(target.register_forward_hook(BlockInputHook(pet, p.site.out_slice)))
                 elif p.placement == "after":
