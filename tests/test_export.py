@@ -65,10 +65,36 @@ def test_mismatching_base_is_refused_unless_forced(tmp_path):
     import transformers as tf
 
     other = tf.BartForConditionalGeneration(tf.BartConfig(**{**build_model("bart", "tiny").config.to_dict(),
-                                                             "dropout": 0.3}))
+                                                             "activation_function": "relu"}))
     with pytest.raises(vlpet_fx.ExportError, match="configuration differs"):
         vlpet_fx.load(other, src)
     assert vlpet_fx.load(build_model("bart", "tiny", seed=7), src, force=True) is not None
+
+
+def test_dropout_rates_are_no_part_of_the_base_fingerprint(tmp_path):
+    """A recipe sets dropout rates on the config it saves (the paper's 0.1 in BART's three dropouts): adapters
+    trained so load on the base built again with its own rates, since rates change no weight and nothing an
+    eval-mode forward computes. A manifest whose hash still holds the rates (written before) loads too."""
+    from vlpet_fx.export.fingerprint import config_hash
+
+    m, src = _trained("bart", "vlpet_large", tmp_path)
+    base = build_model("bart", "tiny")
+    for key in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop"):
+        setattr(base.config, key, 0.3)
+    x = _inputs()
+    torch.testing.assert_close(_logits(vlpet_fx.load(base, src), *x), _logits(m, *x), rtol=0, atol=0)
+    manifest = json.loads((src / "vlpet.json").read_text())
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert manifest["fingerprint"]["config_sha256"] == config_hash(m, trainable) != config_hash(m, trainable,
+                                                                                                rates=True)
+    manifest["fingerprint"]["config_sha256"] = config_hash(m, trainable, rates=True)  # as written before
+    (src / "vlpet.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(_logits(vlpet_fx.load(build_model("bart", "tiny"), src), *x), _logits(m, *x),
+                               rtol=0, atol=0)
+    manifest["fingerprint"]["config_sha256"] = config_hash(base, trainable, rates=True)  # other rates: refused
+    (src / "vlpet.json").write_text(json.dumps(manifest))
+    with pytest.raises(vlpet_fx.ExportError, match="configuration differs"):
+        vlpet_fx.load(build_model("bart", "tiny"), src)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

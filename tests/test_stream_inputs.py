@@ -3,7 +3,9 @@ side): a layer that also takes a padding mask (LED's Longformer encoder), a modu
 lengths (Pegasus-X's FFN norm on the token and the global stream), one key projection call for the main and the
 n-gram streams (ProphetNet), a residual branch between two layers outside any repeated layer (Granite Speech's
 intermediate CTC head), and a feed-forward map on a time embedding that only scales the stream (Voxtral
-Realtime's AdaRMSNorm), which is no block.
+Realtime's AdaRMSNorm), which is no block; a layer whose X leaves a norm inside the module that also holds the
+sub-layer (X-MOD's language adapters) and a module that takes X beside a stack of earlier values of its width
+(Inkling2's attention over the outputs of earlier blocks).
 
 Every gate's X is checked, at every call of its site, against the value the model's own modules hand over there
 (hooks on the model's layers, independent of discovery)."""
@@ -47,14 +49,17 @@ def _hidden(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _record(module, where: str, store: list):
-    """A hook on ``module`` that appends its first input (``where="in"``) or first output (``"out"``)."""
+def _record(module, where, store: list):
+    """A hook on ``module`` that appends its first input (``where="in"``), its positional input ``where`` (an
+    int) or its first output (``"out"``)."""
     if where == "in":
         return module.register_forward_pre_hook(lambda m, a, kw: store.append(_hidden(a, kw).clone()), with_kwargs=True)
+    if isinstance(where, int):
+        return module.register_forward_pre_hook(lambda m, a: store.append(a[where].clone()))
     return module.register_forward_hook(lambda m, a, out: store.append(_first(out).clone()))  # before any in-place op
 
 
-def _seen_x(model, select: dict, watched, where: str = "in"):
+def _seen_x(model, select: dict, watched, where="in"):
     """Patch VL-PET gates on the selected sites and run once. Returns the plan, the patched model, per placement
     the X each call of its site used, and per module of ``watched(patched)`` (a list) what each of its calls
     received (``where="in"``) or returned (``"out"``): the reference, from the model's own modules."""
@@ -67,9 +72,9 @@ def _seen_x(model, select: dict, watched, where: str = "in"):
     for path, p in patched.vlpet_patch.attached.items():
         pet = patched.get_submodule(path)
         assert pet.needs_block_input
-        # registered after the patch's own hook: sees the X that hook has just used
-        handles.append(patched.get_submodule(p.site.path).register_forward_hook(
-            lambda m, a, out, pet=pet, path=path: used.setdefault(path, []).append(pet.block_input.clone())))
+        # the X the gate really reads: its first input (the site may be a value no module returns)
+        handles.append(pet.gate.register_forward_pre_hook(
+            lambda m, a, path=path: used.setdefault(path, []).append(a[0].clone())))
     seen: list[list[torch.Tensor]] = []
     for module in watched(patched):
         seen.append([])
@@ -194,3 +199,43 @@ def test_pegasus_x_attention_output_of_two_streams_is_anchored_at_its_streams_ca
         got = eager(*args, **kwargs).logits
         assert torch.allclose(graph(*args, **kwargs).logits, got, atol=1e-5)
         assert not torch.allclose(got, model(*args, **kwargs).logits, atol=1e-3)
+
+
+def test_xmod_language_adapter_reads_the_norm_output_it_adapts():
+    """X-MOD's output module normalises ``dense(h) + input`` and runs its language adapter (down, ReLU, up, a
+    residual) on the result, inside the same module: no module receives that X as an input, and the norm's output
+    is it. Each FFN output gate -- the layers' own FFNs and the adapters -- reads what its norm hands out."""
+    model = _build("AutoModelForCausalLM", "xmod")
+    layers = model.roberta.encoder.layer
+    plan, patched, used, seen = _seen_x(
+        model, {"stack": "decoder", "block": "ffn", "role": "output"},
+        lambda m: [norm for layer in m.roberta.encoder.layer
+                   for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm)], where="out")
+    adapters = [p.site for p in plan.placements if p.site.path is None]
+    assert len(adapters) == len(layers) and all(s.input_path is None and s.input_anchor for s in adapters)
+    assert len(plan.placements) == len(seen) == 2 * len(layers)
+    # the output norm runs twice per layer: for the adapter (inside the output module), then on the layer's output
+    assert [len(xs) for xs in seen] == [1, 2] * len(layers)
+    assert _check(used, patched, lambda s: seen[s.layer][:1], "xmod") == len(seen)
+
+
+def test_inkling2_gates_read_x_beside_the_stack_of_earlier_blocks():
+    """Inkling2's layers call an attention over depth as ``mlp_input(block_states, hidden_states)``: the stack of
+    earlier blocks' outputs first (four axes, X's width), X second. The sub-layer after it reads X there, and the
+    next layer's attention reads the layer input; both gates get exactly those values."""
+    model = _build("AutoModelForCausalLM", "inkling2_text")
+    layers = list(model.model.layers)
+    # the mixture's router (512 -> 4 scores, which scale the experts' outputs) is no projection of the sub-layer:
+    # the experts, a grouped product of a batched parameter, leave it only its output site
+    table = vlpet_fx.discover(model)
+    assert not [s for s in table if s.param and s.param.endswith(".mlp.gate.weight")]
+    assert {s.role for s in table.where(block="mixer")} == {"output"}
+    plan, patched, used, seen = _seen_x(model, {"stack": "decoder", "block": "mixer", "role": "output"},
+                                        lambda m: [layer.mlp_input for layer in m.model.layers], where=1)
+    assert len(plan.placements) == len(seen) == len(layers)
+    assert all(xs[0].dim() == 3 for xs in seen)  # not the stack of earlier blocks (4 axes)
+    assert _check(used, patched, lambda s: seen[s.layer], "inkling2 mlp") == len(seen)
+    plan, patched, used, seen = _seen_x(model, {"stack": "decoder", "block": "self_attn", "role": "output"},
+                                        lambda m: list(m.model.layers))
+    assert len(plan.placements) == len(seen) == len(layers)
+    assert _check(used, patched, lambda s: seen[s.layer], "inkling2 attention") == len(seen)

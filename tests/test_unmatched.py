@@ -136,3 +136,22 @@ def test_several_unmatched_rules_are_all_named(tmp_path):
     assert line.startswith("warning: 8 optional rules of many matched no site of")
     assert all(f"'cross-{i}'" in line for i in range(6)) and "'cross-6'" not in line and "and 2 more" in line
     assert json.loads(stdout)["unmatched"] == [f"cross-{i}" for i in range(8)]
+
+
+def test_train_names_the_unmatched_rule(tmp_path):
+    """`vlpet-fx train` says it too: the VL model's encoder-decoder has no token-mixing sub-layer, so an optional
+    rule for one places nothing, and the run goes on with the rules that matched."""
+    rules = tmp_path / "probe.yaml"
+    rules.write_text(
+        "name: probe\nmethods: {a: {type: adapter, reduction: 8}}\nrules:\n"
+        "  - {name: ffn, select: {stack: encoder, block: ffn, role: output}, insert: a, placement: after}\n"
+        "  - {name: mixers, select: {block: mixer, role: output}, insert: a, placement: after, optional: true}\n")
+    code, stdout, stderr = run_cli("train", "--out", str(tmp_path / "run"), "--rules", str(rules), "--steps", "1",
+                                   "--train-per-task", "4", "--eval-per-task", "2", "--task", "vqa", "--batch-size",
+                                   "4", "--eval-every", "0", "--save-every", "0", "--source", "digits")
+    assert code == 0, stderr
+    (line,) = [ln for ln in (stdout + stderr).splitlines() if ln.startswith("warning:")]
+    assert line.startswith("warning: 1 optional rule of probe matched no site of") and "'mixers'" in line
+    plan = json.loads((tmp_path / "run" / "model" / "vlpet.json").read_text())["plan"]
+    assert plan["unmatched"] == ["mixers"]
+    assert {(p["stack"], p["block"]) for p in plan["placements"]} == {("encoder", "ffn")}  # the rule that matched

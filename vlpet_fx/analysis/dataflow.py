@@ -743,10 +743,12 @@ class Dataflow:
         return self._calls.get(path, 0)
 
     def _projection_into_region(self, br: Branch) -> Projection | None:
-        """The projection the branch value comes from through light ops on float values inside the branch (a
-        router's scores reach the value only through a softmax or integer indices, so they are never it)."""
+        """The projection of the branch value's width that the value comes from through light ops on float
+        values inside the branch. A router's scores, narrower, are never it: they reach the value through a
+        softmax, integer indices, or as the weights the experts' outputs are scaled by."""
         if br.value in self.projections:
             return self.projections[br.value]
+        width = (ops.shape(br.value) or (None,))[-1]
         seen, queue = set(), deque(ops.tensor_inputs(br.value))
         while queue:
             n = queue.popleft()
@@ -754,7 +756,9 @@ class Dataflow:
                 continue
             seen.add(n)
             if n in self.projections:
-                return self.projections[n]
+                if self.projections[n].out_features == width:
+                    return self.projections[n]
+                continue
             if self._light(n):
                 queue.extend(ops.tensor_inputs(n))
         return None

@@ -246,8 +246,9 @@ def input_path_of(cap: Captured | None, b: Block) -> str | None:
 
 
 def _receiver(cap: Captured, x, scope: str) -> str | None:
-    """The outermost module inside ``scope`` that consumes ``x`` (first input, of X's shape) but did not
-    produce it (see :func:`input_path_of`)."""
+    """The outermost module inside ``scope`` that consumes ``x`` but did not produce it (see
+    :func:`input_path_of`): one whose first input of X's shape is X and whose other inputs cannot be taken for
+    X; failing that, one that also reads activations of other shapes, none with X's rank and width but X."""
     # a no-op cast (T5LayerNorm's .to(float32) on a float32 tensor) aliases X inside a sub-module: go back
     # to the op that really made X, and consider the users of every alias (also of copies made from X: a
     # clone read by the sub-layer)
@@ -256,28 +257,39 @@ def _receiver(cap: Captured, x, scope: str) -> str | None:
         chain.append(chain[-1].args[0])
     made_in = set(cap.module_stack(chain[-1]))
     x_shape = _shape(chain[0])
-    best: str | None = None
+    best: dict[bool, str] = {}
     outside = _outside_inputs(cap)
     values = _with_copies(chain)
     for user in [u for n in values for u in n.users if u not in values]:
         for call, (path, _type) in (user.meta.get("nn_module_stack") or {}).items():
             if path in made_in or not (path == scope or path.startswith(scope + ".")):
                 continue
-            # the module's first input must be X: skip a module that also takes activations of another shape
-            # (BERT's output sub-module takes the FFN's hidden state first and X second), in the call that
-            # receives X (a module called on several streams, e.g. Pegasus-X's FFN norm on the token and the
-            # global stream, takes one of them per call), and one that reads another value of X's shape before
-            # X (a layer taking two streams: it receives the second as its second input)
+            # the module's first input must be X, in the call that receives X (a module called on several
+            # streams, e.g. Pegasus-X's FFN norm on the token and the global stream, takes one of them per
+            # call): skip one that reads another value of X's shape before X (a layer taking two streams: it
+            # receives the second as its second input). A module that also takes activations of another shape
+            # (BERT's output sub-module takes the FFN's hidden state first and X second; an attention over the
+            # outputs of earlier blocks takes their stack first) is a second choice, when no other value it
+            # reads has X's rank and width: the eager back end takes the input of that rank and width
             reads = outside.get(call, [])
-            if any(not _fits_block_input(_shape(a), x_shape) for a in reads):
+            plain = all(_fits_block_input(_shape(a), x_shape) for a in reads)
+            if plain:
+                first = next((a for a in reads if _shape(a) == x_shape), None)
+                if first is not None and first not in values:
+                    continue
+            elif any(_like_x(_shape(a), x_shape) and a not in values for a in reads) or \
+                    not any(a in values for a in reads):
                 continue
-            first = next((a for a in reads if _shape(a) == x_shape), None)
-            if first is not None and first not in values:
-                continue
-            if best is None or len(path) < len(best):
-                best = path
-            break
-    return best
+            if plain not in best or len(path) < len(best[plain]):
+                best[plain] = path
+            if plain:  # a second choice goes on to the modules inside it
+                break
+    return best.get(True, best.get(False))
+
+
+def _like_x(shape: tuple | None, x_shape: tuple | None) -> bool:
+    """Whether an activation of ``shape`` could be taken for X by its rank and width (see eager.StashInput)."""
+    return shape is not None and x_shape is not None and len(shape) == len(x_shape) and shape[-1:] == x_shape[-1:]
 
 
 def _block_scope(b: Block) -> str | None:
@@ -365,7 +377,7 @@ def sites_of(blocks: list[Block], cap: Captured | None = None) -> list[Site]:
         x_shape = _shape(x) if x is not None else None
         where = dict(block_path=b.block_path, layer_path=b.layer_path, input_path=input_path_of(cap, b),
                      input_node=x.name if x is not None else None,
-                     input_features=x_shape[-1] if x_shape else None)
+                     input_features=x_shape[-1] if x_shape else None, input_rank=len(x_shape) if x_shape else None)
         slices = b.extra.get("slices", {})
         for role, projs in b.projections.items():
             for p in projs:
@@ -394,11 +406,12 @@ def _renamed(site: Site, prefix_from: str, prefix_to: str, layer_path: str) -> S
             return prefix_to[:-1]
         return prefix_to + text[len(prefix_from):] if text and text.startswith(prefix_from) else text
 
-    a = site.anchor
-    anchor = a._replace(path=sub(a.path), parent=sub(a.parent)) if a is not None else None
+    def moved(a):
+        return a._replace(path=sub(a.path), parent=sub(a.parent)) if a is not None else None
+
     return replace(site, path=sub(site.path), param=sub(site.param), block_path=sub(site.block_path),
                    layer_path=layer_path, input_path=sub(site.input_path), node=None, input_node=None, x_node=None,
-                   anchor=anchor)
+                   anchor=moved(site.anchor), input_anchor=moved(site.input_anchor))
 
 
 def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:

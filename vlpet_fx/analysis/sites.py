@@ -87,13 +87,17 @@ class Site:
     param: str | None = field(default=None, compare=False)
     block_path: str | None = field(default=None, compare=False)
     layer_path: str | None = field(default=None, compare=False)
-    input_path: str | None = field(default=None, compare=False)  # module whose first input is the block input X
+    input_path: str | None = field(default=None, compare=False)  # module whose input is the block input X
     input_node: str | None = field(default=None, compare=False)  # graph node of the block input X
     x_node: str | None = field(default=None, compare=False)  # graph node of the projection's input x
     input_features: int | None = field(default=None, compare=False)  # width of the block input X
     calls: tuple[Call, ...] = field(default=(), compare=False)  # every call of the module (graph nodes)
     input_call: str | None = field(default=None, compare=False)  # which call of input_path receives X
     anchor: Anchor | None = field(default=None, compare=False)  # eager hook point of a path-less value
+    input_rank: int | None = field(default=None, compare=False)  # number of axes of the block input X
+    # where the eager back end takes X when no module receives it as its input (input_path is None): the one
+    # tensor a module call hands out or reads (see settle_paths)
+    input_anchor: Anchor | None = field(default=None, compare=False)
 
     def call_nodes(self) -> tuple[Call, ...]:
         """The site's calls in the captured graph (``(node, x_node, input_node)``; one unless the module is
@@ -182,7 +186,8 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
         input_path = first.input_path if len(inputs) == 1 and None not in own and one_each else None
         widths = {s.input_features for s in group}
         out.append(replace(first, calls=tuple(calls) if any(c.node for c in calls) else (),
-                           input_path=input_path, input_features=first.input_features if len(widths) == 1 else None))
+                           input_path=input_path, input_features=first.input_features if len(widths) == 1 else None,
+                           input_anchor=None))  # an anchor names one call
     return out
 
 
@@ -355,6 +360,12 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
             s = replace(s, anchor=find_anchor(cap, s, nodes, calls))
         if s.input_path is not None and s.input_node in nodes:
             s = replace(s, input_call=_call_receiving(nodes[s.input_node], s.input_path))
+        elif s.input_node in nodes and s.input_features and len(s.call_nodes()) == 1:
+            # no module receives X as its input: X may still be the one tensor a module call hands out (a norm
+            # of a post-LN layer whose output feeds the next sub-layer inside one module) or reads
+            calls = calls or ModuleCalls(cap)
+            x_as_value = replace(s, node=s.input_node, out_slice=None, calls=(), out_features=s.input_features)
+            s = replace(s, input_anchor=find_anchor(cap, x_as_value, nodes, calls))
         out.append(s)
     return out
 

@@ -231,7 +231,7 @@ def load(base_model: "nn.Module | str | Path", src: str | Path | None = None, *,
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     if not force:
-        problem = describe_mismatch(manifest.fingerprint.model_dump(), fingerprint(model, trainable))
+        problem = describe_mismatch(manifest.fingerprint.model_dump(), model, trainable)
         if problem:
             raise ExportError(f"refusing to load '{src}': {problem}; pass force=True (--force) if you know better")
     missing = sorted(trainable - set(weights))

@@ -7,7 +7,8 @@ block input X); ``parallel`` by ``pet.parallel(x, y)``.
 On a slice site (q, k or v of a packed projection, ``Site.out_slice``) the method sees and changes only its
 slice of ``y`` (``pet_<role>_<slice>_<placement>``); the other channels pass unchanged.
 A method that reads the block input X (VL-PET's gates) gets it from a forward pre-hook on the module that
-receives X (``Site.input_path``, found from the dataflow). Hooks survive ``generate()`` with the KV cache,
+receives X (``Site.input_path``, found from the dataflow), or from the module call that hands X out
+(``Site.input_anchor``). Hooks survive ``generate()`` with the KV cache,
 ``.to()``, autocast and gradient checkpointing, and ``torch.compile`` traces them.
 """
 
@@ -178,22 +179,29 @@ class AnchorHook:
         return tuple(values[:len(args)]), dict(zip(names, values[len(args):]))
 
 
-def _hook_anchor(model: nn.Module, target: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
-    """Register the hooks of an anchored placement; returns their handles."""
-    count = CallCount(anchor, p.site.key)
-    hook = AnchorHook(pet, p.site, count, p.placement)
+def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input, *, output_kwargs: bool = False) -> list:
+    """Register hooks at an anchor (the counting of its module's calls on ``anchor.parent``, and ``on_output``
+    -- called with the call's kwargs too if ``output_kwargs`` -- or ``on_input`` on its module); returns their
+    handles."""
     handles = []
     if anchor.parent is not None:
         parent = model.get_submodule(anchor.parent)
         handles.append(parent.register_forward_pre_hook(count.start, with_kwargs=True))
         handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
-    if anchor.at == "output" and p.placement == "parallel":
-        handles.append(target.register_forward_hook(hook.output_parallel, with_kwargs=True))
-    elif anchor.at == "output":
-        handles.append(target.register_forward_hook(hook.output))
+    target = model.get_submodule(anchor.path)
+    if anchor.at == "output":
+        handles.append(target.register_forward_hook(on_output, with_kwargs=output_kwargs))
     else:
-        handles.append(target.register_forward_pre_hook(hook.input, with_kwargs=True))
+        handles.append(target.register_forward_pre_hook(on_input, with_kwargs=True))
     return handles
+
+
+def _hook_anchor(model: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
+    """Register the hooks of an anchored placement; returns their handles."""
+    hook = AnchorHook(pet, p.site, CallCount(anchor, p.site.key), p.placement)
+    parallel = anchor.at == "output" and p.placement == "parallel"
+    return _anchored(model, anchor, hook.count, hook.output_parallel if parallel else hook.output, hook.input,
+                     output_kwargs=parallel)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -212,14 +220,54 @@ def _owner(model: nn.Module, path: str, name: str) -> tuple[nn.Module, str, str]
 
 
 class StashInput:
-    """forward pre-hook on the module that receives the block input X: hands X to the PET module."""
+    """forward pre-hook on the module that receives the block input X (``Site.input_path``): hands X to the PET
+    module. X is the module's first input of X's rank and width (discovery checks that no other input it reads
+    has them); its first input when X's shape is unknown."""
 
-    def __init__(self, pet: nn.Module):
+    def __init__(self, pet: nn.Module, rank: int | None = None, width: int | None = None):
         self.pet = pet
+        self.rank = rank
+        self.width = width
 
     def __call__(self, module, args, kwargs):
-        self.pet.block_input = _input_of(args, kwargs)
+        self.pet.block_input = self.pick(args, kwargs)
         return None
+
+    def pick(self, args, kwargs):
+        if self.rank is not None and self.width is not None:
+            named = ([kwargs["hidden_states"]] if "hidden_states" in kwargs else []) + list(kwargs.values())
+            for v in list(args) + named:
+                if isinstance(v, torch.Tensor) and v.dim() == self.rank and v.shape[-1] == self.width:
+                    return v
+        return _input_of(args, kwargs)
+
+
+class StashAnchored:
+    """Hooks on the module call that hands out or reads the block input X when no module receives it as its
+    input (``Site.input_anchor``): the one tensor that call returns (``at="output"``) or reads (``"input"``)."""
+
+    def __init__(self, pet: nn.Module, site, count: CallCount):
+        self.pet = pet
+        self.count = count
+        self.width = site.input_features
+        self.where = site.key
+
+    def _stash(self, values) -> None:
+        self.pet.block_input = values[_only_tensor(values, self.width, self.where)]
+
+    def output(self, module, args, output):
+        if self.count.take():
+            self._stash(list(output) if isinstance(output, (tuple, list)) else [output])
+
+    def input(self, module, args, kwargs):
+        if self.count.take():
+            self._stash(list(args) + list(kwargs.values()))
+
+
+def _hook_input_anchor(model: nn.Module, pet: nn.Module, p: Placement) -> list:
+    """Register the hooks that hand the PET module X from ``Site.input_anchor``; returns their handles."""
+    stash = StashAnchored(pet, p.site, CallCount(p.site.input_anchor, p.site.key))
+    return _anchored(model, p.site.input_anchor, stash.count, stash.output, stash.input)
 
 
 class EagerPatch(ModulePass):
@@ -267,17 +315,21 @@ class EagerPatch(ModulePass):
                                     "rules select one of them")
                 device, dtype = site_device_dtype(target)
                 pet = build_pet(p, seed=self.seed, device=device, dtype=dtype)
-                if getattr(pet, "needs_block_input", False) and p.site.input_path is None:
+                reads_x = getattr(pet, "needs_block_input", False)
+                if reads_x and p.site.input_path is None and p.site.input_anchor is None:
                     raise PlanError(f"{p.method} on {p.site} reads the block input, which discovery could not tie to "
                                     "a module; use a gate that does not read it (gate: middleY or none)")
                 owner.add_module(name, pet)
                 added.append((owner, name))
                 attached[full] = p
-                if getattr(pet, "needs_block_input", False):  # first: X is stashed before any hook reads it
-                    src = module.get_submodule(p.site.input_path) if p.site.input_path else module
-                    handles.append(src.register_forward_pre_hook(StashInput(pet), with_kwargs=True))
+                if reads_x and p.site.input_path is not None:  # first: X is stashed before any hook reads it
+                    stash = StashInput(pet, p.site.input_rank, p.site.input_features)
+                    handles.append(module.get_submodule(p.site.input_path).register_forward_pre_hook(
+                        stash, with_kwargs=True))
+                elif reads_x:
+                    handles.extend(_hook_input_anchor(module, pet, p))
                 if anchor is not None:
-                    anchored.append((target, anchor, pet, p))
+                    anchored.append((anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
                     handles.append(target.register_forward_hook(BlockInputHook(pet, p.site.out_slice)))
                 elif p.placement == "after":
@@ -287,8 +339,8 @@ class EagerPatch(ModulePass):
             # an anchored value is the value a module's call hands out or one after it (a copy of it through a
             # dropout): its hooks run after those of a site the module returns (an attention's o and output on one
             # projection call), as the graph back end changes the later value after the earlier one
-            for target, anchor, pet, p in anchored:
-                handles.extend(_hook_anchor(module, target, anchor, pet, p))
+            for anchor, pet, p in anchored:
+                handles.extend(_hook_anchor(module, anchor, pet, p))
             module.vlpet_patch = PatchState(self.plan, attached, handles, added)
         except BaseException:
             _undo(handles, added)

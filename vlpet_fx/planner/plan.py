@@ -142,8 +142,8 @@ class Plan:
                                 "for this model (vlpet_fx.plan(model, rules))")
         modules = dict(model.named_modules())
         for p in self.placements:
-            a = p.site.anchor
-            for path in (p.site.path, p.site.input_path) + ((a.path, a.parent) if a is not None else ()):
+            anchors = [a for a in (p.site.anchor, p.site.input_anchor) if a is not None]
+            for path in (p.site.path, p.site.input_path, *(q for a in anchors for q in (a.path, a.parent))):
                 if path is not None and path not in modules:
                     raise PlanError(f"this plan was made for another model ({self.model}): it has no module "
                                     f"'{shown(path, 100)}' (site {p.site}); make the plan for this model")
@@ -165,6 +165,18 @@ class Plan:
         for p in self.placements:
             out.setdefault(p.rule, []).append(p)
         return out
+
+    def unmatched_warning(self) -> str | None:
+        """One line naming the optional rules that matched no site (they placed nothing: a rule set meant for
+        another kind of model would otherwise patch only part of what it promises without a word), or None."""
+        if not self.unmatched:
+            return None
+        names = ", ".join(f"'{shown(n, 40)}'" for n in self.unmatched[:6])
+        n = len(self.unmatched)
+        more = f" and {n - 6} more" if n > 6 else ""
+        return (f"{n} optional rule{'s' if n > 1 else ''} of {shown(self.rules.name, 60)} matched no site of "
+                f"{shown(self.model, 80)} and placed nothing: {names}{more}; check the selectors against "
+                "`vlpet-fx inspect` if that model should have them")
 
     def to_dict(self) -> dict:
         """The public JSON contract of ``patch --format json`` (field names: docs/CLI.md)."""

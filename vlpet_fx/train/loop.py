@@ -283,6 +283,9 @@ class Trainer:
                          "tokens_per_image": cfg.tokens_per_image,
                          "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None}
         vlpet_fx.patch(self.model, cfg.rules, seed=cfg.seed)
+        unmatched = self.model.vlpet_patch.plan.unmatched_warning()
+        if unmatched is not None:
+            self.say(f"warning: {unmatched}")
         self.recipe = resolve(cfg, backbone_type(self.model.text))
         if self.recipe.dropout is not None:
             self.recipe.dropout_fields = set_dropout(self.model.text, self.recipe.dropout)
