@@ -147,7 +147,7 @@ def forward(n: Node) -> list[Node]:
     return list(n.users)
 
 
-def _in_place_writes(nodes: list[Node]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
+def in_place_writes(nodes: list[Node]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
     """In-place writes into a tensor (``out[:, t] = step`` in a loop over the tokens: ``copy_`` into a view of a
     buffer made by ``zeros_like``): the buffer's readers depend on the write, which the graph's edges do not
     show. Returns (buffer -> the mutating nodes that write into it, mutating node -> the buffers it writes)."""
@@ -243,7 +243,7 @@ class Dataflow:
         # of two or more axes: heavy for every walk, as a projection is
         self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
                                   and n not in self.projections and self._weighted(n)}
-        self.written_by, self.writes_into = _in_place_writes(self.nodes)
+        self.written_by, self.writes_into = in_place_writes(self.nodes)
         self.written = self._written_buffers()
 
     # -- buffers filled by in-place writes ----------------------------------------------------
@@ -251,7 +251,7 @@ class Dataflow:
         """Fresh tensors (``new_empty``, ``zeros`` ...) whose values come from in-place copies into them or into
         views of them (multi-head latent attention's key: the non-rotary part and the shared rotary part copied
         into the two halves of an empty tensor): buffer -> the values copied in, in graph order (from
-        :func:`_in_place_writes`)."""
+        :func:`in_place_writes`)."""
         out: dict[Node, list[Node]] = {}
         for buf, writers in self.written_by.items():
             if buf.op != "call_function" or buf.target not in _FRESH:

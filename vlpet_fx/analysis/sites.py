@@ -146,6 +146,48 @@ def assign_keys(sites: Iterable[Site]) -> list[Site]:
     return out
 
 
+def _merge_key(s: Site, i: int) -> tuple:
+    """Sites with one key are calls of one module's site (:func:`merge_calls`); ``i`` keeps a site without a
+    module path apart."""
+    return (s.path, s.role, s.out_slice, s.in_features, s.out_features) if s.path is not None else ("#", i)
+
+
+def nodes_reaching_outputs(cap) -> set[str]:
+    """Names of the graph's nodes whose value reaches one of its outputs (the model's outputs, the buffers it
+    updates), also through in-place writes: a write into a tensor (or a view of it) reaches what that tensor
+    reaches (RWKV's recurrence fills its output step by step), which the graph's edges do not show."""
+    from .dataflow import in_place_writes
+
+    written_by, _ = in_place_writes(list(cap.graph.nodes))
+    todo = [n for n in cap.graph.nodes if n.op == "output"]
+    seen: set[str] = set()
+    while todo:
+        n = todo.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            todo.extend(n.all_input_nodes)
+            todo.extend(written_by.get(n, ()))
+    return seen
+
+
+def without_dead(sites: Iterable[Site], cap) -> tuple[list[Site], list[Site]]:
+    """The sites whose value reaches an output of the graph, and those whose value (at every call of the site's
+    module) reaches none: a PET module there would change no output and get no gradient (e.g. the last layer's
+    update of a stream the model drops after it, or a vision tower's last layer under a model that reads the
+    tower's second-to-last hidden states). A site without a graph node is kept."""
+    sites = list(sites)
+    live = nodes_reaching_outputs(cap)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sites):
+        groups.setdefault(_merge_key(s, i), []).append(i)
+    dead: set[int] = set()
+    for members in groups.values():
+        nodes = [c.node for i in members for c in sites[i].call_nodes()]
+        if nodes and all(n is not None and n not in live for n in nodes):
+            dead.update(members)
+    return ([s for i, s in enumerate(sites) if i not in dead], [s for i, s in enumerate(sites) if i in dead])
+
+
 def merge_calls(sites: Iterable[Site]) -> list[Site]:
     """One site per module: sites that name the same module, role and output slice (the module is
     called several times) become one site whose ``calls`` are all of theirs, at the first call's place
@@ -159,7 +201,7 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
     groups: dict[tuple, list[Site]] = {}
     order: list[tuple] = []
     for i, s in enumerate(sites):
-        k = ((s.path, s.role, s.out_slice, s.in_features, s.out_features) if s.path is not None else ("#", i))
+        k = _merge_key(s, i)
         if k not in groups:
             groups[k] = []
             order.append(k)
@@ -364,8 +406,7 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
             # no module receives X as its input: X may still be the one tensor a module call hands out (a norm
             # of a post-LN layer whose output feeds the next sub-layer inside one module) or reads
             calls = calls or ModuleCalls(cap)
-            x_as_value = replace(s, node=s.input_node, out_slice=None, calls=(), out_features=s.input_features)
-            s = replace(s, input_anchor=find_anchor(cap, x_as_value, nodes, calls))
+            s = replace(s, input_anchor=anchor_of(cap, nodes[s.input_node], s.input_features, calls))
         out.append(s)
     return out
 
@@ -490,15 +531,22 @@ def find_anchor(cap, site: Site, nodes: dict, calls: ModuleCalls) -> Anchor | No
     to a projection). Where that module is called several times, the call is told apart by its position
     among the module's calls inside one call of the enclosing module (which the graph must show called once),
     so the eager hook changes exactly the graph's value. Slices of packed projections have none."""
+    v = nodes.get(site.node) if site.node else None
+    if v is None or site.out_slice or len(site.call_nodes()) != 1:
+        return None
+    return anchor_of(cap, v, site.out_features, calls, nodes.get(site.x_node) if site.x_node else None)
+
+
+def anchor_of(cap, v, width: int, calls: ModuleCalls, x=None) -> Anchor | None:
+    """The :class:`Anchor` of graph node ``v`` (a value ``width`` wide; ``x``: the input of the projection that
+    makes it, if any), or ``None``: see :func:`find_anchor`."""
     from . import ops
 
-    v = nodes.get(site.node) if site.node else None
-    shape = ops.shape(v) if v is not None else None
-    if v is None or site.out_slice or len(site.call_nodes()) != 1 or not shape or shape[-1] != site.out_features:
+    shape = ops.shape(v)
+    if not shape or shape[-1] != width:
         return None
     # made and handed out by one call: the value, or the value it is a copy of (see _same_value)
     weights = set(cap.param_names) | set(cap.buffer_names)
-    x = nodes.get(site.x_node) if site.x_node else None
     for u in _same_value(v):
         found = _handed_out(calls, u, x, weights)
         if found is not None:

@@ -235,8 +235,7 @@ class StashInput:
 
     def pick(self, args, kwargs):
         if self.rank is not None and self.width is not None:
-            named = ([kwargs["hidden_states"]] if "hidden_states" in kwargs else []) + list(kwargs.values())
-            for v in list(args) + named:
+            for v in list(args) + list(kwargs.values()):
                 if isinstance(v, torch.Tensor) and v.dim() == self.rank and v.shape[-1] == self.width:
                     return v
         return _input_of(args, kwargs)
