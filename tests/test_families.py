@@ -21,11 +21,14 @@ from vlpet_fx.zoo.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-GLOBAL_LOCAL = ("Pegasus-X's attention module runs a local attention on the token stream and a global one on the "
-                "global tokens and returns both; only the global core is found (the local scores are two products "
-                "concatenated before the softmax) and the eager hook could not tell its output from the token "
-                "stream's: the eager back end refuses the site in one line, the graph back end places it (the FFN "
-                "on both streams is tied: tests/test_stream_inputs.py)")
+# Pegasus-X's attention module runs a local attention on the token stream and a global one on the global tokens
+# and returns both; only the global core is found (the local scores are two products concatenated before the
+# softmax), so the encoder's self-attention sites are the global stream's (the eager back end reaches them by the
+# output projection's first call, tests/test_anchor_copies.py; the FFN on both streams is tied,
+# tests/test_stream_inputs.py). The encoder drops the global stream after its last layer, so that layer's global
+# query, output projection and output reach no output of the model and are no sites (tests/test_dead_sites.py).
+# name -> {(stack, layer, block): roles that are no sites}; layer -1 is the stack's last
+DEAD_ROLES = {"pegasus_x": {("encoder", -1, "self_attn"): {"q", "o", "output"}}}
 
 # name -> (auto class, model type, config overrides, traits, {test name: xfail reason})
 AUTO = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "vlm": "AutoModelForImageTextToText",
@@ -82,7 +85,7 @@ CASES = {
     # one FFN called on two token streams per layer: one site, applied at both calls (Pegasus-X)
     "longt5": ("seq2seq", "longt5", {}, set(), {}),
     "diffllama": ("causal", "diffllama", {}, {"gated"}, {}),
-    "pegasus_x": ("seq2seq", "pegasus_x", {}, set(), {"patch": GLOBAL_LOCAL}),
+    "pegasus_x": ("seq2seq", "pegasus_x", {}, set(), {}),  # see DEAD_ROLES
     # sandwich norms with one dropout module called after every sub-layer (its output is no one block's output:
     # the post-norm's is); a fused gate/up read as two halves of a (tokens, 2, d) view (a channel axis, not a loop
     # over positions); routed experts with a short convolution on the FFN's output (output processing, no mixer)
@@ -190,8 +193,14 @@ def test_stacks_and_layers_from_the_dataflow(name):
 def test_roles_of_every_block(name):
     kind, model, table = built(name)
     gated = "gated" in CASES[name][3]
+    layers = table.num_layers()
+    dead = {(st, lay % layers[st], bl): roles for (st, lay, bl), roles in DEAD_ROLES.get(name, {}).items()}
     for stack, layer, block in table.blocks():
         roles = {s.role for s in table.where(stack=stack, layer=layer, block=block)}
+        if (stack, layer, block) in dead:  # roles whose values reach no output: exactly those are missing
+            missing = dead.pop((stack, layer, block))
+            assert not roles & missing and roles | missing == {"q", "k", "v", "o", "output"}, (name, layer, roles)
+            roles |= missing
         if block == "ffn":
             if "batched" in CASES[name][3]:  # one 3-D weight per matrix for all experts: no projection site
                 assert roles == {"output"}, (name, stack, layer, roles)
@@ -203,6 +212,7 @@ def test_roles_of_every_block(name):
             assert {"in", "out", "output"} <= roles, (name, stack, layer, block, roles)
         else:
             assert {"q", "k", "v", "o", "output"} <= roles, (name, stack, layer, block, roles)
+    assert not dead, (name, dead)  # every block named in DEAD_ROLES was seen
 
 
 @pytest.mark.parametrize("name", cases_for("norms"))

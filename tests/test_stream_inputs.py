@@ -165,24 +165,42 @@ def test_pegasus_x_ffn_norm_called_on_two_streams_hands_each_call_its_x():
     assert _check(used, patched, lambda s: seen[s.layer], "pegasus_x") == 2 * len(seen)
 
 
-def test_pegasus_x_attention_output_of_two_streams_is_no_eager_site():
-    """Pegasus-X's attention module returns the token and the global stream's outputs (one width, two lengths):
-    an eager hook would change the first, which the graph does not name, so the found (global) attention's
-    output site keeps no module path: the eager back end refuses it in one line, the graph back end places it."""
+def test_pegasus_x_attention_output_of_two_streams_is_anchored_at_its_streams_call():
+    """Pegasus-X's attention module returns the token and the global stream's outputs (one width, two lengths),
+    which the layer drops out: the found (global) attention's output site keeps no module path (an eager hook on
+    the attention would change the first it returns, which the graph does not name); its anchor is the output
+    projection's call that makes it, the first inside the attention (the global stream's), so the eager back end
+    changes exactly the value the graph back end changes."""
+    from vlpet_fx.analysis.sites import Anchor
+
     model = _build("AutoModelForSeq2SeqLM", "pegasus_x")
     table = vlpet_fx.discover(model)
     att = table.where(stack="encoder", block="self_attn", role="output")
-    assert len(att) == len(model.model.encoder.layers) and all(s.path is None for s in att)
+    # the last layer's global stream reaches no output of the model (the encoder drops it): no site there
+    assert [s.layer for s in att] == list(range(len(model.model.encoder.layers) - 1))
+    assert att and all(s.path is None for s in att)
+    for s in att:
+        attn = f"model.encoder.layers.{s.layer}.self_attn"
+        assert s.anchor == Anchor(f"{attn}.out_proj", "output", attn, 0, 2)
     assert all(s.path is not None for s in table.where(stack="encoder", block="ffn", role="output"))
     rules = _gates({"stack": "encoder", "block": "self_attn", "role": "output"})
     plan = vlpet_fx.plan(model, rules, table=table)
-    with pytest.raises(vlpet_fx.PlanError, match="not the output of a module") as err:
-        vlpet_fx.patch(copy.deepcopy(model), plan)
-    assert "\n" not in str(err.value)
+    eager = vlpet_fx.patch(copy.deepcopy(model), plan)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(eager.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
     _, args, kwargs = build_example_inputs(model)
     graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=(args, kwargs))
+    mods = {p.site.key: eager.get_submodule(path) for path, p in eager.vlpet_patch.attached.items()}
+    for n, c in graph.named_children():
+        if n.startswith("vlpet_"):
+            c.pet.load_state_dict(mods[graph.vlpet_plan.placements[int(n.split("_")[1])].site.key].state_dict())
     with torch.no_grad():
-        assert torch.isfinite(graph(*args, **kwargs).logits).all()
+        got = eager(*args, **kwargs).logits
+        assert torch.allclose(graph(*args, **kwargs).logits, got, atol=1e-5)
+        assert not torch.allclose(got, model(*args, **kwargs).logits, atol=1e-3)
 
 
 def test_xmod_language_adapter_reads_the_norm_output_it_adapts():

@@ -147,7 +147,7 @@ def forward(n: Node) -> list[Node]:
     return list(n.users)
 
 
-def _in_place_writes(nodes: list[Node]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
+def in_place_writes(nodes: list[Node]) -> tuple[dict[Node, list[Node]], dict[Node, list[Node]]]:
     """In-place writes into a tensor (``out[:, t] = step`` in a loop over the tokens: ``copy_`` into a view of a
     buffer made by ``zeros_like``): the buffer's readers depend on the write, which the graph's edges do not
     show. Returns (buffer -> the mutating nodes that write into it, mutating node -> the buffers it writes)."""
@@ -243,7 +243,7 @@ class Dataflow:
         # of two or more axes: heavy for every walk, as a projection is
         self.opaque: set[Node] = {n for n in self.nodes if n.op == "call_function" and not ops.is_aten(n.target)
                                   and n not in self.projections and self._weighted(n)}
-        self.written_by, self.writes_into = _in_place_writes(self.nodes)
+        self.written_by, self.writes_into = in_place_writes(self.nodes)
         self.written = self._written_buffers()
 
     # -- buffers filled by in-place writes ----------------------------------------------------
@@ -251,7 +251,7 @@ class Dataflow:
         """Fresh tensors (``new_empty``, ``zeros`` ...) whose values come from in-place copies into them or into
         views of them (multi-head latent attention's key: the non-rotary part and the shared rotary part copied
         into the two halves of an empty tensor): buffer -> the values copied in, in graph order (from
-        :func:`_in_place_writes`)."""
+        :func:`in_place_writes`)."""
         out: dict[Node, list[Node]] = {}
         for buf, writers in self.written_by.items():
             if buf.op != "call_function" or buf.target not in _FRESH:
@@ -420,6 +420,26 @@ class Dataflow:
         found = self._inside_core_module(core, [self.projections[h] for h in hits if h in self.projections])
         return found[0] if found else None
 
+    def _mixed_groups(self, b: Block, used: set[Node]) -> None:
+        """An attention whose output projection works per group of heads (a block-diagonal weight in a batched
+        matrix product), its groups then flattened into one vector per token for a second projection that mixes
+        them: the value before the second projection is wider than the first one's ``out_features``, so it is no
+        site of that width; the block goes on through the second projection (a second ``o``) to its output. Only
+        where no residual add was reached and the wider value is the second projection's input alone."""
+        o = b.projections.get("o")
+        if b.residual_add is not None or not o or b.last() is not o[-1]:
+            return
+        shape = ops.shape(b.output)
+        users = list(b.output.users)
+        if not shape or shape[-1] == o[-1].out_features or len(users) != 1:
+            return
+        nxt = self.projections.get(users[0])
+        if nxt is None or nxt.x is not b.output or nxt.node in used or nxt.in_features != shape[-1]:
+            return
+        o.append(nxt)
+        used.add(nxt.node)
+        b.residual_add, b.residual, b.output = self.residual_of(nxt)
+
     def residual_of(self, proj: Projection) -> tuple[Node | None, Node | None, Node]:
         """Follow a block's last projection forward through single-input light ops to the residual add.
 
@@ -472,6 +492,7 @@ class Dataflow:
             blocks.append(b)
         for b in blocks:
             b.residual_add, b.residual, b.output = self.residual_of(b.last())
+            self._mixed_groups(b, used)
         barriers = {b.residual_add for b in blocks if b.residual_add is not None}
         blocks.extend(self._ffns(used, barriers))
         blocks.extend(self._branch_blocks(blocks))

@@ -16,7 +16,7 @@ from ..errors import DiscoveryError, VlpetError
 from . import ops
 from .dataflow import Block, Dataflow, Node
 from .norms import norm_modules
-from .sites import Site, SiteTable, merge_calls, settle_paths
+from .sites import Site, SiteTable, merge_calls, settle_paths, unclaimed_calls, without_dead
 from .streams import assign_streams
 
 
@@ -433,9 +433,12 @@ def expand_reduced(sites: list[Site], red: Reduction) -> list[Site] | None:
             group = by_layer[number]
             layers.append(group)
             list_path, _, index = (group[0].layer_path or "").rpartition(".")
+            if list_path in red.tail and index.isdigit() and int(index) == red.kept[list_path]:
+                last = red.lists[list_path] - 1  # the list's last element, captured after the kept prefix
+                layers[-1] = [_renamed(s, f"{list_path}.{index}.", f"{list_path}.{last}.", f"{list_path}.{last}")
+                              for s in group]
             if list_path in red.representative and index.isdigit() and int(index) == red.kept[list_path] - 1:
-                for j in range(red.kept[list_path], red.lists[list_path]):
-                    rep = red.representative[list_path][j]
+                for j, rep in sorted(red.representative[list_path].items()):
                     src = by_path.get(f"{list_path}.{rep}")
                     if src is None:
                         return None
@@ -459,20 +462,28 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
     method = "export"
     norms: list[str] = []
     if captured is None and fast:
-        with reduced(model) as red:
-            if red:
+        for keep_last in (False, True):
+            with reduced(model, keep_last=keep_last) as red:
+                if not red:
+                    break
                 try:
                     cap = capture(model, example_inputs)
-                    sites = expand_reduced(_analysed(model, cap, lambda: _sites(model, cap)), red)
+                    found, dead = _analysed(model, cap, lambda: without_dead(_sites(model, cap), cap))
+                    if not keep_last and any(_in_lists(s, red) for s in dead):
+                        # the reduced model ends with its last kept layer, so a value that reaches no output there
+                        # may reach the next layer in the full model: capture with the real last layer kept too
+                        continue
+                    sites = expand_reduced(found, red)
                     norms = expand_paths(norm_modules(cap), red)
                     graph_nodes, method = len(cap.graph.nodes), "export (reduced depth)"
                 except VlpetError:
                     # some forwards depend on the full depth (e.g. hidden states indexed by the config's layer
                     # count): capture the whole model instead, which reports its own error if it fails too
                     sites = None
+                break
     if sites is None:
         cap = captured if captured is not None else capture(model, example_inputs)
-        sites = _analysed(model, cap, lambda: _sites(model, cap))
+        sites, _ = _analysed(model, cap, lambda: without_dead(_sites(model, cap), cap))
         norms = norm_modules(cap)
         graph_nodes, method = len(cap.graph.nodes), cap.method
     t2 = time.perf_counter()
@@ -484,9 +495,14 @@ def discover(model: nn.Module, example_inputs: Any = None, *, captured: Captured
     )
 
 
+def _in_lists(site: Site, red: Reduction) -> bool:
+    """Whether ``site`` is in an element of a list that ``red`` shortened."""
+    return bool(site.layer_path) and site.layer_path.rpartition(".")[0] in red.representative
+
+
 def _sites(model: nn.Module, cap: Captured) -> list[Site]:
     """The sites of one capture; a site whose module does not return its value is left to the graph back end."""
-    return settle_paths(sites_of(_checked_blocks(model, cap), cap), cap)
+    return settle_paths(unclaimed_calls(sites_of(_checked_blocks(model, cap), cap), cap), cap)
 
 
 def _analysed(model: nn.Module, cap: Captured, run):
@@ -505,18 +521,22 @@ def _analysed(model: nn.Module, cap: Captured, run):
 
 def expand_paths(paths: list[str], red: Reduction) -> list[str]:
     """Module paths inside shortened layer lists, repeated for the layers the reduction dropped."""
-    out: dict[str, None] = dict.fromkeys(paths)
-    for list_path, reps in red.representative.items():
-        prefix = list_path + "."
-        for path in paths:
-            if not path.startswith(prefix):
-                continue
-            index, _, rest = path[len(prefix):].partition(".")
-            if not index.isdigit():
-                continue
-            for j, rep in sorted(reps.items()):
-                if rep == int(index):
-                    out.setdefault(f"{prefix}{j}" + (f".{rest}" if rest else ""), None)
+    out: dict[str, None] = {}
+    for path in paths:
+        hit = next(((lp, path[len(lp) + 1:].partition(".")) for lp in red.representative
+                    if path.startswith(lp + ".") and path[len(lp) + 1:].partition(".")[0].isdigit()), None)
+        if hit is None:
+            out.setdefault(path, None)
+            continue
+        list_path, (index, _, rest) = hit
+        rest = f".{rest}" if rest else ""
+        if list_path in red.tail and int(index) == red.kept[list_path]:  # the list's last element
+            out.setdefault(f"{list_path}.{red.lists[list_path] - 1}{rest}", None)
+            continue
+        out.setdefault(path, None)
+        for j, rep in sorted(red.representative[list_path].items()):
+            if rep == int(index):
+                out.setdefault(f"{list_path}.{j}{rest}", None)
     return list(out)
 
 

@@ -70,6 +70,10 @@ SHAPE = _overloads(
     aten.detach, aten.alias, aten.dropout, aten.native_dropout, aten.type_as, aten.narrow,
     _maybe("numpy_T"), _maybe("mT"), _maybe("adjoint"), _maybe("swapaxes"), _maybe("movedim"),
 ) | frozenset({operator.getitem})
+# ops that hand on their one tensor operand's value unchanged at inference when they keep its shape and dtype (the
+# caller checks that): a dropout, an alias or copy, a view to the same shape, a cast to the same dtype
+SAME_VALUE = _overloads(aten.dropout, aten.alias, aten.clone, aten.contiguous, aten.view, aten.reshape,
+                        aten._unsafe_view, aten.to, aten._to_copy)
 
 GROUPED_MM = _overloads(_maybe("_grouped_mm"))  # one matrix per group of rows (mixture-of-experts kernels)
 OPAQUE = _overloads(torch.ops.vlpet_fx.opaque)  # a module kept as one call (capture/opaque.py): nothing to see inside

@@ -34,13 +34,17 @@ class Anchor(NamedTuple):
     ``None``): the value is the only tensor that one call of module ``path`` returns (``at="output"``) or
     receives (``at="input"``). ``parent`` is ``None`` when the graph calls ``path`` once: every call is the
     site's. Else ``path`` is called ``period`` times inside the one call of module ``parent`` and the site is the
-    ``index``-th of them (0-based; counted again from each call of ``parent``)."""
+    ``index``-th of them (0-based; counted again from each call of ``parent``). ``reads_x``: the call
+    (``at="output"``) is the site's projection itself, its one activation read the projection's input x, so
+    a ``parallel`` placement sees x there (a projection whose weight is tied to another module's, e.g. one
+    transformer block's weights shared by several hybrid layers, each with a module object of its own)."""
 
     path: str
     at: str
     parent: str | None
     index: int
     period: int
+    reads_x: bool = False
 
 
 class Call(NamedTuple):
@@ -142,6 +146,48 @@ def assign_keys(sites: Iterable[Site]) -> list[Site]:
     return out
 
 
+def _merge_key(s: Site, i: int) -> tuple:
+    """Sites with one key are calls of one module's site (:func:`merge_calls`); ``i`` keeps a site without a
+    module path apart."""
+    return (s.path, s.role, s.out_slice, s.in_features, s.out_features) if s.path is not None else ("#", i)
+
+
+def nodes_reaching_outputs(cap) -> set[str]:
+    """Names of the graph's nodes whose value reaches one of its outputs (the model's outputs, the buffers it
+    updates), also through in-place writes: a write into a tensor (or a view of it) reaches what that tensor
+    reaches (RWKV's recurrence fills its output step by step), which the graph's edges do not show."""
+    from .dataflow import in_place_writes
+
+    written_by, _ = in_place_writes(list(cap.graph.nodes))
+    todo = [n for n in cap.graph.nodes if n.op == "output"]
+    seen: set[str] = set()
+    while todo:
+        n = todo.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            todo.extend(n.all_input_nodes)
+            todo.extend(written_by.get(n, ()))
+    return seen
+
+
+def without_dead(sites: Iterable[Site], cap) -> tuple[list[Site], list[Site]]:
+    """The sites whose value reaches an output of the graph, and those whose value (at every call of the site's
+    module) reaches none: a PET module there would change no output and get no gradient (e.g. the last layer's
+    update of a stream the model drops after it, or a vision tower's last layer under a model that reads the
+    tower's second-to-last hidden states). A site without a graph node is kept."""
+    sites = list(sites)
+    live = nodes_reaching_outputs(cap)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sites):
+        groups.setdefault(_merge_key(s, i), []).append(i)
+    dead: set[int] = set()
+    for members in groups.values():
+        nodes = [c.node for i in members for c in sites[i].call_nodes()]
+        if nodes and all(n is not None and n not in live for n in nodes):
+            dead.update(members)
+    return ([s for i, s in enumerate(sites) if i not in dead], [s for i, s in enumerate(sites) if i in dead])
+
+
 def merge_calls(sites: Iterable[Site]) -> list[Site]:
     """One site per module: sites that name the same module, role and output slice (the module is
     called several times) become one site whose ``calls`` are all of theirs, at the first call's place
@@ -155,7 +201,7 @@ def merge_calls(sites: Iterable[Site]) -> list[Site]:
     groups: dict[tuple, list[Site]] = {}
     order: list[tuple] = []
     for i, s in enumerate(sites):
-        k = ((s.path, s.role, s.out_slice, s.in_features, s.out_features) if s.path is not None else ("#", i))
+        k = _merge_key(s, i)
         if k not in groups:
             groups[k] = []
             order.append(k)
@@ -360,8 +406,7 @@ def settle_paths(sites: Iterable[Site], cap) -> list[Site]:
             # no module receives X as its input: X may still be the one tensor a module call hands out (a norm
             # of a post-LN layer whose output feeds the next sub-layer inside one module) or reads
             calls = calls or ModuleCalls(cap)
-            x_as_value = replace(s, node=s.input_node, out_slice=None, calls=(), out_features=s.input_features)
-            s = replace(s, input_anchor=find_anchor(cap, x_as_value, nodes, calls))
+            s = replace(s, input_anchor=anchor_of(cap, nodes[s.input_node], s.input_features, calls))
         out.append(s)
     return out
 
@@ -435,6 +480,41 @@ class ModuleCalls:
                 and (inside is None or next(iter(self.nodes[k])) in inside)]
 
 
+def unclaimed_calls(sites: Iterable[Site], cap) -> list[Site]:
+    """Projection sites whose module the graph also calls where no site is (a call of another value of the site's
+    width: e.g. an output projection applied to a second stream whose attention discovery does not see) lose
+    their module path: an eager hook on the module would change that call's value too, which the graph back end
+    leaves alone. :func:`settle_paths` then anchors each at its own call (:func:`find_anchor`) where it can."""
+    from . import ops
+
+    sites = list(sites)
+    nodes = {n.name: n for n in cap.graph.nodes}
+    claimed: dict[str, set] = {}
+    for s in sites:
+        n = nodes.get(s.node) if s.node else None
+        if s.path is None or s.role == "output" or n is None:
+            continue
+        claimed.setdefault(s.path, set()).update(k for k, (p, _t) in (n.meta.get("nn_module_stack") or {}).items()
+                                                 if p == s.path)
+    if not claimed:
+        return sites
+    calls = ModuleCalls(cap)
+    out = []
+    for s in sites:
+        if s.path in claimed and s.role != "output" and s.node in nodes:
+            for key in calls.of(s.path):
+                if key in claimed[s.path]:
+                    continue
+                inside = calls.nodes[key]
+                widths = {(ops.shape(n) or (None,))[-1:] for n in inside
+                          if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
+                if (s.out_features,) in widths or (s.out_slice and widths):
+                    s = replace(s, path=None)
+                    break
+        out.append(s)
+    return out
+
+
 def _tensor(n) -> bool:
     val = n.meta.get("val") if hasattr(n, "meta") else None
     return val is not None and hasattr(val, "shape") and hasattr(val, "dtype")
@@ -444,46 +524,96 @@ def find_anchor(cap, site: Site, nodes: dict, calls: ModuleCalls) -> Anchor | No
     """How the eager back end can change a site value that no module returns at every call, or ``None``.
 
     The value must be the only tensor one call of a module makes and hands out (``output``: a module called on
-    the attention probabilities and the output, a method's computation returned by a sub-module), or the only
+    the attention probabilities and the output, a method's computation returned by a sub-module, a projection
+    whose tied weight is named after another module; or an unchanged copy of that tensor, see
+    :func:`_same_value`: one stream's output of an attention that returns two, dropped out by the layer), or the only
     floating-point activation one call of a module reads (``input``: a value computed in a method and passed
     to a projection). Where that module is called several times, the call is told apart by its position
     among the module's calls inside one call of the enclosing module (which the graph must show called once),
     so the eager hook changes exactly the graph's value. Slices of packed projections have none."""
+    v = nodes.get(site.node) if site.node else None
+    if v is None or site.out_slice or len(site.call_nodes()) != 1:
+        return None
+    return anchor_of(cap, v, site.out_features, calls, nodes.get(site.x_node) if site.x_node else None)
+
+
+def anchor_of(cap, v, width: int, calls: ModuleCalls, x=None) -> Anchor | None:
+    """The :class:`Anchor` of graph node ``v`` (a value ``width`` wide; ``x``: the input of the projection that
+    makes it, if any), or ``None``: see :func:`find_anchor`."""
     from . import ops
 
-    v = nodes.get(site.node) if site.node else None
-    shape = ops.shape(v) if v is not None else None
-    if v is None or site.out_slice or len(site.call_nodes()) != 1 or not shape or shape[-1] != site.out_features:
+    shape = ops.shape(v)
+    if not shape or shape[-1] != width:
         return None
-    stack = list((v.meta.get("nn_module_stack") or {}).items())
-    # made and handed out by one call: innermost first, while the value leaves the call
-    for i in range(len(stack) - 1, 0, -1):
-        key = stack[i][0]
-        inside = calls.nodes[key]
-        exits = {n for n in inside if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
-        if v not in exits:
-            break
-        if exits == {v}:
-            return _placed(calls, key, stack[i - 1][0], "output")
+    # made and handed out by one call: the value, or the value it is a copy of (see _same_value)
+    weights = set(cap.param_names) | set(cap.buffer_names)
+    for u in _same_value(v):
+        found = _handed_out(calls, u, x, weights)
+        if found is not None:
+            return found
     # read by one call: the outermost call that holds every user of the value and not the value itself
     users = list(v.users)
     if not users or any(u.op == "output" for u in users):
         return None
-    mine = {k for k, _ in stack}
+    mine = set(v.meta.get("nn_module_stack") or {})
     keys = [k for k in (users[0].meta.get("nn_module_stack") or {}) if k not in mine
             and all(k in (u.meta.get("nn_module_stack") or {}) for u in users)]
     if not keys:
         return None
     key = keys[0]
-    inside = calls.nodes[key]
-    weights = set(cap.param_names) | set(cap.buffer_names)
-    reads = {a for n in inside for a in n.all_input_nodes if a not in inside and a.name not in weights
-             and _tensor(a) and a.meta["val"].dtype.is_floating_point}
-    if reads != {v}:
+    if _reads(calls.nodes[key], weights) != {v}:
         return None
     user_stack = list(users[0].meta["nn_module_stack"])
     parent = user_stack[user_stack.index(key) - 1]
     return _placed(calls, key, parent, "input")
+
+
+def _reads(inside: set, weights: set) -> set:
+    """The floating-point activations a call reads from outside it (not its weights)."""
+    return {a for n in inside for a in n.all_input_nodes if a not in inside and a.name not in weights
+            and _tensor(a) and a.meta["val"].dtype.is_floating_point}
+
+
+def _same_value(v) -> list:
+    """``v`` and the values it is an unchanged copy of, nearest first: back through ops of one tensor operand that
+    keep its shape and dtype and change no value at inference (a dropout, an alias, a clone, a view or a
+    ``contiguous`` to the same shape), each the only use of its operand. A hook on the call that hands out one of
+    them changes ``v`` and nothing else, as the graph back end does (before the dropout instead of after it, as
+    for a site module that returns its value before a dropout: :func:`returns_value`)."""
+    from . import ops
+
+    out = [v]
+    while len(out) < 16:
+        n = out[-1]
+        if not ops.is_kind(n, ops.SAME_VALUE):
+            break
+        ins = ops.tensor_inputs(n)
+        if len(ins) != 1 or len(ins[0].users) != 1 or not _tensor(ins[0]):
+            break
+        a, b = ins[0].meta["val"], n.meta["val"]
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            break
+        out.append(ins[0])
+    return out
+
+
+def _handed_out(calls: ModuleCalls, v, x, weights: set) -> Anchor | None:
+    """The anchor of the call that makes ``v`` and hands out nothing else (innermost call first, while ``v``
+    leaves the call), or ``None``. ``reads_x`` when that call reads the projection input ``x`` and no other
+    activation."""
+    stack = list((v.meta.get("nn_module_stack") or {}).items())
+    for i in range(len(stack) - 1, 0, -1):
+        key = stack[i][0]
+        inside = calls.nodes[key]
+        exits = {n for n in inside if _tensor(n) and any(u.op == "output" or u not in inside for u in n.users)}
+        if v not in exits:
+            return None
+        if exits == {v}:
+            anchor = _placed(calls, key, stack[i - 1][0], "output")
+            if anchor is not None and x is not None and _reads(inside, weights) == {x}:
+                anchor = anchor._replace(reads_x=True)
+            return anchor
+    return None
 
 
 def _placed(calls: ModuleCalls, key: str, parent_key: str, at: str) -> Anchor | None:

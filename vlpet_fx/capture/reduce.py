@@ -32,12 +32,15 @@ class Reduction:
     lists: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     representative: dict[str, dict[int, int]] = field(default_factory=dict)
+    # lists captured with their last element too (``keep_last``): the reduced list's element ``kept[path]`` is
+    # the full list's element ``lists[path] - 1``
+    tail: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.representative)
 
 
-def _plan(model: nn.Module) -> dict[str, tuple[int, dict[int, int]]]:
+def _plan(model: nn.Module, keep_last: bool = False) -> dict[str, tuple[int, dict[int, int]]]:
     plans: dict[str, tuple[int, dict[int, int]]] = {}
     for path, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < MIN_LENGTH:
@@ -56,7 +59,7 @@ def _plan(model: nn.Module) -> dict[str, tuple[int, dict[int, int]]]:
             last_seen.setdefault(s, i)
         # each distinct signature's representative is its last occurrence inside the kept prefix
         rep_of_sig = {s: max(j for j in range(keep) if sigs[j] == s) for s in set(sigs[:keep])}
-        reps = {j: rep_of_sig[sigs[j]] for j in range(keep, len(items))}
+        reps = {j: rep_of_sig[sigs[j]] for j in range(keep, len(items) - keep_last)}
         if reps:
             plans[path] = (keep, reps)
     return plans
@@ -77,9 +80,11 @@ def _install_lazy_hooks(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def reduced(model: nn.Module) -> Iterator[Reduction]:
-    """Shorten repeated layer lists in place for the duration of the block."""
-    plans = _plan(model)
+def reduced(model: nn.Module, keep_last: bool = False) -> Iterator[Reduction]:
+    """Shorten repeated layer lists in place for the duration of the block. With ``keep_last`` each shortened
+    list keeps its last element after the kept prefix: the last layer, which can differ in what reaches the
+    model's outputs (a stream dropped after it), is then seen as the last, and the prefix as layers before it."""
+    plans = _plan(model, keep_last)
     if plans:
         _install_lazy_hooks(model)
     red = Reduction()
@@ -89,12 +94,15 @@ def reduced(model: nn.Module) -> Iterator[Reduction]:
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             original = parent._modules[attr]
-            short = type(original)(*list(original)[:keep]) if isinstance(original, nn.Sequential) else nn.ModuleList(list(original)[:keep])
+            items = list(original)[:keep] + (list(original)[-1:] if keep_last else [])
+            short = type(original)(*items) if isinstance(original, nn.Sequential) else nn.ModuleList(items)
             parent._modules[attr] = short
             swapped.append((parent, attr, original))
             red.lists[path] = len(original)
             red.kept[path] = keep
             red.representative[path] = reps
+            if keep_last:
+                red.tail.add(path)
         yield red
     finally:
         for parent, attr, original in reversed(swapped):

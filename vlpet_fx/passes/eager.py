@@ -123,13 +123,19 @@ def _only_tensor(values, width: int, where: str) -> int:
 class AnchorHook:
     """Hooks for a site value that no module returns at every call (``Site.anchor``): a forward hook changing
     the one tensor the anchor's call returns (``at="output"``), or a forward pre-hook changing the one tensor it
-    reads (``at="input"``), at the site's calls only (:class:`CallCount`); ``after``, or ``gated`` on X."""
+    reads (``at="input"``), at the site's calls only (:class:`CallCount`); ``after``, or ``gated`` on X. A
+    ``parallel`` placement (only where the anchor's call is the site's projection, ``Anchor.reads_x``) gets the one
+    tensor the call reads as the projection input x: y -> pet.parallel(x, y)."""
 
-    def __init__(self, pet: nn.Module, site, count: CallCount):
+    def __init__(self, pet: nn.Module, site, count: CallCount, placement: str = "after"):
         self.pet = pet
         self.count = count
         self.width = site.out_features
+        self.in_width = site.in_features
         self.where = site.key
+        if placement == "parallel":
+            self.apply_x = SiteApply(pet, "parallel", None).apply
+            return
         gated = getattr(pet, "needs_block_input", False)
         apply = SiteApply(pet, "gated" if gated else "after", None).apply
         self.change = (lambda y: gated_on_block_input(apply, self.pet.block_input, y)) if gated else apply
@@ -139,15 +145,31 @@ class AnchorHook:
         values[i] = self.change(values[i])
         return values
 
+    def _handed_out(self, output, change):
+        if isinstance(output, torch.Tensor):
+            return change([output])[0]
+        if isinstance(output, (tuple, list)):
+            return type(output)(change(list(output)))
+        raise PlanError(f"site {self.where}: its module returned a {type(output).__name__}, not a tensor; patch with "
+                        "backend='graph', or select another site")
+
     def output(self, module, args, output):
         if not self.count.take():
             return None
-        if isinstance(output, torch.Tensor):
-            return self._changed([output])[0]
-        if isinstance(output, (tuple, list)):
-            return type(output)(self._changed(list(output)))
-        raise PlanError(f"site {self.where}: its module returned a {type(output).__name__}, not a tensor; patch with "
-                        "backend='graph', or select another site")
+        return self._handed_out(output, self._changed)
+
+    def output_parallel(self, module, args, kwargs, output):
+        if not self.count.take():
+            return None
+        reads = list(args) + list(kwargs.values())
+        x = reads[_only_tensor(reads, self.in_width, self.where)]
+
+        def change(values: list):
+            i = _only_tensor(values, self.width, self.where)
+            values[i] = self.apply_x(x, values[i])
+            return values
+
+        return self._handed_out(output, change)
 
     def input(self, module, args, kwargs):
         if not self.count.take():
@@ -157,9 +179,10 @@ class AnchorHook:
         return tuple(values[:len(args)]), dict(zip(names, values[len(args):]))
 
 
-def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input) -> list:
+def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input, *, output_kwargs: bool = False) -> list:
     """Register hooks at an anchor (the counting of its module's calls on ``anchor.parent``, and ``on_output``
-    or ``on_input`` on its module); returns their handles."""
+    -- called with the call's kwargs too if ``output_kwargs`` -- or ``on_input`` on its module); returns their
+    handles."""
     handles = []
     if anchor.parent is not None:
         parent = model.get_submodule(anchor.parent)
@@ -167,7 +190,7 @@ def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input) -
         handles.append(parent.register_forward_hook(count.stop, with_kwargs=True, always_call=False))
     target = model.get_submodule(anchor.path)
     if anchor.at == "output":
-        handles.append(target.register_forward_hook(on_output))
+        handles.append(target.register_forward_hook(on_output, with_kwargs=output_kwargs))
     else:
         handles.append(target.register_forward_pre_hook(on_input, with_kwargs=True))
     return handles
@@ -175,8 +198,10 @@ def _anchored(model: nn.Module, anchor, count: CallCount, on_output, on_input) -
 
 def _hook_anchor(model: nn.Module, anchor, pet: nn.Module, p: Placement) -> list:
     """Register the hooks of an anchored placement; returns their handles."""
-    hook = AnchorHook(pet, p.site, CallCount(anchor, p.site.key))
-    return _anchored(model, anchor, hook.count, hook.output, hook.input)
+    hook = AnchorHook(pet, p.site, CallCount(anchor, p.site.key), p.placement)
+    parallel = anchor.at == "output" and p.placement == "parallel"
+    return _anchored(model, anchor, hook.count, hook.output_parallel if parallel else hook.output, hook.input,
+                     output_kwargs=parallel)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -210,8 +235,7 @@ class StashInput:
 
     def pick(self, args, kwargs):
         if self.rank is not None and self.width is not None:
-            named = ([kwargs["hidden_states"]] if "hidden_states" in kwargs else []) + list(kwargs.values())
-            for v in list(args) + named:
+            for v in list(args) + list(kwargs.values()):
                 if isinstance(v, torch.Tensor) and v.dim() == self.rank and v.shape[-1] == self.width:
                     return v
         return _input_of(args, kwargs)
@@ -265,7 +289,7 @@ class EagerPatch(ModulePass):
                     f"rule '{shown(p.rule)}' places {p.method} on {p.site}, which is not the output of a module (e.g. "
                     "a slice of a packed in_proj_weight): use the graph back end (backend='graph') or select another site"
                 )
-            if p.placement == "parallel":
+            if p.placement == "parallel" and not (p.site.anchor.at == "output" and p.site.anchor.reads_x):
                 raise PlanError(
                     f"rule '{shown(p.rule)}' places {p.method} 'parallel' on {p.site}, a value no module returns at "
                     "every call, so the eager back end cannot see its projection's input: use `placement: after`, "
@@ -276,6 +300,7 @@ class EagerPatch(ModulePass):
         attached: dict[str, Placement] = {}
         handles: list = []
         added: list[tuple[nn.Module, str]] = []
+        anchored: list = []  # hooked after every other placement (see below)
         try:
             for p in self.plan.placements:
                 if not get_method(p.method).module.inserts_module:
@@ -303,13 +328,18 @@ class EagerPatch(ModulePass):
                 elif reads_x:
                     handles.extend(_hook_input_anchor(module, pet, p))
                 if anchor is not None:
-                    handles.extend(_hook_anchor(module, anchor, pet, p))
+                    anchored.append((anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
                     handles.append(target.register_forward_hook(BlockInputHook(pet, p.site.out_slice)))
                 elif p.placement == "after":
                     handles.append(target.register_forward_hook(AfterHook(pet, p.site.out_slice)))
                 else:
                     handles.append(target.register_forward_hook(ParallelHook(pet, p.site.out_slice), with_kwargs=True))
+            # an anchored value is the value a module's call hands out or one after it (a copy of it through a
+            # dropout): its hooks run after those of a site the module returns (an attention's o and output on one
+            # projection call), as the graph back end changes the later value after the earlier one
+            for anchor, pet, p in anchored:
+                handles.extend(_hook_anchor(module, anchor, pet, p))
             module.vlpet_patch = PatchState(self.plan, attached, handles, added)
         except BaseException:
             _undo(handles, added)
