@@ -536,6 +536,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only write the report from the results so far")
     ap.add_argument("--redo-failed", action="store_true",
                     help="run the failed and not buildable families again (others are kept)")
+    ap.add_argument("--redo", action="store_true",
+                    help="with --only: run those families again (their earlier results are dropped, others kept)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--markdown", type=Path, default=ROOT / "docs" / "COVERAGE.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -553,6 +555,12 @@ def main() -> None:
                 if r["status"] not in ("fail", "not buildable")
                 or (args.only is not None and r["model_type"] not in args.only)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if args.redo:
+        if args.only is None:
+            raise SystemExit("--redo needs --only (the families to run again); to run all again use --fresh")
+        if jsonl.exists():
+            kept = [r for r in _done(jsonl).values() if r["model_type"] not in args.only]
+            jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
     todo = [f for f in families() if args.only is None or f[1] in args.only]
     if args.reverse:  # e.g. a second run from the other end of the list
         todo.reverse()
