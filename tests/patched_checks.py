@@ -19,3 +19,39 @@ def assert_trains_and_generates(patched, out: torch.Tensor, kwargs: dict, name: 
         cached = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=True)
         plain = patched.generate(**extra, max_new_tokens=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain), name
+
+
+def perturb(model, scale: float = 0.3) -> None:
+    """Move every trainable (PET) parameter off its initial value, deterministically (LoRA's B, an adapter's up
+    and a zero-initialised gate start at zero, so a patched model would equal the base one)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def pets(model) -> dict:
+    """The PET modules of a patched model by site key, for either back end (eager: attached to the model;
+    graph: one ``vlpet_<i>`` child per placement)."""
+    if isinstance(model, torch.fx.GraphModule):
+        return {model.vlpet_plan.placements[int(n.split("_")[1])].site.key: c.pet
+                for n, c in model.named_children() if n.startswith("vlpet_")}
+    return {p.site.key: model.get_submodule(path) for path, p in model.vlpet_patch.attached.items()}
+
+
+def same_pets_as(graph, eager) -> None:
+    """Give the graph back end's PET modules the eager ones' weights (site by site)."""
+    mods = pets(eager)
+    assert sorted(pets(graph)) == sorted(mods)
+    for k, mod in pets(graph).items():
+        mod.load_state_dict(mods[k].state_dict())
+
+
+def same_grads(graph, eager) -> None:
+    """After a backward through each: every PET parameter has the same gradient in both back ends."""
+    mods = pets(eager)
+    assert sorted(pets(graph)) == sorted(mods)
+    for k, mod in pets(graph).items():
+        for (n, p), (_, q) in zip(mod.named_parameters(), mods[k].named_parameters()):
+            assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)

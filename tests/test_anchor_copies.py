@@ -24,38 +24,9 @@ import vlpet_fx
 from vlpet_fx.analysis.sites import Anchor
 from vlpet_fx.rules import parse_rules
 
+from patched_checks import perturb, pets, same_grads, same_pets_as
+
 D = 16
-
-
-def perturb(model: nn.Module) -> None:
-    """Move every trainable (PET) parameter off its initial value (LoRA's B and an adapter start at zero)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def pets(model: nn.Module) -> dict[str, nn.Module]:
-    """PET modules by site key, for either back end."""
-    if isinstance(model, torch.fx.GraphModule):
-        return {model.vlpet_plan.placements[int(n.split("_")[1])].site.key: c.pet
-                for n, c in model.named_children() if n.startswith("vlpet_")}
-    return {p.site.key: model.get_submodule(path) for path, p in model.vlpet_patch.attached.items()}
-
-
-def same_pets_as(graph: nn.Module, eager: nn.Module) -> None:
-    mods = pets(eager)
-    for k, mod in pets(graph).items():
-        mod.load_state_dict(mods[k].state_dict())
-
-
-def same_grads(graph: nn.Module, eager: nn.Module) -> None:
-    mods = pets(eager)
-    assert sorted(pets(graph)) == sorted(mods)
-    for k, mod in pets(graph).items():
-        for (n, p), (_, q) in zip(mod.named_parameters(), mods[k].named_parameters()):
-            assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)
 
 
 # -- projections whose weights are tied to another layer's ---------------------------------------------------

@@ -22,27 +22,12 @@ import vlpet_fx
 from vlpet_fx.analysis.sites import Anchor
 from vlpet_fx.rules import parse_rules
 
+from patched_checks import perturb, pets, same_grads, same_pets_as
+
 D = 16
 
 ADAPTER = ("name: a\nmethods: {a: {type: adapter, reduction: 4}}\n"
            "rules: [{select: {block: %s, role: %s}, insert: a, placement: after}]")
-
-
-def perturb(model: nn.Module) -> None:
-    """Move every trainable (PET) parameter off its initial value (an adapter starts as the identity)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def pets(model: nn.Module) -> dict[str, nn.Module]:
-    """PET modules by site key, for either back end."""
-    if isinstance(model, torch.fx.GraphModule):
-        return {model.vlpet_plan.placements[int(n.split("_")[1])].site.key: c.pet
-                for n, c in model.named_children() if n.startswith("vlpet_")}
-    return {p.site.key: model.get_submodule(path) for path, p in model.vlpet_patch.attached.items()}
 
 
 class SharedDropAttention(nn.Module):
@@ -131,14 +116,11 @@ def test_the_eager_anchor_changes_exactly_the_graph_value(two_stream):
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)  # the adapters are not the identity here
     graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    for k, mod in pets(graph).items():
-        mod.load_state_dict(mods[k].state_dict())
+    same_pets_as(graph, eager)
     assert torch.allclose(graph(x), got, atol=1e-6)
     got.square().sum().backward()
     graph(x).square().sum().backward()
-    for k, mod in pets(graph).items():
-        for (n, p), (_, q) in zip(mod.named_parameters(), mods[k].named_parameters()):
-            assert torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)
+    same_grads(graph, eager)
 
 
 def test_a_gate_reading_the_block_input_on_an_anchored_value_matches_the_graph(two_stream):
@@ -151,8 +133,7 @@ def test_a_gate_reading_the_block_input_on_an_anchored_value_matches_the_graph(t
     mods = pets(eager)
     assert all(getattr(m, "needs_block_input", False) for m in mods.values())
     graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    for k, mod in pets(graph).items():
-        mod.load_state_dict(mods[k].state_dict())
+    same_pets_as(graph, eager)
     got = eager(x)
     assert torch.allclose(graph(x), got, atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)
@@ -250,8 +231,7 @@ def test_a_value_read_by_one_module_call_is_changed_in_its_pre_hook():
     assert torch.allclose(got, model(x, lambda i: mods[f"encoder.{i}.ffn.in"].after), atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)
     graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    for k, mod in pets(graph).items():
-        mod.load_state_dict(mods[k].state_dict())
+    same_pets_as(graph, eager)
     assert torch.allclose(graph(x), got, atol=1e-6)
 
 

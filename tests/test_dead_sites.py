@@ -21,6 +21,8 @@ from vlpet_fx.capture.reduce import Reduction
 from vlpet_fx.rules import parse_rules
 from vlpet_fx.zoo.tiny import tiny_config
 
+from patched_checks import pets
+
 transformers = pytest.importorskip("transformers")
 
 LAYERS = 4  # more than reduce.MIN_LENGTH: the fast discovery shortens the stacks
@@ -59,12 +61,7 @@ def test_values_that_reach_no_output_are_no_sites(pegasus_x):
 
 def _without_gradient(patched) -> set[str]:
     """Keys of the sites whose PET module got no gradient (every parameter's zero or None)."""
-    if hasattr(patched, "vlpet_patch"):  # eager: modules attached to the model
-        modules = {p.site.key: patched.get_submodule(path) for path, p in patched.vlpet_patch.attached.items()}
-    else:  # graph: one child per placement
-        placements = patched.vlpet_plan.placements
-        modules = {placements[int(n.split("_")[1])].site.key: c for n, c in patched.named_children()
-                   if n.startswith("vlpet_")}
+    modules = pets(patched)
     assert modules
     return {k for k, m in modules.items() if all(p.grad is None or not p.grad.any() for p in m.parameters())}
 

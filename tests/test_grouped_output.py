@@ -17,6 +17,8 @@ from torch.nn import functional as F
 import vlpet_fx
 from vlpet_fx.rules import parse_rules
 
+from patched_checks import perturb, pets, same_grads, same_pets_as
+
 D, H, G = 16, 4, 2  # model width, heads, groups of heads
 R = 6  # output width of each group's projection
 
@@ -77,13 +79,6 @@ class GroupedOutputLM(nn.Module):
         return x
 
 
-def pets(model: nn.Module) -> dict[str, nn.Module]:
-    if isinstance(model, torch.fx.GraphModule):
-        return {model.vlpet_plan.placements[int(n.split("_")[1])].site.key: c.pet
-                for n, c in model.named_children() if n.startswith("vlpet_")}
-    return {p.site.key: model.get_submodule(path) for path, p in model.vlpet_patch.attached.items()}
-
-
 @pytest.fixture(scope="module")
 def grouped():
     torch.manual_seed(0)
@@ -114,11 +109,7 @@ def test_a_module_on_the_output_matches_a_hand_computation_and_the_graph(grouped
     rules = parse_rules(f"name: a\nmethods: {{a: {method}}}\n"
                         "rules: [{select: {block: self_attn, role: output}, insert: a, placement: after}]")
     eager = vlpet_fx.patch(copy.deepcopy(model), rules, table=table)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(eager.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    perturb(eager)
     mods = pets(eager)
     assert sorted(mods) == ["decoder.0.self_attn.output", "decoder.1.self_attn.output"]
     got = eager(ids)
@@ -126,11 +117,8 @@ def test_a_module_on_the_output_matches_a_hand_computation_and_the_graph(grouped
         assert torch.allclose(got, model(ids, lambda i: mods[f"decoder.{i}.self_attn.output"].after), atol=1e-6)
     assert not torch.allclose(got, model(ids), atol=1e-3)
     graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(ids,))
-    for k, mod in pets(graph).items():
-        mod.load_state_dict(mods[k].state_dict())
+    same_pets_as(graph, eager)
     assert torch.allclose(graph(ids), got, atol=1e-6)
     got.square().sum().backward()
     graph(ids).square().sum().backward()
-    for k, mod in pets(graph).items():
-        for (n, p), (_, q) in zip(mod.named_parameters(), mods[k].named_parameters()):
-            assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)
+    same_grads(graph, eager)

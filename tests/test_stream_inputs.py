@@ -22,6 +22,8 @@ from vlpet_fx.capture.inputs import build_example_inputs
 from vlpet_fx.rules import parse_rules
 from vlpet_fx.zoo.tiny import tiny_config
 
+from patched_checks import perturb, same_pets_as
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -186,17 +188,10 @@ def test_pegasus_x_attention_output_of_two_streams_is_anchored_at_its_streams_ca
     rules = _gates({"stack": "encoder", "block": "self_attn", "role": "output"})
     plan = vlpet_fx.plan(model, rules, table=table)
     eager = vlpet_fx.patch(copy.deepcopy(model), plan)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted(eager.named_parameters()):
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    perturb(eager)
     _, args, kwargs = build_example_inputs(model)
     graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=(args, kwargs))
-    mods = {p.site.key: eager.get_submodule(path) for path, p in eager.vlpet_patch.attached.items()}
-    for n, c in graph.named_children():
-        if n.startswith("vlpet_"):
-            c.pet.load_state_dict(mods[graph.vlpet_plan.placements[int(n.split("_")[1])].site.key].state_dict())
+    same_pets_as(graph, eager)
     with torch.no_grad():
         got = eager(*args, **kwargs).logits
         assert torch.allclose(graph(*args, **kwargs).logits, got, atol=1e-5)
