@@ -55,3 +55,19 @@ def same_grads(graph, eager) -> None:
     for k, mod in pets(graph).items():
         for (n, p), (_, q) in zip(mod.named_parameters(), mods[k].named_parameters()):
             assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-5), (k, n)
+
+
+def graph_agrees(model, rules, eager, got: torch.Tensor, args: tuple) -> None:
+    """The graph back end, patched from ``rules`` (a rule set or plan) with the eager PET modules' weights,
+    computes ``got`` (the eager output on ``args``) and, after a backward through each, the same gradients."""
+    import copy
+
+    import vlpet_fx
+
+    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=args)
+    same_pets_as(graph, eager)
+    out = graph(*args)
+    assert torch.allclose(out, got, atol=1e-6)
+    got.square().sum().backward()
+    out.square().sum().backward()
+    same_grads(graph, eager)

@@ -24,7 +24,7 @@ import vlpet_fx
 from vlpet_fx.analysis.sites import Anchor
 from vlpet_fx.rules import parse_rules
 
-from patched_checks import perturb, pets, same_grads, same_pets_as
+from patched_checks import graph_agrees, perturb, pets
 
 D = 16
 
@@ -116,12 +116,7 @@ def test_parallel_placements_on_tied_projections_match_a_hand_computation_and_th
     got = eager(x)
     assert torch.allclose(got, model(x, pet_of), atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)
-    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    same_pets_as(graph, eager)
-    assert torch.allclose(graph(x), got, atol=1e-6)
-    got.square().sum().backward()
-    graph(x).square().sum().backward()
-    same_grads(graph, eager)
+    graph_agrees(model, rules, eager, got, (x,))
 
 
 def test_an_anchored_call_that_reads_another_value_than_x_is_refused_in_one_line(tied):
@@ -257,12 +252,7 @@ def test_an_adapter_on_a_streams_copy_matches_a_hand_computation_and_the_graph(g
     # the stream told apart matters: the adapter on the other stream gives another output
     swapped = model(x, lambda i: (pets_of(i)[0], pets_of(i)[2], pets_of(i)[1]))
     assert not torch.allclose(got, swapped, atol=1e-3)
-    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    same_pets_as(graph, eager)
-    assert torch.allclose(graph(x), got, atol=1e-6)
-    got.square().sum().backward()
-    graph(x).square().sum().backward()
-    same_grads(graph, eager)
+    graph_agrees(model, rules, eager, got, (x,))
 
 
 def test_a_pet_on_the_projection_and_one_on_its_anchored_copy_run_in_graph_order(global_local):
@@ -279,9 +269,7 @@ def test_a_pet_on_the_projection_and_one_on_its_anchored_copy_run_in_graph_order
     o_site = {s.layer: s.key for s in table.where(role="o")}
     got = eager(x)
     assert torch.allclose(got, model(x, expected_pets(table, mods, o_site)), atol=1e-6)
-    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    same_pets_as(graph, eager)
-    assert torch.allclose(graph(x), got, atol=1e-6)
+    graph_agrees(model, rules, eager, got, (x,))
 
 
 class NormThenProject(nn.Module):
@@ -401,9 +389,4 @@ def test_a_pet_on_it_changes_the_sites_call_only_as_the_graph_does(pooled_side, 
     got = eager(x)
     assert torch.allclose(got, model(x, pet_of), atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)
-    graph = vlpet_fx.patch(copy.deepcopy(model), rules, backend="graph", example_inputs=(x,))
-    same_pets_as(graph, eager)
-    assert torch.allclose(graph(x), got, atol=1e-6)
-    got.square().sum().backward()
-    graph(x).square().sum().backward()
-    same_grads(graph, eager)
+    graph_agrees(model, rules, eager, got, (x,))
