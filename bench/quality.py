@@ -227,6 +227,24 @@ def run(cmd: list[str], run_dir: Path, threads: int, same_command: bool = False)
     return time.perf_counter() - t0
 
 
+def warm_features(backbone: Path, cache: Path, seeds: list[int], train_per_task: int, eval_per_task: int,
+                  source: str = "fashion-mnist") -> int:
+    """Compute the image features of every seed's adaptation examples into the feature cache, once, before the
+    runs that read them start in parallel (each would otherwise compute the missing ones itself, two at a time).
+    The images are those `vlpet-fx train` draws (`build_task` per task, split and seed); the encoder is the
+    backbone's. Returns how many were computed."""
+    from vlpet_fx.data.tasks import build_task
+    from vlpet_fx.train.loop import load_backbone
+    from vlpet_fx.vl.cache import FeatureCache
+
+    model, _tok, _kind = load_backbone(backbone, [])
+    cache_of = FeatureCache(model, cache)
+    images = [im for s in seeds for split, n in (("train", train_per_task), ("val", eval_per_task)) for t in TASKS
+              for e in build_task(t, split, n, source=source, seed=s) for im in e.images]
+    cache_of.features(images)
+    return cache_of.computed
+
+
 def share(run_dir: Path) -> tuple[int, int]:
     """Trainable and total parameters of a finished run, the frozen image tower left out (as in the papers)."""
     import vlpet_fx
@@ -411,7 +429,16 @@ def main() -> None:
             print(f"backbone {FAMILIES[fam]['label']}: " + " / ".join(f"{t} {sc['main'][t]:.1f}" for t in TASKS))
         if args.backbones_only:
             return
-        # 2. adaptation runs
+        # 2. adaptation runs, their image features computed first (once, with every core)
+        import torch
+
+        torch.set_num_threads(cores)
+        for fam in args.families:
+            t0 = time.perf_counter()
+            n = warm_features(bb / f"backbone-{fam}", out / "features", args.seeds, args.train_per_task,
+                              args.eval_per_task)
+            print(f"features of {FAMILIES[fam]['label']}'s adaptation images: {n} computed "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
         jobs = []
         for s in args.seeds:  # seeds outermost: a partial study already has every method once
             for fam in args.families:

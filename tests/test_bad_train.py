@@ -495,3 +495,23 @@ def test_disk_full_at_a_checkpoint_keeps_the_run_resumable(base_run, tmp_path, m
     _, out, _ = train(run, *RESUME)
     assert "has no run.json" in out and "resuming from step 3" in out
     assert _same_weights(run, base_run)
+
+
+def test_cached_features_are_the_eval_mode_features_whatever_the_mode():
+    """A frozen image encoder left in training mode (dropout, batch norm) by its caller still caches its
+    inference features: the key names the image and the encoder, not the mode. Its mode is restored."""
+    import numpy as np
+    from torch.nn import functional as F
+
+    from vlpet_fx.vl import build_vl
+    from vlpet_fx.vl.cache import FeatureCache
+
+    model = build_vl("t5", "tiny", vocab_size=64)
+    first = next(m for m in model.visual.modules() if isinstance(m, torch.nn.Linear))
+    first.register_forward_hook(lambda m, a, out: F.dropout(out, 0.5, training=m.training))
+    ims = [np.full((8, 8), 40 * i, dtype=np.uint8) for i in range(3)]
+    model.visual.eval()
+    ref = FeatureCache(model).features(ims)
+    model.visual.train()
+    got = FeatureCache(model).features(ims)
+    assert torch.equal(got, ref) and model.visual.training

@@ -169,3 +169,25 @@ def test_checkpoint_options_do_not_count_in_the_command_check(tmp_path):
     with pytest.raises(SystemExit, match="made by another command"):
         q.run(["vlpet-fx", "train", "--out", str(rd), "--save-every", "250", "--recipe", "quick"], rd, 1,
               same_command=True)
+
+
+def test_warm_features_caches_every_seeds_adaptation_images(tmp_path, monkeypatch):
+    """The study computes the adaptation images' features once before its parallel runs: afterwards a run's
+    examples (the images `vlpet-fx train` draws for each task, split and seed) are all in the cache, with the
+    values the encoder gives them."""
+    import torch
+
+    from vlpet_fx.data.tasks import build_task
+    from vlpet_fx.vl import build_vl
+    from vlpet_fx.vl.cache import FeatureCache
+
+    model = build_vl("t5", "tiny", vocab_size=64)
+    monkeypatch.setattr("vlpet_fx.train.loop.load_backbone", lambda run_dir, texts: (model, None, "words"))
+    n = q.warm_features(tmp_path / "backbone", tmp_path / "features", [0, 1], 4, 2)
+    images = [im for s in (0, 1) for split, k in (("train", 4), ("val", 2)) for t in q.TASKS
+              for e in build_task(t, split, k, source="fashion-mnist", seed=s) for im in e.images]
+    assert 0 < n <= len(images)
+    cached = FeatureCache(model, tmp_path / "features")
+    got = cached.features(images)
+    assert cached.computed == 0  # nothing left to compute
+    assert torch.allclose(got, FeatureCache(model).features(images))

@@ -88,11 +88,20 @@ class FeatureCache:
 
     @torch.no_grad()
     def _compute(self, images: list[np.ndarray]) -> torch.Tensor:
-        dev = next(self.model.visual.parameters()).device
+        """The frozen image encoder's features, in eval mode whatever mode the caller left it in (a batch norm or
+        dropout in training mode would cache other values under the same image key); its mode is restored."""
+        visual = self.model.visual
+        dev = next(visual.parameters()).device
+        modes = {m: m.training for m in visual.modules()}
+        visual.eval()
         out = []
-        for i in range(0, len(images), self.batch_size):
-            pix = to_pixels(images[i:i + self.batch_size], self.model.image_size, dev).unsqueeze(1)
-            out.append(self.model.encode_images(pix).float().cpu())
+        try:
+            for i in range(0, len(images), self.batch_size):
+                pix = to_pixels(images[i:i + self.batch_size], self.model.image_size, dev).unsqueeze(1)
+                out.append(self.model.encode_images(pix).float().cpu())
+        finally:
+            for m, training in modes.items():
+                m.training = training
         return torch.cat(out)
 
     def features(self, images: list[np.ndarray]) -> torch.Tensor:
