@@ -173,8 +173,9 @@ def nodes_reaching_outputs(cap) -> set[str]:
 def without_dead(sites: Iterable[Site], cap) -> tuple[list[Site], list[Site]]:
     """The sites whose value reaches an output of the graph, and those whose value (at every call of the site's
     module) reaches none: a PET module there would change no output and get no gradient (e.g. the last layer's
-    update of a stream the model drops after it, or a vision tower's last layer under a model that reads the
-    tower's second-to-last hidden states). A site without a graph node is kept."""
+    update of a stream the model drops after it, or a vision tower's pooling head whose output the model does not
+    read, as SigLIP's under Gemma 3). A value the model returns counts, even if nothing else reads it. A site
+    without a graph node is kept."""
     sites = list(sites)
     live = nodes_reaching_outputs(cap)
     groups: dict[tuple, list[int]] = {}
