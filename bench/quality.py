@@ -424,7 +424,9 @@ def main() -> None:
         scores = {fam: {"command": (bb / f"backbone-{fam}" / "command.txt").read_text().strip(),
                         "main": json.loads((bb / f"backbone-{fam}" / "report.json").read_text())["main"]}
                   for fam in args.families}
-        (out / "backbones.json").write_text(json.dumps(scores, indent=1))
+        known = out / "backbones.json"  # families run separately into one --out: keep the others' entries
+        before = json.loads(known.read_text()) if known.exists() else {}
+        known.write_text(json.dumps({**before, **scores}, indent=1))
         for fam, sc in scores.items():
             print(f"backbone {FAMILIES[fam]['label']}: " + " / ".join(f"{t} {sc['main'][t]:.1f}" for t in TASKS))
         if args.backbones_only:
