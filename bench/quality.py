@@ -17,8 +17,10 @@ Protocol (VL-Adapter / VL-PET, scaled down to this machine):
 
 Recipe (`--recipe`, passed to every run, backbones included, and recorded in results.json/md): `paper` (the
 default) is the VL-PET authors' (`vlpet-fx train --recipe paper`: lr 1e-3 BART / 3e-4 T5 / 1e-3 on other
-backbones, the paper's decay grouping, dropout 0.1, 5 beams at evaluation); `quick` is the project's quick one
-(lr 1e-3, greedy). `--lr` overrides the recipe's learning rate for every run. A finished run is reused only if it
+backbones, 1e-4 for a text model trained in full — the backbones and full fine-tuning, as the authors'
+full_finetuning.sh —, the paper's decay grouping, dropout 0.1, 5 beams at evaluation); `quick` is the project's
+quick one (lr 1e-3, greedy). Every run's command gives its `--lr` explicitly (the recipe's figure); `--lr`
+overrides it for every run. A finished run is reused only if it
 was made by the same command (a run of another recipe or setting is refused, not mixed in).
 
 The random text models are 128 wide with 3 + 3 layers (the largest that lets 48 adaptation runs fit in about 1.5
@@ -113,14 +115,35 @@ TEXT_SHAPES = {
 # the study's families: the image encoder (None: train's default, a random open_clip ViT tower) and what the
 # report says about the backbone; `t5` and `bart` are random, `bert2bert` pretrained (the [pretrained] extra)
 FAMILIES = {
-    "t5": {"label": "VL-T5", "visual": None,
+    "t5": {"label": "VL-T5", "visual": None, "model_type": "t5",
            "about": "random T5-shaped text model (128 wide, 3 + 3 layers) + random open_clip ViT tower"},
-    "bart": {"label": "VL-BART", "visual": None,
+    "bart": {"label": "VL-BART", "visual": None, "model_type": "bart",
              "about": "random BART-shaped text model (128 wide, 3 + 3 layers) + random open_clip ViT tower"},
-    "bert2bert": {"label": "VL-BERT2BERT", "visual": "efficientnet-lite0",
+    "bert2bert": {"label": "VL-BERT2BERT", "visual": "efficientnet-lite0", "model_type": "encoder-decoder",
                   "about": "pretrained: all-MiniLM-L6-v2's weights as BERT2BERT (`vlpet-fx bert2bert`, its own "
                            "WordPiece tokenizer) + EfficientNet-Lite0's ImageNet weights"},
 }
+
+
+def merge_backbones(path: Path, scores: dict) -> dict:
+    """Write `scores` (family -> command and scores) into `path`, keeping the other families' entries (families run
+    separately into one --out); written whole, through a temporary file. Returns what was written."""
+    before = json.loads(path.read_text()) if path.exists() else {}
+    merged = {**before, **scores}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, path)
+    return merged
+
+
+def lr_option(recipe: str, family: str, full: bool, given: float | None) -> list[str]:
+    """`--lr` of one run, always written out: `given` (the study's --lr), else the recipe's figure for the family's
+    text model trained in full (`full`: the backbones and full fine-tuning) or not. A run's command thus names its
+    learning rate, and a change of the recipe's figures makes its stored command differ (the run is not reused)."""
+    from vlpet_fx.train.recipe import recipe_lr
+
+    lr = given if given is not None else recipe_lr(recipe, FAMILIES[family]["model_type"], full)[0]
+    return ["--lr", repr(float(lr))]
 
 
 def make_text_model(family: str, out: Path) -> Path:
@@ -378,8 +401,10 @@ def main() -> None:
     ap.add_argument("--eval-per-task", type=int, default=100)
     ap.add_argument("--lr", type=float, default=None,
                     help="learning rate of every run (default: the recipe's: quick 1e-3; paper 1e-3 BART / 3e-4 T5 / "
-                         "1e-3 other backbones)")
+                         "1e-3 other backbones, 1e-4 for backbones and full fine-tuning)")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at once (threads are split)")
+    ap.add_argument("--cores", type=int, default=None,
+                    help="cores this study may use (default: all); two studies run side by side split them")
     ap.add_argument("--quick", action="store_true", help="1 seed, short runs: checks the pipeline in minutes")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the finished runs")
     ap.add_argument("--backbones-only", action="store_true",
@@ -389,6 +414,8 @@ def main() -> None:
     ap.add_argument("--vlpet-scale", type=float, default=None,
                     help="replace the output scale of the gated VL-PET methods (the 0.3-scale ablation)")
     args = ap.parse_args()
+    if args.cores is not None and args.cores < 1:
+        ap.error(f"--cores {args.cores}: give at least 1")
     if args.quick:
         args.seeds, args.backbone_steps, args.steps = args.seeds[:1], 300, 100
         args.train_per_task, args.eval_per_task = 300, 30
@@ -397,11 +424,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bb = Path(args.backbones) if args.backbones else out
-    cores = os.cpu_count() or 1
+    cores = args.cores or os.cpu_count() or 1
     threads = max(1, cores // args.jobs)
     common = ["--train-per-task", str(args.train_per_task), "--eval-per-task", str(args.eval_per_task),
-              "--recipe", args.recipe] + (["--lr", str(args.lr)] if args.lr is not None else []) + \
-             ["--save-every", str(SAVE_EVERY), "--eval-every", "0"]
+              "--recipe", args.recipe, "--save-every", str(SAVE_EVERY), "--eval-every", "0"]
     t_start = time.perf_counter()
     d_model = {}
 
@@ -414,7 +440,8 @@ def main() -> None:
             visual = ["--visual", FAMILIES[fam]["visual"]] if FAMILIES[fam]["visual"] else []
             cmd = cli() + ["train", "--out", str(bb / f"backbone-{fam}"), "--text", str(text), *visual,
                            "--rules", "full_finetune", "--source", "mnist", "--steps", str(args.backbone_steps),
-                           "--tokens-per-image", "1", "--seed", "0", "--feature-cache", str(bb / "features")] + common
+                           "--tokens-per-image", "1", "--seed", "0", "--feature-cache", str(bb / "features"),
+                           *lr_option(args.recipe, fam, True, args.lr)] + common
             jobs.append((cmd, bb / f"backbone-{fam}"))
         with cf.ThreadPoolExecutor(args.jobs) as pool:
             bb_threads = max(1, cores // min(args.jobs, len(jobs)))  # one backbone alone gets every core
@@ -424,9 +451,7 @@ def main() -> None:
         scores = {fam: {"command": (bb / f"backbone-{fam}" / "command.txt").read_text().strip(),
                         "main": json.loads((bb / f"backbone-{fam}" / "report.json").read_text())["main"]}
                   for fam in args.families}
-        known = out / "backbones.json"  # families run separately into one --out: keep the others' entries
-        before = json.loads(known.read_text()) if known.exists() else {}
-        known.write_text(json.dumps({**before, **scores}, indent=1))
+        merge_backbones(out / "backbones.json", scores)
         for fam, sc in scores.items():
             print(f"backbone {FAMILIES[fam]['label']}: " + " / ".join(f"{t} {sc['main'][t]:.1f}" for t in TASKS))
         if args.backbones_only:
@@ -449,7 +474,8 @@ def main() -> None:
                     rd = out / fam / m / f"seed{s}"
                     cmd = cli() + ["train", "--out", str(rd), "--init-from", str(bb / f"backbone-{fam}"),
                                    "--rules", str(rules), "--source", "fashion-mnist", "--steps", str(args.steps),
-                                   "--seed", str(s), "--feature-cache", str(out / "features")] + common
+                                   "--seed", str(s), "--feature-cache", str(out / "features"),
+                                   *lr_option(args.recipe, fam, m == "full_finetune", args.lr)] + common
                     jobs.append((cmd, rd))
         done = 0
         with cf.ThreadPoolExecutor(args.jobs) as pool:

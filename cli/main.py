@@ -465,7 +465,7 @@ def train(
     epochs: float = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Global batch per optimizer step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Split each process's share into this many micro-batches."),
-    recipe: str = typer.Option("quick", "--recipe", help="Defaults of the options below: quick (lr 1e-3, decay of matrices only, the model's dropout, greedy evaluation) or paper (the VL-PET authors': lr 1e-3 BART / 3e-4 T5, no decay only for names with bias or LayerNorm.weight, dropout 0.1, 5 beams). Both: warm-up 0.1, clip 5, eps 1e-6, decay 0.01. Options given explicitly win; run.json records the result."),
+    recipe: str = typer.Option("quick", "--recipe", help="Defaults of the options below: quick (lr 1e-3, decay of matrices only, the model's dropout, greedy evaluation) or paper (the VL-PET authors': lr 1e-3 BART / 3e-4 T5 / 1e-4 full fine-tuning, no decay only for names with bias or LayerNorm.weight, dropout 0.1, 5 beams). Both: warm-up 0.1, clip 5, eps 1e-6, decay 0.01. Options given explicitly win; run.json records the result."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate of AdamW (default: the recipe's for the backbone)."),
     schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)."),
     warmup: float = typer.Option(None, "--warmup", help="Warm-up as a fraction of the steps (default 0.1)."),

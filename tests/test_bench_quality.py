@@ -191,3 +191,27 @@ def test_warm_features_caches_every_seeds_adaptation_images(tmp_path, monkeypatc
     got = cached.features(images)
     assert cached.computed == 0  # nothing left to compute
     assert torch.allclose(got, FeatureCache(model).features(images))
+
+
+def test_every_run_command_names_its_learning_rate():
+    """Backbones and full fine-tuning at the authors' full-fine-tuning lr (1e-4), the PET methods at the paper's
+    per-backbone figure; the study's --lr wins. Written out, so a run of another lr is never reused."""
+    assert q.lr_option("paper", "t5", True, None) == ["--lr", "0.0001"]
+    assert q.lr_option("paper", "bart", True, None) == ["--lr", "0.0001"]
+    assert q.lr_option("paper", "bert2bert", True, None) == ["--lr", "0.0001"]
+    assert q.lr_option("paper", "t5", False, None) == ["--lr", "0.0003"]
+    assert q.lr_option("paper", "bart", False, None) == ["--lr", "0.001"]
+    assert q.lr_option("paper", "bert2bert", False, None) == ["--lr", "0.001"]
+    assert q.lr_option("quick", "t5", True, None) == ["--lr", "0.001"]
+    assert q.lr_option("paper", "t5", True, 5e-4) == ["--lr", "0.0005"]
+    base = ["vlpet-fx", "train", "--out", "r", "--recipe", "paper"]
+    assert q.train_args(base + q.lr_option("paper", "bart", True, None)) != \
+        q.train_args(base + q.lr_option("paper", "bart", False, None))
+
+
+def test_backbones_json_keeps_the_other_families(tmp_path):
+    path = tmp_path / "backbones.json"
+    q.merge_backbones(path, {"t5": {"main": {"vqa": 1.0}}, "bart": {"main": {"vqa": 2.0}}})
+    merged = q.merge_backbones(path, {"bert2bert": {"main": {"vqa": 3.0}}, "t5": {"main": {"vqa": 4.0}}})
+    assert merged == {"t5": {"main": {"vqa": 4.0}}, "bart": {"main": {"vqa": 2.0}}, "bert2bert": {"main": {"vqa": 3.0}}}
+    assert json.loads(path.read_text()) == merged and not list(tmp_path.glob("*.tmp"))

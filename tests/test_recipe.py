@@ -13,7 +13,7 @@ from torch import nn
 import vlpet_fx
 from vlpet_fx.train import TrainConfig
 from vlpet_fx.train.loop import Trainer, read_run_record
-from vlpet_fx.train.recipe import param_groups, resolve, set_dropout
+from vlpet_fx.train.recipe import param_groups, resolve, set_dropout, trains_in_full
 from vlpet_fx.vl import build_vl
 
 RECIPE_FIELDS = {"recipe", "backbone", "lr", "weight_decay", "decay_grouping", "warmup", "grad_clip", "adam_eps",
@@ -43,6 +43,39 @@ def test_resolve_recipe_per_backbone_and_explicit_options_win(kw, backbone, expe
         assert getattr(r, k) == v, k
     for k in ("lr", "warmup", "weight_decay", "grad_clip", "adam_eps", "dropout", "num_beams", "decay_grouping"):
         assert (r.sources[k] == "option") == (kw.get(k) is not None), k
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart", "encoder-decoder"])
+def test_paper_recipe_trains_a_full_model_at_the_authors_full_finetuning_lr(backbone):
+    """HenryHZY/VL-PET scripts/image-text/full_finetuning.sh: lr=1e-4 for both backbones (the PET scripts: 1e-3
+    BART, 3e-4 T5). The quick recipe keeps one lr; an explicit --lr still wins."""
+    r = resolve(_cfg(recipe="paper"), backbone, full=True)
+    assert r.lr == 1e-4 and "full_finetuning.sh" in r.sources["lr"]
+    assert resolve(_cfg(recipe="paper"), backbone, full=False).lr == {"t5": 3e-4}.get(backbone, 1e-3)
+    assert resolve(_cfg(recipe="quick"), backbone, full=True).lr == 1e-3
+    assert resolve(_cfg(recipe="paper", lr=2e-5), backbone, full=True).lr == 2e-5
+
+
+def test_trains_in_full_means_every_text_parameter_trains():
+    for rules, full in (("full_finetune", True), ("projector_only", False), ("vlpet_large", False)):
+        model = build_vl("bart", "tiny", vocab_size=64)
+        vlpet_fx.patch(model, rules)
+        assert trains_in_full(model.text) is full, rules
+        assert full == all(p.requires_grad for n, p in model.text.named_parameters())
+    model = build_vl("bart", "tiny", vocab_size=64)
+    vlpet_fx.patch(model, "full_finetune")
+    next(model.text.parameters()).requires_grad_(False)  # one frozen tensor: not full fine-tuning any more
+    assert not trains_in_full(model.text)
+
+
+def test_trainer_gives_full_finetuning_its_lr_and_says_where_it_comes_from(tmp_path):
+    """Set up from the rules, not the name: a full fine-tuning run of the paper's recipe optimises at 1e-4 and
+    the resolved recipe (what run.json records) says where it comes from."""
+    t = Trainer(_cfg(out=str(tmp_path / "run"), recipe="paper", text="bart", rules="full_finetune"))
+    t.setup()
+    assert all(g["initial_lr"] == 1e-4 for g in t.opt.param_groups)
+    assert t.recipe.lr == 1e-4 and "full_finetuning.sh" in t.recipe.sources["lr"]
+    t.rollback()
 
 
 def test_paper_recipe_on_another_backbone_says_where_its_lr_comes_from():

@@ -519,16 +519,26 @@ def _analysed(model: nn.Module, cap: Captured, run):
         ) from exc
 
 
+def _in_list(path: str, lists) -> tuple[str, str, str] | None:
+    """``(list path, element index, the rest of the path)`` when ``path`` lies inside an element of one of
+    ``lists`` (module paths of layer lists), else ``None``."""
+    for lp in lists:
+        if path.startswith(lp + "."):
+            index, _, rest = path[len(lp) + 1:].partition(".")
+            if index.isdigit():
+                return lp, index, rest
+    return None
+
+
 def expand_paths(paths: list[str], red: Reduction) -> list[str]:
     """Module paths inside shortened layer lists, repeated for the layers the reduction dropped."""
     out: dict[str, None] = {}
     for path in paths:
-        hit = next(((lp, path[len(lp) + 1:].partition(".")) for lp in red.representative
-                    if path.startswith(lp + ".") and path[len(lp) + 1:].partition(".")[0].isdigit()), None)
+        hit = _in_list(path, red.representative)
         if hit is None:
             out.setdefault(path, None)
             continue
-        list_path, (index, _, rest) = hit
+        list_path, index, rest = hit
         rest = f".{rest}" if rest else ""
         if list_path in red.tail and int(index) == red.kept[list_path]:  # the list's last element
             out.setdefault(f"{list_path}.{red.lists[list_path] - 1}{rest}", None)

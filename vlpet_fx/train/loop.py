@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpetError
 from .config import TrainConfig, TrainConfigError, TrainError
-from .recipe import backbone_type, param_groups, resolve, set_dropout  # noqa: F401  (set_dropout: public here)
+from .recipe import backbone_type, param_groups, resolve, set_dropout, trains_in_full  # noqa: F401  (set_dropout: public here)
 from .sharded import check_distributed, configure_plugin, full, gather_state, unsharded
 
 PAD, EOS = 0, 1
@@ -286,7 +286,7 @@ class Trainer:
         unmatched = self.model.vlpet_patch.plan.unmatched_warning()
         if unmatched is not None:
             self.say(f"warning: {unmatched}")
-        self.recipe = resolve(cfg, backbone_type(self.model.text))
+        self.recipe = resolve(cfg, backbone_type(self.model.text), full=trains_in_full(self.model.text))
         if self.recipe.dropout is not None:
             self.recipe.dropout_fields = set_dropout(self.model.text, self.recipe.dropout)
         self.summary = vlpet_fx.summary(self.model)

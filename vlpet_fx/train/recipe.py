@@ -6,7 +6,8 @@ Two recipes:
   every backbone, weight decay 0.01 on every parameter with more than one dimension, the text model's own dropout
   rates, greedy decoding at evaluation.
 * ``paper``: the VL-PET authors' (``src/trainer_base.py`` and the scripts of HenryHZY/VL-PET): lr 1e-3 for BART,
-  3e-4 for T5; AdamW (eps 1e-6, weight decay 0.01) with no decay only for parameters whose name contains "bias" or
+  3e-4 for T5, and 1e-4 for full fine-tuning (``scripts/image-text/full_finetuning.sh``, both backbones: a run
+  whose text model trains every parameter); AdamW (eps 1e-6, weight decay 0.01) with no decay only for parameters whose name contains "bias" or
   "LayerNorm.weight" (so T5's ``layer_norm.weight`` and VL-PET-middleY's gate ``g`` *are* decayed); warm-up ratio 0.1;
   gradient clipping at 5; dropout 0.1 in the text model (BART: dropout, attention_dropout, activation_dropout; T5:
   dropout_rate); beam search with 5 beams at evaluation.
@@ -29,6 +30,9 @@ GROUPINGS = ("paper", "ndim")
 PAPER_LR = {"bart": 1e-3, "t5": 3e-4}
 QUICK_LR = 1e-3
 FALLBACK_LR = 1e-3  # the paper recipe on a backbone the paper did not train: BART's figure
+# the authors' full fine-tuning (scripts/image-text/full_finetuning.sh: lr=1e-4 for BART and T5). At the PET
+# methods' 1e-3, a post-LN text model trained in full collapses: every encoder position gives the same vector
+PAPER_FULL_LR = 1e-4
 # the shipped rule sets that configure the paper's methods (VL-PET's four granularities on BART and T5, and the
 # VL-Adapter baseline the authors train with the same trainer)
 PAPER_RULE_SETS = frozenset({
@@ -117,9 +121,27 @@ def backbone_type(text_model: nn.Module) -> str:
     return kind if isinstance(kind, str) and kind else type(text_model).__name__
 
 
-def resolve(cfg, backbone: str) -> Resolved:
+def recipe_lr(recipe: str, backbone: str, full: bool) -> tuple[float, str]:
+    """The learning rate ``recipe`` gives a text model of ``backbone`` (its ``config.model_type``), trained in full
+    (``full``: every parameter of the text model trains) or not, and where the figure comes from."""
+    if recipe != "paper":
+        return QUICK_LR, "recipe"
+    if full:
+        return PAPER_FULL_LR, "recipe (full fine-tuning: the authors' full_finetuning.sh)"
+    if backbone in PAPER_LR:
+        return PAPER_LR[backbone], "recipe"
+    return FALLBACK_LR, f"recipe (no paper figure for {backbone}: BART's)"
+
+
+def trains_in_full(text_model: nn.Module) -> bool:
+    """Whether every parameter of ``text_model`` trains (full fine-tuning, whatever the rule set is called)."""
+    return all(p.requires_grad for p in text_model.parameters())
+
+
+def resolve(cfg, backbone: str, full: bool = False) -> Resolved:
     """The recipe of ``cfg`` (a :class:`~vlpet_fx.train.config.TrainConfig`) for a text model of ``backbone``
-    (its ``config.model_type``), explicit options first."""
+    (its ``config.model_type``), trained in full or not (``full``, see :func:`trains_in_full`), explicit options
+    first."""
     paper = cfg.recipe == "paper"
     sources: dict[str, str] = {}
 
@@ -131,12 +153,7 @@ def resolve(cfg, backbone: str) -> Resolved:
         sources[name] = recipe_source
         return recipe_value
 
-    if paper:
-        lr_value = PAPER_LR.get(backbone, FALLBACK_LR)
-        lr_source = "recipe" if backbone in PAPER_LR else f"recipe (no paper figure for {backbone}: BART's)"
-    else:
-        lr_value, lr_source = QUICK_LR, "recipe"
-    lr = pick("lr", lr_value, lr_source)
+    lr = pick("lr", *recipe_lr(cfg.recipe, backbone, full))
     if paper:
         grouping = pick("decay_grouping", "paper")
     elif cfg.rules in PAPER_RULE_SETS:

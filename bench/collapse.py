@@ -1,0 +1,104 @@
+"""Does a trained VL backbone's text encoder still tell its positions apart, and does its decoder read the task?
+
+Found on the pretrained quality study: VL-BERT2BERT trained in full at 1e-3 (the paper's PET lr, which the `paper`
+recipe then gave full fine-tuning too) answered "true" to every captioning prompt under beam search. Its encoder
+had collapsed: every position of an example gave the same vector, so the decoder could read how many images an
+example has, not its question. The authors fine-tune in full at 1e-4 (`full_finetuning.sh`).
+
+For each finished run directory (a `vlpet-fx train --out`), on its backbone's validation tasks (the MNIST digits):
+
+* `position cos`: the mean cosine between the encoder outputs of two different positions of one example
+  (text and visual tokens, padding left out), averaged over examples; 1.0 is a collapsed encoder;
+* per task, the probability mass of the first answer token that lies on the *other* tasks' answers' first tokens
+  (`off-task mass`: how much the decoder ignores the prompt; 0 when it reads it).
+
+    python bench/collapse.py RUN_DIR [RUN_DIR ...] [--json docs/bench/collapse.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+TASKS = ("vqa", "gqa", "nlvr", "caption")
+
+
+def validation_examples(n: int = 50, source: str = "mnist") -> dict:
+    from vlpet_fx.data.tasks import build_task
+
+    return {t: build_task(t, "val", n, source=source, seed=0) for t in TASKS}
+
+
+def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
+    """`position_cos` and each task's `off_task_mass` (see the module's docstring) of a VL model and its tokenizer
+    on `examples` (task -> examples)."""
+    from vlpet_fx.train.loop import _batch_text, _features, _pad_visual, _prefix
+    from vlpet_fx.vl import FeatureCache
+
+    model.eval()
+    feats = FeatureCache(model, cache)
+    firsts: dict[str, set[int]] = {}
+    batches = {}
+    for task, ex in examples.items():
+        f, vmask = _pad_visual(_features(feats, ex), "cpu")
+        ids, mask = _batch_text(tok, [_prefix(e.task, e.input) for e in ex], "cpu")
+        labels, _ = _batch_text(tok, [e.target for e in ex], "cpu")
+        # the first answer token: after the tokenizer's own start token if it adds one (BERT's [CLS])
+        start = int(bool((labels[:, 0] == labels[0, 0]).all()) and int(labels[0, 0]) in tok.all_special_ids)
+        firsts[task] = {int(i) for i in labels[:, start]}
+        batches[task] = (ids, mask, f, vmask, labels.masked_fill(labels == tok.pad_token_id, -100), start)
+    out: dict = {"tasks": {}}
+    cosines = []
+    for task, (ids, mask, f, vmask, labels, start) in batches.items():
+        with torch.no_grad():
+            h, m = model.encode(ids, mask, visual_features=f, visual_mask=vmask)
+            logits = model(ids, mask, visual_features=f, visual_mask=vmask, labels=labels).logits
+        hn = torch.nn.functional.normalize(h.float(), dim=-1)
+        for i in range(h.shape[0]):
+            keep = hn[i][m[i].bool()]
+            c = keep @ keep.T
+            k = keep.shape[0]
+            cosines.append(float((c.sum() - c.diagonal().sum()) / (k * (k - 1))))
+        p = logits[:, start].float().softmax(-1).mean(0)
+        others = sorted(set().union(*(firsts[t] for t in examples if t != task)) - firsts[task])
+        out["tasks"][task] = {"off_task_mass": round(float(p[others].sum()), 4)}
+    out["position_cos"] = round(sum(cosines) / len(cosines), 4)
+    return out
+
+
+def measure(run: Path, n: int = 50, source: str = "mnist", cache: str | None = None) -> dict:
+    """The measurements of a finished `vlpet-fx train` run directory, with its lr and steps."""
+    from vlpet_fx.train.loop import _prefix, load_backbone
+
+    examples = validation_examples(n, source)
+    texts = [_prefix(e.task, e.input) for ex in examples.values() for e in ex] + \
+        [e.target for ex in examples.values() for e in ex]
+    model, tok, _ = load_backbone(run, texts)
+    record = json.loads((run / "run.json").read_text())
+    return {"run": str(run), "lr": record.get("resolved", {}).get("lr"), "steps": record.get("steps"),
+            **measure_model(model, tok, examples, cache)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--n", type=int, default=50, help="validation examples per task")
+    ap.add_argument("--feature-cache", default=None, help="the runs' feature cache directory (faster)")
+    ap.add_argument("--json", type=Path, default=None, help="write the measurements here")
+    args = ap.parse_args()
+    rows = [measure(r, args.n, cache=args.feature_cache) for r in args.runs]
+    for r in rows:
+        off = " ".join(f"{t} {v['off_task_mass']:.2f}" for t, v in r["tasks"].items())
+        print(f"{r['run']}: lr {r['lr']}, {r['steps']} steps, position cos {r['position_cos']:.3f}, "
+              f"off-task mass {off}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
