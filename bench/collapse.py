@@ -36,6 +36,7 @@ def validation_examples(n: int = 50, source: str = "mnist") -> dict:
 def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
     """`position_cos` and each task's `off_task_mass` (see the module's docstring) of a VL model and its tokenizer
     on `examples` (task -> examples)."""
+    from vlpet_fx.train.health import position_cosine
     from vlpet_fx.train.loop import _batch_text, _features, _pad_visual, _prefix
     from vlpet_fx.vl import FeatureCache
 
@@ -54,15 +55,10 @@ def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
     out: dict = {"tasks": {}}
     cosines = []
     for task, (ids, mask, f, vmask, labels, start) in batches.items():
+        inputs = dict(input_ids=ids, attention_mask=mask, visual_features=f, visual_mask=vmask)
+        cosines.append(position_cosine(model, inputs))
         with torch.no_grad():
-            h, m = model.encode(ids, mask, visual_features=f, visual_mask=vmask)
-            logits = model(ids, mask, visual_features=f, visual_mask=vmask, labels=labels).logits
-        hn = torch.nn.functional.normalize(h.float(), dim=-1)
-        for i in range(h.shape[0]):
-            keep = hn[i][m[i].bool()]
-            c = keep @ keep.T
-            k = keep.shape[0]
-            cosines.append(float((c.sum() - c.diagonal().sum()) / (k * (k - 1))))
+            logits = model(**inputs, labels=labels).logits
         p = logits[:, start].float().softmax(-1).mean(0)
         others = sorted(set().union(*(firsts[t] for t in examples if t != task)) - firsts[task])
         out["tasks"][task] = {"off_task_mass": round(float(p[others].sum()), 4)}

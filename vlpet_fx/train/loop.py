@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpetError
 from .config import TrainConfig, TrainConfigError, TrainError
+from .health import COLLAPSED, position_cosine
 from .recipe import backbone_type, param_groups, resolve, set_dropout, trains_in_full  # noqa: F401  (set_dropout: public here)
 from .sharded import check_distributed, configure_plugin, full, gather_state, unsharded
 
@@ -582,12 +583,22 @@ class Trainer:
         report = {}
         # whole parameters for save_patched (every process enters; the run is over: they stay whole)
         with unsharded(self.model, self.fsdp, reshard=False):
+            cos = self._position_cosine()  # every process, like the evaluation (the sharded model runs together)
             if self.acc.is_main_process:
-                report = self._write_outputs(log, scores)
+                if cos > COLLAPSED:
+                    self.say(f"warning: the encoder gives every position nearly the same vector (mean cosine "
+                             f"{cos:.3f} between two positions of an example): the model cannot read its prompt; "
+                             f"train with a lower --lr (the paper's full fine-tuning uses 1e-4)")
+                report = self._write_outputs(log, scores, cos)
             self.acc.wait_for_everyone()
         return report
 
-    def _write_outputs(self, log, scores) -> dict:
+    def _position_cosine(self, n: int = 64) -> float:
+        """:func:`~vlpet_fx.train.health.position_cosine` on the first ``n`` validation examples."""
+        split = self.splits["val"]
+        return position_cosine(self.model, self._inputs(split, list(range(min(n, len(split.inputs))))))
+
+    def _write_outputs(self, log, scores, position_cos: float) -> dict:
         from ..export import save_patched
         from ..io import write_atomic
         from .logs import plot_curves
@@ -612,6 +623,7 @@ class Trainer:
             "trainable_params": self.summary.trainable, "patched_params": self.summary.total,
             "trainable_percent": self.summary.percent, "steps": self.total_steps, "rules": self.cfg.rules,
             "recipe": self.cfg.recipe, "num_beams": self.recipe.num_beams,
+            "encoder_position_cos": None if math.isnan(position_cos) else round(position_cos, 4),
             "bad_rows": self.problems, "tokenizer": {"kind": self.tokenizer_kind,
                                                      "class": type(self.tok).__name__, "tokens": len(self.tok)},
         }

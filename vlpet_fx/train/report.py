@@ -27,6 +27,8 @@ class RunReport(BaseModel):
     rules: str
     bad_rows: list[str] = []
     average: float | None = None
+    # vlpet_fx.train.health.position_cosine on the validation examples (None: no example had two positions)
+    encoder_position_cos: float | None = Field(default=None, ge=-1.0001, le=1.0001)
 
     @field_validator("main", "scores", "average", "trainable_percent")
     @classmethod
