@@ -561,9 +561,18 @@ def report(
     with reported():
         for run in runs:
             docs[run] = read_report(run).model_dump()
+    from vlpet_fx.train.health import COLLAPSED
+
+    for run, d in docs.items():  # a run whose encoder gives every position the same vector cannot read its prompt
+        cos = d.get("encoder_position_cos")
+        if cos is not None and cos > COLLAPSED:
+            err.print(f"[yellow]warning:[/] {escape(str(run))}: its encoder collapsed (mean cosine {cos:.3f} between "
+                      "two positions of an example): its scores do not reflect its prompts; train it with a lower "
+                      "--lr", highlight=False, soft_wrap=True)
     if fmt is AnswerFormat.json:
         rows = [{"run": str(run), "rules": d.get("rules"), "trainable_percent": d.get("trainable_percent"),
-                 "main": d.get("main") or {}, "average": d.get("average")} for run, d in docs.items()]
+                 "main": d.get("main") or {}, "average": d.get("average"),
+                 "encoder_position_cos": d.get("encoder_position_cos")} for run, d in docs.items()]
         sys.stdout.write(json.dumps({"runs": rows}) + "\n")
         return
     tasks = list(dict.fromkeys(t for d in docs.values() for t in (d.get("main") or {})))

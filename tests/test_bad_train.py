@@ -183,6 +183,8 @@ REPORT_ROWS = [
     (json.dumps({**REPORT, "trainable_percent": "10"}), "(trainable_percent:"),
     (json.dumps({**REPORT, "average": float("nan")}), "(average:"),
     (json.dumps({**REPORT, "scores": [1, 2]}), "(scores:"),
+    (json.dumps({**REPORT, "encoder_position_cos": 3.0}), "(encoder_position_cos:"),
+    (json.dumps({**REPORT, "encoder_position_cos": "0.5"}), "(encoder_position_cos:"),
     ("[" * 100000, "report.json' is damaged"),
 ]
 
@@ -216,6 +218,16 @@ def test_report_reads_a_good_report(tmp_path):
     code, out, err = run_cli("report", str(tmp_path / "run"))
     assert code == 0, err
     assert "50.0" in out and "10.00" in out
+
+
+@pytest.mark.parametrize("cos, warned", [(None, False), (0.4, False), (0.991, True)])
+def test_report_warns_about_a_collapsed_encoder(tmp_path, cos, warned):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(json.dumps({**REPORT, "encoder_position_cos": cos}))
+    code, out, err = run_cli("report", str(tmp_path / "run"), "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["runs"][0]["encoder_position_cos"] == cos
+    assert ("encoder collapsed (mean cosine 0.991" in err) is warned
 
 
 # ------------------------------------------------------------------------------------------------- writers
