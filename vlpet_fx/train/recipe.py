@@ -7,8 +7,9 @@ Two recipes:
   rates, greedy decoding at evaluation.
 * ``paper``: the VL-PET authors' (``src/trainer_base.py`` and the scripts of HenryHZY/VL-PET): lr 1e-3 for BART,
   3e-4 for T5, and 1e-4 for full fine-tuning (``scripts/image-text/full_finetuning.sh``, both backbones: a run
-  whose text model trains every parameter); AdamW (eps 1e-6, weight decay 0.01) with no decay only for parameters whose name contains "bias" or
-  "LayerNorm.weight" (so T5's ``layer_norm.weight`` and VL-PET-middleY's gate ``g`` *are* decayed); warm-up ratio 0.1;
+  whose text model trains every parameter); AdamW (eps 1e-6, weight decay 0.01) with no decay only for parameters
+  whose name contains "bias" or "LayerNorm.weight" (so T5's ``layer_norm.weight`` and VL-PET-middleY's gate ``g``
+  *are* decayed); warm-up ratio 0.1;
   gradient clipping at 5; dropout 0.1 in the text model (BART: dropout, attention_dropout, activation_dropout; T5:
   dropout_rate); beam search with 5 beams at evaluation.
 
