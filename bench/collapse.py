@@ -68,13 +68,13 @@ def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
 
 def measure(run: Path, n: int = 50, source: str = "mnist", cache: str | None = None) -> dict:
     """The measurements of a finished `vlpet-fx train` run directory, with its lr and steps."""
-    from vlpet_fx.train.loop import _prefix, load_backbone
+    from vlpet_fx.train.loop import _prefix, load_backbone, read_run_record
 
     examples = validation_examples(n, source)
     texts = [_prefix(e.task, e.input) for ex in examples.values() for e in ex] + \
         [e.target for ex in examples.values() for e in ex]
     model, tok, _ = load_backbone(run, texts)
-    record = json.loads((run / "run.json").read_text())
+    record = read_run_record(run / "run.json")
     return {"run": str(run), "lr": record.get("resolved", {}).get("lr"), "steps": record.get("steps"),
             **measure_model(model, tok, examples, cache)}
 
@@ -86,7 +86,14 @@ def main() -> None:
     ap.add_argument("--feature-cache", default=None, help="the runs' feature cache directory (faster)")
     ap.add_argument("--json", type=Path, default=None, help="write the measurements here")
     args = ap.parse_args()
-    rows = [measure(r, args.n, cache=args.feature_cache) for r in args.runs]
+    if not 1 <= args.n <= 10_000:
+        ap.error(f"--n {args.n}: give 1..10000 examples per task")
+    from vlpet_fx.errors import VlpetError
+
+    try:
+        rows = [measure(r, args.n, cache=args.feature_cache) for r in args.runs]
+    except VlpetError as exc:
+        ap.exit(2, f"error: {exc}\n")
     for r in rows:
         off = " ".join(f"{t} {v['off_task_mass']:.2f}" for t, v in r["tasks"].items())
         print(f"{r['run']}: lr {r['lr']}, {r['steps']} steps, position cos {r['position_cos']:.3f}, "

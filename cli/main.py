@@ -561,14 +561,12 @@ def report(
     with reported():
         for run in runs:
             docs[run] = read_report(run).model_dump()
-    from vlpet_fx.train.health import COLLAPSED
+    from vlpet_fx.train.health import collapse_warning
 
-    for run, d in docs.items():  # a run whose encoder gives every position the same vector cannot read its prompt
-        cos = d.get("encoder_position_cos")
-        if cos is not None and cos > COLLAPSED:
-            err.print(f"[yellow]warning:[/] {escape(str(run))}: its encoder collapsed (mean cosine {cos:.3f} between "
-                      "two positions of an example): its scores do not reflect its prompts; train it with a lower "
-                      "--lr", highlight=False, soft_wrap=True)
+    for run, d in docs.items():
+        warning = collapse_warning(d.get("encoder_position_cos"))
+        if warning is not None:
+            err.print(f"[yellow]warning:[/] {escape(str(run))}: {escape(warning)}", highlight=False, soft_wrap=True)
     if fmt is AnswerFormat.json:
         rows = [{"run": str(run), "rules": d.get("rules"), "trainable_percent": d.get("trainable_percent"),
                  "main": d.get("main") or {}, "average": d.get("average"),

@@ -227,7 +227,7 @@ def test_report_warns_about_a_collapsed_encoder(tmp_path, cos, warned):
     code, out, err = run_cli("report", str(tmp_path / "run"), "--format", "json")
     assert code == 0, err
     assert json.loads(out)["runs"][0]["encoder_position_cos"] == cos
-    assert ("encoder collapsed (mean cosine 0.991" in err) is warned
+    assert ("same vector (mean cosine 0.991" in err) is warned
 
 
 # ------------------------------------------------------------------------------------------------- writers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -59,3 +60,19 @@ def test_off_task_mass_is_the_first_answer_tokens_of_the_other_tasks():
         hook.remove()
     assert m["tasks"]["caption"]["off_task_mass"] > 0.99
     assert m["tasks"]["nlvr"]["off_task_mass"] < 0.01
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--n", "0"], "--n 0: give 1..10000 examples per task"),
+    ([], "is not a finished training run"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, phrase):
+    (tmp_path / "not-a-run").mkdir()
+    out = tmp_path / "m.json"
+    monkeypatch.setattr(sys, "argv", ["collapse.py", str(tmp_path / "not-a-run"), "--json", str(out), *args])
+    with pytest.raises(SystemExit) as exc:
+        c.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert phrase in err[-1] and not any("Traceback" in line for line in err)
+    assert not out.exists()

@@ -215,3 +215,14 @@ def test_backbones_json_keeps_the_other_families(tmp_path):
     merged = q.merge_backbones(path, {"bert2bert": {"main": {"vqa": 3.0}}, "t5": {"main": {"vqa": 4.0}}})
     assert merged == {"t5": {"main": {"vqa": 4.0}}, "bart": {"main": {"vqa": 2.0}}, "bert2bert": {"main": {"vqa": 3.0}}}
     assert json.loads(path.read_text()) == merged and not list(tmp_path.glob("*.tmp"))
+
+
+def test_cores_below_one_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--out", str(out), "--cores", "0"])
+    with pytest.raises(SystemExit) as exc:
+        q.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--cores 0: give at least 1") and "Traceback" not in "\n".join(err)
+    assert not out.exists()

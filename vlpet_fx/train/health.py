@@ -14,6 +14,16 @@ import torch
 COLLAPSED = 0.98
 
 
+def collapse_warning(cos: float | None) -> str | None:
+    """The one-line warning for a run whose encoder's :func:`position_cosine` is ``cos``, or ``None`` if it has not
+    collapsed (or was not measured)."""
+    if cos is None or not cos > COLLAPSED:
+        return None
+    return (f"the encoder gives every position nearly the same vector (mean cosine {cos:.3f} between two positions "
+            "of an example): the model cannot read its prompt and its scores do not reflect it; train with a lower "
+            "--lr (the paper's full fine-tuning uses 1e-4)")
+
+
 @torch.no_grad()
 def position_cosine(model, inputs: dict) -> float:
     """Mean cosine between the encoder outputs of two different positions of one example (text and visual tokens,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpetError
 from .config import TrainConfig, TrainConfigError, TrainError
-from .health import COLLAPSED, position_cosine
+from .health import collapse_warning, position_cosine
 from .recipe import backbone_type, param_groups, resolve, set_dropout, trains_in_full  # noqa: F401  (set_dropout: public here)
 from .sharded import check_distributed, configure_plugin, full, gather_state, unsharded
 
@@ -585,10 +585,9 @@ class Trainer:
         with unsharded(self.model, self.fsdp, reshard=False):
             cos = self._position_cosine()  # every process, like the evaluation (the sharded model runs together)
             if self.acc.is_main_process:
-                if cos > COLLAPSED:
-                    self.say(f"warning: the encoder gives every position nearly the same vector (mean cosine "
-                             f"{cos:.3f} between two positions of an example): the model cannot read its prompt; "
-                             f"train with a lower --lr (the paper's full fine-tuning uses 1e-4)")
+                warning = collapse_warning(cos)
+                if warning is not None:
+                    self.say(f"warning: {warning}")
                 report = self._write_outputs(log, scores, cos)
             self.acc.wait_for_everyone()
         return report
