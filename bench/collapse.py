@@ -37,7 +37,7 @@ def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
     """`position_cos` and each task's `off_task_mass` (see the module's docstring) of a VL model and its tokenizer
     on `examples` (task -> examples)."""
     from vlpet_fx.train.health import position_cosine
-    from vlpet_fx.train.loop import _batch_text, _features, _pad_visual, _prefix
+    from vlpet_fx.train.batching import example_features, pad_visual, task_prompt, tokenize
     from vlpet_fx.vl import FeatureCache
 
     model.eval()
@@ -45,9 +45,9 @@ def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
     firsts: dict[str, set[int]] = {}
     batches = {}
     for task, ex in examples.items():
-        f, vmask = _pad_visual(_features(feats, ex), "cpu")
-        ids, mask = _batch_text(tok, [_prefix(e.task, e.input) for e in ex], "cpu")
-        labels, _ = _batch_text(tok, [e.target for e in ex], "cpu")
+        f, vmask = pad_visual(example_features(feats, ex), "cpu")
+        ids, mask = tokenize(tok, [task_prompt(e.task, e.input) for e in ex], "cpu")
+        labels, _ = tokenize(tok, [e.target for e in ex], "cpu")
         # the first answer token: after the tokenizer's own start token if it adds one (BERT's [CLS])
         start = int(bool((labels[:, 0] == labels[0, 0]).all()) and int(labels[0, 0]) in tok.all_special_ids)
         firsts[task] = {int(i) for i in labels[:, start]}
@@ -68,10 +68,11 @@ def measure_model(model, tok, examples: dict, cache: str | None = None) -> dict:
 
 def measure(run: Path, n: int = 50, source: str = "mnist", cache: str | None = None) -> dict:
     """The measurements of a finished `vlpet-fx train` run directory, with its lr and steps."""
-    from vlpet_fx.train.loop import _prefix, load_backbone, read_run_record
+    from vlpet_fx.train.batching import task_prompt
+    from vlpet_fx.train.loop import load_backbone, read_run_record
 
     examples = validation_examples(n, source)
-    texts = [_prefix(e.task, e.input) for ex in examples.values() for e in ex] + \
+    texts = [task_prompt(e.task, e.input) for ex in examples.values() for e in ex] + \
         [e.target for ex in examples.values() for e in ex]
     model, tok, _ = load_backbone(run, texts)
     record = read_run_record(run / "run.json")

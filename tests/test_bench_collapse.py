@@ -14,10 +14,10 @@ import collapse as c  # noqa: E402
 
 def _model_and_tokenizer(examples):
     from vlpet_fx.data.tokenizer import build_tokenizer
-    from vlpet_fx.train.loop import _prefix
+    from vlpet_fx.train.batching import task_prompt
     from vlpet_fx.vl import build_vl
 
-    texts = [_prefix(e.task, e.input) for ex in examples.values() for e in ex] + \
+    texts = [task_prompt(e.task, e.input) for ex in examples.values() for e in ex] + \
         [e.target for ex in examples.values() for e in ex]
     tok = build_tokenizer(texts)
     return build_vl("bart", "tiny", vocab_size=len(tok), seed=0).eval(), tok

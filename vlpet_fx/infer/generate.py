@@ -27,10 +27,10 @@ class Generated:
 
 def pixel_inputs(model, tok, prompts: list[str], images: list[list], device) -> dict:
     """Model inputs from prompts and, per prompt, a list of uint8 images (H, W) or (H, W, 3)."""
-    from ..train.loop import _batch_text, _pixels
+    from ..train.batching import pad_pixels, tokenize
 
-    ids, mask = _batch_text(tok, prompts, device)
-    pix, vmask = _pixels(images, model.image_size, device)
+    ids, mask = tokenize(tok, prompts, device)
+    pix, vmask = pad_pixels(images, model.image_size, device)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, visual_mask=vmask)
 
 

@@ -109,10 +109,10 @@ def _predictor(src, base, tokenizer, device, force) -> Predictor:
 
 def _queries_from_jsonl(path, on_bad_rows: str):
     from ..data.jsonl import load_jsonl
-    from ..train.loop import _prefix
+    from ..train.batching import task_prompt
 
     examples, problems = load_jsonl(path, on_error=on_bad_rows)
-    return examples, [Query(_prefix(e.task, e.input), e.images) for e in examples], problems
+    return examples, [Query(task_prompt(e.task, e.input), e.images) for e in examples], problems
 
 
 def predict(src, prompt: str | None = None, images: list | None = None, *, data: str | Path | None = None,
@@ -163,7 +163,7 @@ def evaluate(src, *, data: str | Path | None = None, tasks: list[str] | None = N
     Returns ``{"examples", "scores": {task: {metric: value}}, "main": {task: value}, "average", "num_beams",
     "max_new_tokens", "bad_rows", "predictions": [...]}``."""
     from ..data.tasks import build_task
-    from ..train.loop import _prefix
+    from ..train.batching import task_prompt
     from ..train.metrics import main_score, task_scores
 
     if (data is None) == (not tasks):
@@ -182,7 +182,7 @@ def evaluate(src, *, data: str | Path | None = None, tasks: list[str] | None = N
         examples = [e for t in tasks for e in build_task(t, split, n, source=source, seed=seed)]
         if not examples:
             raise VlpetError(f"no examples: n={n} gives none")
-        queries = [Query(_prefix(e.task, e.input), e.images) for e in examples]
+        queries = [Query(task_prompt(e.task, e.input), e.images) for e in examples]
     answers = pred.answer(queries, num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores: dict[str, dict[str, float]] = {}
     for t in dict.fromkeys(e.task for e in examples):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlpetError
+from .batching import example_features, pad_pixels, pad_visual, task_prompt, tokenize
 from .config import TrainConfig, TrainConfigError, TrainError
 from .health import collapse_warning, position_cosine
 from .recipe import backbone_type, param_groups, resolve, set_dropout, trains_in_full  # noqa: F401  (set_dropout: public here)
@@ -42,10 +43,6 @@ class Split:
     images: list[list]  # raw images (for --on-the-fly)
 
 
-def _prefix(task: str, text: str) -> str:
-    return f"{task}: {text}"
-
-
 def load_examples(cfg: TrainConfig, split: str):
     from ..data.jsonl import load_jsonl
     from ..data.tasks import build_task, text_only
@@ -60,36 +57,6 @@ def load_examples(cfg: TrainConfig, split: str):
     if cfg.text_only:
         examples = text_only(examples)
     return examples, problems
-
-
-def _batch_text(tok, texts: list[str], device):
-    enc = tok(texts, padding=True, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-def _pad_visual(feats: list[torch.Tensor], device):
-    """(K_i, T, F) per example → (B, Kmax·T, F) and an image mask (B, Kmax)."""
-    k = max(f.shape[0] for f in feats)
-    t, d = feats[0].shape[1], feats[0].shape[2]
-    out = torch.zeros(len(feats), k, t, d)
-    mask = torch.zeros(len(feats), k, dtype=torch.long)
-    for i, f in enumerate(feats):
-        out[i, : f.shape[0]] = f
-        mask[i, : f.shape[0]] = 1
-    return out.flatten(1, 2).to(device), mask.to(device)
-
-
-def _pixels(images: list[list], size: int, device):
-    from ..vl.model import to_pixels
-
-    k = max(len(ims) for ims in images)
-    blank = torch.zeros(3, size, size)
-    rows, mask = [], torch.zeros(len(images), k, dtype=torch.long)
-    for i, ims in enumerate(images):
-        px = list(to_pixels(ims, size))
-        mask[i, : len(px)] = 1
-        rows.append(torch.stack(px + [blank] * (k - len(px))))
-    return torch.stack(rows).to(device), mask.to(device)
 
 
 def step_indices(cfg: TrainConfig, step: int, by_task: dict[str, list[int]], weights: dict[str, float]) -> list[int]:
@@ -265,7 +232,7 @@ class Trainer:
         if not evals:
             raise VlpetError("no evaluation examples: the evaluation data gave no rows")
         self._claim_run_dir()
-        texts = [_prefix(e.task, e.input) for e in train + evals] + [e.target for e in train + evals]
+        texts = [task_prompt(e.task, e.input) for e in train + evals] + [e.target for e in train + evals]
         if cfg.init_from:
             self.model, self.tok, self.tokenizer_kind = load_backbone(Path(cfg.init_from), texts,
                                                                       trust_code=cfg.trust_code)
@@ -303,11 +270,11 @@ class Trainer:
             feats = None
             if not cfg.on_the_fly:
                 if self.acc.is_main_process or cfg.feature_cache is None:
-                    feats = _features(cache, exs)
+                    feats = example_features(cache, exs)
                 self.acc.wait_for_everyone()
                 if feats is None:
-                    feats = _features(FeatureCache(self.model, cfg.feature_cache), exs)
-            self.splits[name] = Split([e.task for e in exs], [_prefix(e.task, e.input) for e in exs],
+                    feats = example_features(FeatureCache(self.model, cfg.feature_cache), exs)
+            self.splits[name] = Split([e.task for e in exs], [task_prompt(e.task, e.input) for e in exs],
                                       [e.target for e in exs], feats or [], [e.images for e in exs])
         self.by_task: dict[str, list[int]] = {}
         for i, t in enumerate(self.splits["train"].tasks):
@@ -450,11 +417,11 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _inputs(self, split: Split, idx: list[int]):
         dev = self.acc.device
-        ids, mask = _batch_text(self.tok, [split.inputs[i] for i in idx], dev)
+        ids, mask = tokenize(self.tok, [split.inputs[i] for i in idx], dev)
         if self.cfg.on_the_fly:
-            pix, vmask = _pixels([split.images[i] for i in idx], self.model.image_size, dev)
+            pix, vmask = pad_pixels([split.images[i] for i in idx], self.model.image_size, dev)
             return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, visual_mask=vmask)
-        feats, vmask = _pad_visual([split.features[i] for i in idx], dev)
+        feats, vmask = pad_visual([split.features[i] for i in idx], dev)
         return dict(input_ids=ids, attention_mask=mask, visual_features=feats, visual_mask=vmask)
 
     def train_step(self, step: int) -> float:
@@ -462,7 +429,7 @@ class Trainer:
         :class:`TrainError` before the optimizer changes any weight."""
         split = self.splits["train"]
         idx = step_indices(self.cfg, step, self.by_task, self.weights)
-        labels_all, _ = _batch_text(self.tok, [split.targets[i] for i in idx], "cpu")
+        labels_all, _ = tokenize(self.tok, [split.targets[i] for i in idx], "cpu")
         pad = self.tok.pad_token_id
         n_tokens = int((labels_all != pad).sum())
         per = len(idx) // self.acc.num_processes
@@ -473,7 +440,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.acc.device)
         for j, chunk in enumerate(chunks):
             inputs = self._inputs(split, chunk)
-            labels, _ = _batch_text(self.tok, [split.targets[i] for i in chunk], self.acc.device)
+            labels, _ = tokenize(self.tok, [split.targets[i] for i in chunk], self.acc.device)
             labels = labels.masked_fill(labels == pad, -100)
             sync = self.acc.no_sync(self.ddp_model) if j < len(chunks) - 1 else contextlib.nullcontext()
             with sync, self.acc.autocast():
@@ -652,7 +619,7 @@ def builtin_vocabulary_texts() -> list[str]:
                 exs = build_task(task, "train", 400, source=src, seed=0)
             except DataError:
                 continue
-            out += [_prefix(e.task, e.input) for e in exs] + [e.target for e in exs]
+            out += [task_prompt(e.task, e.input) for e in exs] + [e.target for e in exs]
     return out
 
 
@@ -688,16 +655,6 @@ def load_backbone(run_dir: Path, texts: list[str], *, trust_code: bool = False):
         raise VlpetError(f"the backbone's tokenizer does not know '{unknown[0]}' ({len(unknown)} words): train the "
                          "backbone on data with the same vocabulary")
     return model, tok, kind
-
-
-def _features(cache, examples) -> list[torch.Tensor]:
-    flat = [im for e in examples for im in e.images]
-    feats = cache.features(flat) if flat else torch.zeros(0)
-    out, i = [], 0
-    for e in examples:
-        out.append(feats[i:i + len(e.images)])
-        i += len(e.images)
-    return out
 
 
 def train(cfg: TrainConfig, console=None, log_every: int = 10) -> dict:
