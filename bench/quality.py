@@ -288,6 +288,11 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def mean_std_text(v: tuple[float, float], seeds: int) -> str:
+    """``mean ± std``; the mean alone from one seed (its std is no spread)."""
+    return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
+
+
 def resolved(run_dir: Path) -> dict:
     """The recipe values a finished run trained and evaluated with (run.json's `resolved`: lr, beams, ...)."""
     try:
@@ -342,18 +347,22 @@ def markdown(results: dict, meta: dict) -> str:
     for fam, rows in results.items():
         label = FAMILIES[fam]["label"]
         lines.append(f"### {label}\n")
+        partial = any(r.get("seeds", meta["seeds"]) != meta["seeds"] for r in rows.values())
         lines.append(f"{FAMILIES[fam]['about']}; d_model {meta['d_model'].get(fam)}, rule widths × "
                      f"{meta['d_model'].get(fam)}/{PAPER_WIDTH}. Backbone: {meta['backbone_steps']} steps on the "
                      f"MNIST tasks; adaptation: {meta['steps']} steps on the Fashion-MNIST tasks, {meta['seeds']} "
-                     f"seed(s), mean ± std. Recipe {meta['recipe']}: {recipe_line(rows)}.\n")
-        head = ["method", "trainable %"] + [TASK_LABELS[t] for t in TASKS] + ["average"]
+                     f"seed(s), mean ± std{' (column seeds: the runs finished so far)' if partial else ''}. "
+                     f"Recipe {meta['recipe']}: {recipe_line(rows)}.\n")
+        head = ["method"] + (["seeds"] if partial else []) + ["trainable %"] + [TASK_LABELS[t] for t in TASKS] \
+            + ["average"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         best = max(r["average"][0] for r in rows.values())
         for m, r in rows.items():
-            cells = [LABELS[m], f"{r['percent']:.2f}"]
-            cells += [f"{r[t][0]:.1f} ± {r[t][1]:.1f}" for t in TASKS]
-            avg = f"{r['average'][0]:.1f} ± {r['average'][1]:.1f}"
+            n = r.get("seeds", meta["seeds"])
+            cells = [LABELS[m]] + ([str(n)] if partial else []) + [f"{r['percent']:.2f}"]
+            cells += [mean_std_text(r[t], n) for t in TASKS]
+            avg = mean_std_text(r["average"], n)
             cells.append(f"**{avg}**" if r["average"][0] == best else avg)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -54,7 +54,8 @@ class _CountingCache:
 
 def test_example_features_one_call_split_per_example():
     im = lambda v: np.full((2, 2), v, np.uint8)  # noqa: E731
-    exs = [Example("nlvr", [im(1), im(2)], "x", "true"), Example("vqa", [], "y", "z"), Example("vqa", [im(3)], "w", "v")]
+    exs = [Example("nlvr", [im(1), im(2)], "x", "true"), Example("vqa", [], "y", "z"),
+           Example("vqa", [im(3)], "w", "v")]
     cache = _CountingCache()
     out = example_features(cache, exs)
     assert cache.calls == 1

@@ -226,3 +226,19 @@ def test_cores_below_one_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--cores 0: give at least 1") and "Traceback" not in "\n".join(err)
     assert not out.exists()
+
+
+def test_partial_family_shows_seed_counts_and_no_spread_from_one_seed():
+    """A family whose runs are not all finished says so per row; a one-seed row has no '± 0.0'."""
+    res = {"lr": 1e-3, "decay_grouping": "paper", "dropout": 0.1, "num_beams": 5}
+    three = {"seeds": 3, "percent": 3.0, "average": (50.0, 2.0), **{t: (50.0, 2.0) for t in q.TASKS},
+             "resolved": res}
+    one = {**three, "seeds": 1, "average": (60.0, 0.0), **{t: (60.0, 0.0) for t in q.TASKS}}
+    meta = {"recipe": "paper", "lr": None, "d_model": {"bert2bert": 384}, "backbone_steps": 2500, "steps": 1000,
+            "seeds": 3}
+    md = q.markdown({"bert2bert": {"projector_only": three, "lora": one}}, meta)
+    assert "| method | seeds | trainable % |" in md and "column seeds: the runs finished so far" in md
+    assert "| projector only | 3 | 3.00 | 50.0 ± 2.0 |" in md
+    assert "| LoRA | 1 | 3.00 | 60.0 | 60.0 | 60.0 | 60.0 | **60.0** |" in md and "± 0.0" not in md
+    full = q.markdown({"bert2bert": {"projector_only": three}}, meta)  # every seed there: no seeds column
+    assert "| method | trainable % |" in full and "runs finished so far" not in full
