@@ -144,6 +144,8 @@ def main() -> None:
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: give at least 1")
     study = Path(args.study)
+    if not (study / "rules").is_dir():
+        ap.error(f"--study {study}: not a quality study (no rules/ inside); run bench/quality.py first")
     out = Path(args.out) if args.out else study / "placement"
     t0 = time.perf_counter()
     if not args.report_only:

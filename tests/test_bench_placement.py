@@ -92,3 +92,18 @@ def test_table_row_per_rule_set_with_its_seeds():
     assert "| bart | vl_adapter | 2 | 3.00 | 40.0 ± 1.0 | 40.0 ± 1.0 | 40.0 ± 1.0 | 40.0 ± 1.0 | 40.0 ± 1.0 | " \
            "0.500 ± 0.010 |" in md
     assert "| bart | vlpet_large | 1 | 3.00 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 | 0.700 |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs", "0"], "--jobs 0: give at least 1"),
+    (["--report-only"], "not a quality study (no rules/ inside); run bench/quality.py first"),
+])
+def test_bad_options_fail_in_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    study = tmp_path / "no-study"
+    monkeypatch.setattr(sys, "argv", ["placement.py", "--study", str(study), *args])
+    with pytest.raises(SystemExit) as exc:
+        pl.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(message) and "Traceback" not in "\n".join(err)
+    assert not study.exists()
