@@ -144,8 +144,7 @@ def main() -> None:
                                                  "mean_std": q.mean_std(avgs)}
     base_lora = results.get("base", {}).get("lora")
     def fmt(r: dict) -> str:  # mean ± std over the seeds that finished (no spread from one seed)
-        m, sd = r["mean_std"]
-        return f"{m:.1f} ± {sd:.1f}" if r["seeds"] > 1 else f"{m:.1f}"
+        return q.mean_std_text(r["mean_std"], r["seeds"])
 
     lines = ["| condition | VL-PET-large avg | LoRA avg (same backbone and budget) | gap VL-PET − LoRA | seeds "
              "(VL-PET / LoRA) |", "|---|---:|---:|---:|---:|"]

@@ -82,13 +82,39 @@ def hybrid_rules(encoder_set: dict, decoder_set: dict, name: str) -> dict:
             "methods": methods, "rules": rules, "trainable": trainable}
 
 
+# the options bench/quality.py writes into an adaptation run's command, each with one value: nothing else read from
+# a command.txt is passed on (no --trust-code, no --text from elsewhere)
+STUDY_OPTIONS = {"--out", "--init-from", "--rules", "--source", "--steps", "--seed", "--feature-cache", "--lr",
+                 "--recipe", "--train-per-task", "--eval-per-task", "--eval-every"}
+
+
+def study_rules(path: Path) -> dict:
+    """A study's generated rule set as data, read through the project's rules loader first (size, aliases and
+    schema checked), so a damaged or hostile file ends in one line."""
+    import vlpet_fx
+
+    try:
+        return yaml.safe_load(vlpet_fx.load_rules(path).text)
+    except vlpet_fx.VlpetError as exc:
+        raise SystemExit(f"{exc}; rerun bench/quality.py for that study") from None
+
+
 def command_for(study_run: Path, rules: Path, out: Path) -> list[str]:
-    """The study run's own `vlpet-fx train` command with only --rules and --out replaced (and no --resume)."""
-    cmd = shlex.split((study_run / "command.txt").read_text())
-    cmd = q.cli() + q.train_args(cmd)
-    for flag, value in (("--rules", str(rules)), ("--out", str(out))):
-        cmd[cmd.index(flag) + 1] = value
-    return cmd + ["--save-every", str(q.SAVE_EVERY)]
+    """The study run's own `vlpet-fx train` command with only --rules and --out replaced (and no --resume).
+    A stored command with anything but `train` and `STUDY_OPTIONS` is refused in one line."""
+    stored = study_run / "command.txt"
+    try:
+        args = q.train_args(shlex.split(stored.read_text()))
+    except ValueError as exc:
+        raise SystemExit(f"{stored}: not a command ({exc}); rerun that study run") from None
+    pairs = args[1:]
+    if args[:1] != ["train"] or len(pairs) % 2 or any(f not in STUDY_OPTIONS for f in pairs[::2]) \
+            or not {"--rules", "--out"} <= set(pairs[::2]):
+        bad = next((f for f in pairs[::2] if f not in STUDY_OPTIONS), "its form")
+        raise SystemExit(f"{stored}: {bad} is not what bench/quality.py writes (a `vlpet-fx train` command with "
+                         f"{', '.join(sorted(STUDY_OPTIONS))}); rerun that study run")
+    given = dict(zip(pairs[::2], pairs[1::2]), **{"--rules": str(rules), "--out": str(out)})
+    return q.cli() + ["train"] + [x for f, v in given.items() for x in (f, v)] + ["--save-every", str(q.SAVE_EVERY)]
 
 
 def train_loss(run_dir: Path, last: int = 100) -> float:
@@ -156,7 +182,7 @@ def main() -> None:
                     ref = study / fam / dec / f"seed{s}"  # both references share the family's PET lr and command
                     if not (ref / "command.txt").exists():
                         raise SystemExit(f"{ref} has not finished: run the study first (bench/quality.py)")
-                    sets = [yaml.safe_load((study / "rules" / fam / f"{m}.yaml").read_text()) for m in (enc, dec)]
+                    sets = [study_rules(study / "rules" / fam / f"{m}.yaml") for m in (enc, dec)]
                     rules = out / "rules" / fam / f"{name}.yaml"
                     rules.parent.mkdir(parents=True, exist_ok=True)
                     rules.write_text(f"# bench/placement.py: {enc}'s encoder, {dec}'s decoder\n"

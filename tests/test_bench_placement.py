@@ -107,3 +107,31 @@ def test_bad_options_fail_in_one_line_and_write_nothing(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(message) and "Traceback" not in "\n".join(err)
     assert not study.exists()
+
+
+@pytest.mark.parametrize("stored, phrase", [
+    (["vlpet-fx", "train", "--out", "o", "--rules", "r", "--trust-code"], "--trust-code is not what"),
+    (["vlpet-fx", "train", "--out", "o", "--rules", "r", "--text", "elsewhere"], "--text is not what"),
+    (["vlpet-fx", "export", "--out", "o", "--rules", "r"], "export is not what"),
+    (["vlpet-fx", "train", "--out", "o"], "its form is not what"),
+])
+def test_a_stored_command_with_other_options_is_refused(tmp_path, stored, phrase):
+    """Nothing read from a study's command.txt is passed on but the options bench/quality.py writes."""
+    (tmp_path / "command.txt").write_text(shlex.join(stored) + "\n")
+    with pytest.raises(SystemExit, match=phrase):
+        pl.command_for(tmp_path, Path("new.yaml"), tmp_path / "h")
+
+
+def test_an_unparsable_stored_command_is_refused(tmp_path):
+    (tmp_path / "command.txt").write_text("vlpet-fx train --out 'unclosed\n")
+    with pytest.raises(SystemExit, match="not a command"):
+        pl.command_for(tmp_path, Path("new.yaml"), tmp_path / "h")
+
+
+def test_a_damaged_study_rule_set_is_refused_in_one_line(tmp_path):
+    bomb = "a: &a [x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (tmp_path / "bad.yaml").write_text(bomb + "name: n\nmethods: {}\nrules: []\n")
+    with pytest.raises(SystemExit, match="rerun bench/quality.py for that study"):
+        pl.study_rules(tmp_path / "bad.yaml")
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(_shipped("vl_adapter")))
+    assert pl.study_rules(tmp_path / "ok.yaml")["methods"]["adapter"]["reduction"] == 8
