@@ -18,7 +18,8 @@ A variant is written ``KIND[/RULES][+compile]``:
 Timing: all variants live in one process and are timed in interleaved rounds (this machine is noisy); the
 table gives medians and ratios to the reference variant (--ref). Memory: each variant runs again in its own
 subprocess; on CPU the peak resident memory during 3 training steps above the resident model (Linux VmHWM after
-a clear_refs reset), on CUDA torch's peak allocator statistics.
+a clear_refs reset), on CUDA torch's peak allocator statistics. ``--memory-of V`` measures one variant in the
+calling process; with ``--inference`` it measures 3 forwards without autograd instead (evaluation, generation).
 
     python bench/step.py                        # t5-small shape, batch 8, source 64, target 16, issue 3's set
     python bench/step.py --model t5 --size base --batch 8 --src 128 --tgt 32 --variants full eager/vlpet_large_t5
@@ -256,7 +257,16 @@ def run_memory(args, variant: str) -> None:
     inputs = batch(args, base.config.vocab_size)
     model = make(variant, base, inputs, args.budget_of)
     del base
-    step, _ = step_fn(model, inputs, parse(variant)[2])
+    if args.inference:
+        model.eval()
+        inputs = on_device(model, inputs)
+        fwd = torch.compile(model) if parse(variant)[2] else model
+
+        def step():
+            with torch.no_grad():
+                fwd(**inputs)
+    else:
+        step, _ = step_fn(model, inputs, parse(variant)[2])
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
@@ -286,7 +296,10 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--flops", action="store_true", help="also count GFLOP per step (forward + backward)")
     ap.add_argument("--json", default=None, help="write the figures as JSON here")
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-of", default=None, metavar="VARIANT",
+                    help="only measure this variant's peak memory, in this process (printed as JSON)")
+    ap.add_argument("--inference", action="store_true",
+                    help="with --memory-of: 3 forwards without autograd (eval mode) instead of 3 training steps")
     args = ap.parse_args()
     for v in args.variants:
         parse(v)

@@ -300,6 +300,11 @@ def test_gates_read_the_stream_value_and_back_ends_agree(name):
             handles.append(layer.get_submodule(added).register_forward_hook(
                 lambda m, a, out, i=i: seen.__setitem__((i, "added"), _first_float(out) if isinstance(out, tuple)
                                                         else out)))
+    read = {}  # the X each gate really reads: its first input
+    for path in eager.vlpet_patch.attached:
+        pet = eager.get_submodule(path)
+        if getattr(pet, "needs_block_input", False):
+            handles.append(pet.gate.register_forward_pre_hook(lambda m, a, path=path: read.__setitem__(path, a[0])))
     with torch.no_grad():
         out_e = _first_float(eager(*args, **kwargs))
     for h in handles:
@@ -312,7 +317,7 @@ def test_gates_read_the_stream_value_and_back_ends_agree(name):
         want = seen[(p.site.layer, "in")]
         if p.site.block == "ffn" and added is not None:
             want = want + seen[(p.site.layer, "added")]
-        torch.testing.assert_close(pet.block_input, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} {p.site}: {m}")
+        torch.testing.assert_close(read[path], want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} {p.site}: {m}")
         gates += 1
     assert gates == 2 * len(layers), name
     graph = vlpet_fx.patch(copy.deepcopy(model), plan, backend="graph", example_inputs=(args, kwargs))

@@ -66,6 +66,11 @@ def _gate_inputs(model, layers, terms, run):
         for name in {t for (j, _), ts in terms.items() if j == i for t in ts if t != "in"}:
             handles.append(layer.get_submodule(name).register_forward_hook(
                 lambda m, a, out, i=i, name=name: seen.__setitem__((i, name), _first(out))))
+    read = {}  # the X each gate really reads: its first input
+    for path in model.vlpet_patch.attached:
+        pet = model.get_submodule(path)
+        if getattr(pet, "needs_block_input", False):
+            handles.append(pet.gate.register_forward_pre_hook(lambda m, a, path=path: read.__setitem__(path, a[0])))
     try:
         with torch.no_grad():
             out = _first(run())
@@ -84,7 +89,7 @@ def _gate_inputs(model, layers, terms, run):
             other.add((i, rel))
             continue
         want = sum(seen[(i, t)] for t in terms[(i, rel)])
-        torch.testing.assert_close(pet.block_input, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{p.site}: {m}")
+        torch.testing.assert_close(read[path], want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{p.site}: {m}")
         checked.add((i, rel))
     return out, checked, other
 

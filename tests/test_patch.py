@@ -223,6 +223,36 @@ def test_eager_and_graph_back_ends_agree(family):
     torch.testing.assert_close(graph.to("cpu").to(torch.float32)(**kw).logits, out_g.detach())
 
 
+def test_eager_back_end_releases_stashed_block_inputs():
+    """The block input X a gate reads is stashed by a pre-hook. Without autograd, once the sub-layer that takes X
+    and holds the site has returned (or raised), no PET module holds it: an inference forward frees each X after
+    its sub-layer as the unpatched model does. With autograd it stays (activation checkpointing re-runs the
+    layer's forward in backward without the layer's own pre-hook, where block 0 takes X: the test below)."""
+    m = build_model("t5", "tiny").eval()
+    vlpet_fx.patch(m, "vlpet_large")
+    pets = [mod for mod in m.modules() if getattr(mod, "needs_block_input", False)]
+    assert len(pets) == 2 * m.config.num_layers  # every encoder self-attention and FFN gate reads X
+    seen = {}
+    site = m.encoder.block[0].layer[0].SelfAttention.o  # the first gated site; X is taken at its block's input
+    site.register_forward_hook(lambda *a: seen.setdefault("during", pets[0].block_input is not None) and None)
+    m.encoder.register_forward_hook(lambda *a: seen.setdefault("after", [p.block_input for p in pets]) and None)
+    ids = torch.randint(3, 256, (2, 8))
+    with torch.no_grad():
+        m(input_ids=ids, decoder_input_ids=ids[:, :4])
+    assert seen["during"] is True  # held while its sub-layer runs ...
+    assert seen["after"] == [None] * len(pets)  # ... dropped before the decoder runs ...
+    assert all(p.block_input is None for p in pets)  # ... and after the forward
+    m.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert all(p.block_input is None for p in pets)
+    m.train()(input_ids=ids, decoder_input_ids=ids[:, :4]).logits.sum().backward()
+    assert all(p.block_input is not None for p in pets)  # with autograd: kept for a re-run in backward
+    m.eval()
+    with pytest.raises(ZeroDivisionError), torch.no_grad():  # the layer fails after X was stashed: dropped all the same
+        m.encoder.block[0].layer[1].DenseReluDense.wo.register_forward_hook(lambda *a: 1 / 0)
+        m(input_ids=ids, decoder_input_ids=ids[:, :4])
+    assert pets[1].block_input is None and pets[0].block_input is None
+
+
 def test_graph_back_end_reaches_packed_in_proj_sites():
     m = build_model("torch-transformer", "tiny")
     rules = parse_rules("""

@@ -263,6 +263,50 @@ class StashAnchored:
             self._stash(list(args) + list(kwargs.values()))
 
 
+class ReleaseStash:
+    """forward hook (always called, on return or error) on the innermost called module that holds both the module
+    X is taken at and the site's module: without autograd (evaluation, generation) it drops the block input X
+    stashed on those PET modules once every read of it is over, so that an inference forward frees each X after
+    its sub-layer, as the unpatched model does, instead of holding every site's X to the end and after.
+
+    With autograd the stash stays until the next forward replaces it: the autograd graph holds X anyway, and
+    activation checkpointing re-runs a layer's ``forward`` in backward without the hooks of the module it
+    wraps (transformers checkpoints ``forward``), which may be the module X is taken at. A region re-run in
+    backward that contains this hook's module contains the module X is taken at too, so it stashes X again."""
+
+    def __init__(self, pets: list[nn.Module]):
+        self.pets = pets
+
+    def __call__(self, module, args, output):
+        if torch.is_grad_enabled():
+            return
+        for pet in self.pets:
+            pet.block_input = None
+
+
+def _scope(model: nn.Module, a: str, b: str) -> str:
+    """Path of the innermost module containing module paths ``a`` and ``b`` that is called (not a ModuleList or
+    ModuleDict, whose hooks never run); ``""`` is the model."""
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    while common and isinstance(model.get_submodule(".".join(common)), (nn.ModuleList, nn.ModuleDict)):
+        common.pop()
+    return ".".join(common)
+
+
+def _hook_releases(model: nn.Module, stashed: list) -> list:
+    """One :class:`ReleaseStash` per scope (see :func:`_scope`) of the PET modules that read X; returns the
+    handles."""
+    scopes: dict[str, list[nn.Module]] = {}
+    for pet, taken_at, site_module in stashed:
+        scopes.setdefault(_scope(model, taken_at, site_module), []).append(pet)
+    return [(model.get_submodule(path) if path else model).register_forward_hook(ReleaseStash(pets), always_call=True)
+            for path, pets in scopes.items()]
+
+
 def _hook_input_anchor(model: nn.Module, pet: nn.Module, p: Placement) -> list:
     """Register the hooks that hand the PET module X from ``Site.input_anchor``; returns their handles."""
     stash = StashAnchored(pet, p.site, CallCount(p.site.input_anchor, p.site.key))
@@ -301,6 +345,7 @@ class EagerPatch(ModulePass):
         handles: list = []
         added: list[tuple[nn.Module, str]] = []
         anchored: list = []  # hooked after every other placement (see below)
+        stashed: list = []  # (PET module reading X, module X is taken at, the site's module)
         try:
             for p in self.plan.placements:
                 if not get_method(p.method).module.inserts_module:
@@ -327,6 +372,8 @@ class EagerPatch(ModulePass):
                         stash, with_kwargs=True))
                 elif reads_x:
                     handles.extend(_hook_input_anchor(module, pet, p))
+                if reads_x:
+                    stashed.append((pet, p.site.input_path or p.site.input_anchor.path, where))
                 if anchor is not None:
                     anchored.append((anchor, pet, p))
                 elif p.placement == "after" and getattr(pet, "needs_block_input", False):
@@ -340,6 +387,7 @@ class EagerPatch(ModulePass):
             # projection call), as the graph back end changes the later value after the earlier one
             for anchor, pet, p in anchored:
                 handles.extend(_hook_anchor(module, anchor, pet, p))
+            handles.extend(_hook_releases(module, stashed))
             module.vlpet_patch = PatchState(self.plan, attached, handles, added)
         except BaseException:
             _undo(handles, added)
