@@ -44,7 +44,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-# Quick versions of the benchmarks (about 5 min on 2 cores); BENCHMARKS.md has the full commands.
+# Quick versions of the benchmarks (about 4 min on 2 cores); BENCHMARKS.md has the full commands.
 bench: $(STAMP)
 	rm -rf bench/out/quality-quick && mkdir -p bench/out
 	$(PY) bench/capture.py --quick --plot bench/out/capture-quick.png
