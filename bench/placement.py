@@ -134,10 +134,9 @@ def summarise(study: Path, out: Path, families: list[str], seeds: list[int]) -> 
             if not runs:
                 continue
             reps = [json.loads((r / "report.json").read_text()) for r in runs]
-            avgs = [statistics.fmean(rep["main"][t] for t in q.TASKS) for rep in reps]
+            scores = q.task_scores(reps)
             results.setdefault(fam, {})[method] = {
-                "seeds": [int(r.name[4:]) for r in runs], "average": q.mean_std(avgs),
-                "tasks": {t: q.mean_std([rep["main"][t] for rep in reps]) for t in q.TASKS},
+                "seeds": [int(r.name[4:]) for r in runs], "average": scores.pop("average"), "tasks": scores,
                 "train_loss_last100": q.mean_std([train_loss(r) for r in runs]),
                 "trainable_percent": reps[0]["trainable_percent"]}
     return results
@@ -150,8 +149,7 @@ def markdown(results: dict) -> str:
     for fam, rows in results.items():
         for m, r in rows.items():
             n = len(r["seeds"])
-            tl = r["train_loss_last100"]
-            loss = f"{tl[0]:.3f} ± {tl[1]:.3f}" if n > 1 else f"{tl[0]:.3f}"
+            loss = q.mean_std_text(r["train_loss_last100"], n, digits=3)
             cells = [fam, m, str(n), f"{r['trainable_percent']:.2f}"]
             cells += [q.mean_std_text(r["tasks"][t], n) for t in q.TASKS] + [q.mean_std_text(r["average"], n), loss]
             lines.append("| " + " | ".join(cells) + " |")

@@ -288,9 +288,16 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def mean_std_text(v: tuple[float, float], seeds: int) -> str:
+def mean_std_text(v: tuple[float, float], seeds: int, digits: int = 1) -> str:
     """``mean ± std``; the mean alone from one seed (its std is no spread)."""
-    return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if seeds > 1 else f"{v[0]:.{digits}f}"
+
+
+def task_scores(reports: list[dict]) -> dict:
+    """Mean ± std over runs' report.json of each task's score (accuracies in %, CIDEr × 100) and of their average."""
+    row = {t: mean_std([r["main"][t] for r in reports]) for t in TASKS}
+    row["average"] = mean_std([statistics.fmean(r["main"][t] for t in TASKS) for r in reports])
+    return row
 
 
 def resolved(run_dir: Path) -> dict:
@@ -321,9 +328,7 @@ def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[in
             trainable, total = share(first)
             row = {"seeds": len(reports), "trainable": trainable, "total": total,
                    "percent": 100.0 * trainable / total, "resolved": resolved(first)}
-            for t in TASKS:
-                row[t] = mean_std([r["main"][t] for r in reports])  # accuracies in %, CIDEr × 100
-            row["average"] = mean_std([statistics.fmean(r["main"][t] for t in TASKS) for r in reports])
+            row.update(task_scores(reports))
             results.setdefault(fam, {})[m] = row
     return results
 

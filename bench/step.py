@@ -301,6 +301,8 @@ def main() -> None:
     ap.add_argument("--inference", action="store_true",
                     help="with --memory-of: 3 forwards without autograd (eval mode) instead of 3 training steps")
     args = ap.parse_args()
+    if args.inference and not args.memory_of:
+        ap.error("--inference measures one variant's memory: give --memory-of VARIANT with it")
     for v in args.variants:
         parse(v)
     if args.memory_of:

@@ -73,3 +73,16 @@ def test_trainable_count_mismatch_is_caught():
         step.check_hand(model, base, "vlpet_large", _inputs())
     assert vlpet_fx.plan(base, "vlpet_large").trainable_params == sum(
         p.numel() for p in hand.hand_reference(base, "vlpet_large").parameters() if p.requires_grad)
+
+
+def test_step_inference_without_memory_of_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    """`bench/step.py --inference` only changes what --memory-of measures: alone it is refused, before any model
+    is built, in one line (exit 2), and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["step.py", "--inference", "--json", "out.json"])
+    with pytest.raises(SystemExit) as exc:
+        step.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--inference measures one variant's memory: give --memory-of VARIANT with it")
+    assert "Traceback" not in "\n".join(err) and not any(tmp_path.iterdir())
