@@ -128,17 +128,20 @@ def train_loss(run_dir: Path, last: int = 100) -> float:
 def summarise(study: Path, out: Path, families: list[str], seeds: list[int]) -> dict:
     results: dict = {}
     for fam in families:
+        made: dict = {}  # every run of the family, references and hybrids: one backbone
         for method in (*REFERENCES, *HYBRIDS):
             base = (study / fam / method) if method in REFERENCES else (out / fam / method)
             runs = [base / f"seed{s}" for s in seeds if (base / f"seed{s}" / "report.json").exists()]
             if not runs:
                 continue
             reps = [json.loads((r / "report.json").read_text()) for r in runs]
+            made.update(zip(runs, reps))
             scores = q.task_scores(reps)
             results.setdefault(fam, {})[method] = {
                 "seeds": [int(r.name[4:]) for r in runs], "average": scores.pop("average"), "tasks": scores,
                 "train_loss_last100": q.mean_std([train_loss(r) for r in runs]),
                 "trainable_percent": reps[0]["trainable_percent"]}
+        q.one_backbone(made, f"{fam} (references in {study}, hybrids in {out})")
     return results
 
 

@@ -136,6 +136,26 @@ def merge_backbones(path: Path, scores: dict) -> dict:
     return merged
 
 
+def one_backbone(reports: dict, where: str, current: str | None = None) -> None:
+    """Refuse, in one line, runs of `where` adapted from different backbones: `reports` maps a run directory to its
+    report.json, whose `backbone_sha256` names the backbone by content (`vlpet-fx train` writes it; a backbone trained
+    again at the same path has another one). `current`: the backbone the next runs would use. Reports without the
+    field (written before it existed) are not compared."""
+    made = {rd: rep.get("backbone_sha256") for rd, rep in reports.items() if rep.get("backbone_sha256")}
+    shas = set(made.values()) | ({current} if current else set())
+    if len(shas) > 1:
+        odd = next(rd for rd, sha in made.items() if sha != (current or next(iter(made.values()))))
+        raise SystemExit(f"{where}: runs adapted from {len(shas)} different backbones (e.g. {odd}: backbone "
+                         f"{made[odd][:12]}, {'the backbone now' if current else 'others'}: "
+                         f"{(current or next(iter(made.values())))[:12]}); the backbone was trained again: rerun "
+                         f"those runs on one backbone, or use another --out")
+
+
+def finished_reports(out: Path, family: str) -> dict:
+    """Every finished run's report.json under `out/family/<method>/seed<N>/`."""
+    return {rep.parent: json.loads(rep.read_text()) for rep in sorted((out / family).glob("*/seed*/report.json"))}
+
+
 def lr_option(recipe: str, family: str, full: bool, given: float | None) -> list[str]:
     """`--lr` of one run, always written out: `given` (the study's --lr), else the recipe's figure for the family's
     text model trained in full (`full`: the backbones and full fine-tuning) or not. A run's command thus names its
@@ -312,6 +332,7 @@ def resolved(run_dir: Path) -> dict:
 def aggregate(out: Path, families: list[str], methods: list[str], seeds: list[int], recipe: str) -> dict:
     results = {}
     for fam in families:
+        one_backbone(finished_reports(out, fam), f"{out / fam}")
         for m in methods:
             reports = []
             for s in seeds:
@@ -462,8 +483,11 @@ def main() -> None:
             list(pool.map(lambda j: run(j[0], j[1], bb_threads, same_command=True), jobs))
         print(f"backbones ready ({time.perf_counter() - t_start:.0f} s)", flush=True)
         # the backbones' own scores on their (MNIST-digit) validation tasks, with the command that made each
+        from vlpet_fx.train.loop import backbone_sha256
+
         scores = {fam: {"command": (bb / f"backbone-{fam}" / "command.txt").read_text().strip(),
-                        "main": json.loads((bb / f"backbone-{fam}" / "report.json").read_text())["main"]}
+                        "main": json.loads((bb / f"backbone-{fam}" / "report.json").read_text())["main"],
+                        "backbone_sha256": backbone_sha256(bb / f"backbone-{fam}")}
                   for fam in args.families}
         merge_backbones(out / "backbones.json", scores)
         for fam, sc in scores.items():
@@ -480,6 +504,8 @@ def main() -> None:
                               args.eval_per_task)
             print(f"features of {FAMILIES[fam]['label']}'s adaptation images: {n} computed "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for fam in args.families:  # finished runs made on an earlier backbone are not mixed with new ones
+            one_backbone(finished_reports(out, fam), f"{out / fam}", backbone_sha256(bb / f"backbone-{fam}"))
         jobs = []
         for s in args.seeds:  # seeds outermost: a partial study already has every method once
             for fam in args.families:

@@ -119,10 +119,11 @@ def _make(tmp: Path, kind: str) -> Path:
     elif kind == "taken":
         out.mkdir()
         (out / "run.json").write_text("{}")
-    elif kind in ("damaged-record", "record-list", "record-unknown-key"):
+    elif kind in ("damaged-record", "record-list", "record-unknown-key", "record-bad-backbone"):
         out.mkdir()
         text = {"damaged-record": '{"steps": 3, "lr', "record-list": "[1, 2]",
-                "record-unknown-key": '{"steps": 3, "__class__": "os.system"}'}[kind]
+                "record-unknown-key": '{"steps": 3, "__class__": "os.system"}',
+                "record-bad-backbone": '{"steps": 3, "backbone_sha256": ["not", "a", "digest"]}'}[kind]
         (out / "run.json").write_text(text)
     elif kind == "other-config":
         out.mkdir()
@@ -145,6 +146,7 @@ DIR_ROWS = [
     ("damaged-record", ["--resume"], "run.json' is damaged"),
     ("record-list", ["--resume"], "run.json' is damaged (not a mapping of training options)"),
     ("record-unknown-key", ["--resume"], "run.json' is damaged"),
+    ("record-bad-backbone", ["--resume"], "run.json' is damaged (not a mapping of training options)"),
     ("other-config", ["--resume"], "--resume with a different configuration ('lr' was 0.5"),
     ("nonempty-resume", ["--resume"], "is not empty and holds no run to resume"),
     ("read-only", [], "cannot write in '/sys/vlpet-fx-h3-test-run'"),
@@ -185,6 +187,7 @@ REPORT_ROWS = [
     (json.dumps({**REPORT, "scores": [1, 2]}), "(scores:"),
     (json.dumps({**REPORT, "encoder_position_cos": 3.0}), "(encoder_position_cos:"),
     (json.dumps({**REPORT, "encoder_position_cos": "0.5"}), "(encoder_position_cos:"),
+    (json.dumps({**REPORT, "backbone_sha256": "not-a-digest"}), "(backbone_sha256:"),
     ("[" * 100000, "report.json' is damaged"),
 ]
 

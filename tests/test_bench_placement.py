@@ -135,3 +135,26 @@ def test_a_damaged_study_rule_set_is_refused_in_one_line(tmp_path):
         pl.study_rules(tmp_path / "bad.yaml")
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(_shipped("vl_adapter")))
     assert pl.study_rules(tmp_path / "ok.yaml")["methods"]["adapter"]["reduction"] == 8
+
+
+def _run(run_dir: Path, backbone: str) -> None:
+    """A finished run as summarise reads it: report.json naming its backbone, and a training curve."""
+    import json
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.json").write_text(json.dumps({"main": {t: 50.0 for t in q.TASKS}, "trainable_percent": 3.0,
+                                                     "backbone_sha256": backbone}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+
+
+def test_hybrids_and_references_must_share_one_backbone(tmp_path):
+    study, out = tmp_path / "study", tmp_path / "study" / "placement"
+    for m in pl.REFERENCES:
+        _run(study / "t5" / m / "seed0", "a" * 64)
+    hybrid = next(iter(pl.HYBRIDS))
+    _run(out / "t5" / hybrid / "seed0", "a" * 64)
+    assert set(pl.summarise(study, out, ["t5"], [0])["t5"]) == {*pl.REFERENCES, hybrid}
+    _run(out / "t5" / hybrid / "seed1", "b" * 64)  # a hybrid made after the backbone was trained again
+    with pytest.raises(SystemExit, match=r"t5 \(references in .*study, hybrids in .*placement\): runs adapted from 2 "
+                                         r"different backbones"):
+        pl.summarise(study, out, ["t5"], [0, 1])

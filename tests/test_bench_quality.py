@@ -242,3 +242,32 @@ def test_partial_family_shows_seed_counts_and_no_spread_from_one_seed():
     assert "| LoRA | 1 | 3.00 | 60.0 | 60.0 | 60.0 | 60.0 | **60.0** |" in md and "± 0.0" not in md
     full = q.markdown({"bert2bert": {"projector_only": three}}, meta)  # every seed there: no seeds column
     assert "| method | trainable % |" in full and "runs finished so far" not in full
+
+
+def _adapted(run_dir: Path, backbone: str | None) -> None:
+    """A finished adaptation run whose report.json names its backbone (None: a report from before the field)."""
+    _finished(run_dir, ["vlpet-fx", "train"])
+    if backbone is not None:
+        rep = json.loads((run_dir / "report.json").read_text())
+        (run_dir / "report.json").write_text(json.dumps({**rep, "backbone_sha256": backbone}))
+
+
+def test_runs_adapted_from_different_backbones_are_not_mixed(tmp_path):
+    """A backbone trained again at the same path is another model: the study refuses to add runs on it to runs made
+    on the earlier one (before training), and to aggregate runs of two backbones; reports without the field are not
+    compared."""
+    a, b = "a" * 64, "b" * 64
+    fam = tmp_path / "bert2bert"
+    _adapted(fam / "lora" / "seed0", a)
+    _adapted(fam / "vl_adapter" / "seed0", a)
+    _adapted(fam / "lora" / "seed1", None)
+    found = q.finished_reports(tmp_path, "bert2bert")
+    assert sorted(p.relative_to(fam).as_posix() for p in found) == ["lora/seed0", "lora/seed1", "vl_adapter/seed0"]
+    q.one_backbone(found, "study", current=a)  # the same backbone: nothing to say
+    with pytest.raises(SystemExit, match=r"study: runs adapted from 2 different backbones \(e\.g\. .*lora/seed0: "
+                                         r"backbone aaaaaaaaaaaa, the backbone now: bbbbbbbbbbbb\)"):
+        q.one_backbone(found, "study", current=b)
+    _adapted(fam / "vl_adapter" / "seed1", b)
+    with pytest.raises(SystemExit, match=r"bert2bert: runs adapted from 2 different backbones .*vl_adapter/seed1: "
+                                         r"backbone bbbbbbbbbbbb, others: aaaaaaaaaaaa"):
+        q.aggregate(tmp_path, ["bert2bert"], ["lora"], [0, 1], "paper")

@@ -197,3 +197,31 @@ def test_any_open_clip_architecture_and_clear_errors(tmp_path):
         build_vl("t5", "tiny", visual="open_clip", visual_size="ViT-Nope")
     with pytest.raises(vlpet_fx.ModelSpecError, match="does not exist"):
         build_vl("t5", "tiny", visual="open_clip", visual_size=f"RN50@{tmp_path}/missing.bin")
+
+
+def test_adapted_run_names_its_backbone_and_resume_refuses_a_retrained_one(tmp_path, vl_run):
+    """report.json and run.json name an --init-from backbone by the sha256 of its weights file (computed here with
+    hashlib); resuming on the same backbone goes on, on a backbone trained again at the same path it is refused."""
+    import hashlib
+    import shutil
+
+    from vlpet_fx.train import TrainConfig, TrainError, train
+
+    def cfg(out, **kw):
+        return TrainConfig(out=str(out), train_per_task=16, eval_per_task=4, batch_size=8, eval_every=0,
+                           tasks=[("vqa", 1.0)], source="digits", **kw)
+
+    bb, run = tmp_path / "bb", tmp_path / "run"
+    train(cfg(bb, rules="full_finetune", steps=2, save_every=0))
+    digest = hashlib.sha256((bb / "model" / "pet.safetensors").read_bytes()).hexdigest()
+    rep = train(cfg(run, init_from=str(bb), steps=2, save_every=1))
+    assert rep["backbone_sha256"] == digest
+    assert json.loads((run / "report.json").read_text())["backbone_sha256"] == digest
+    assert json.loads((run / "run.json").read_text())["backbone_sha256"] == digest
+    assert json.loads((vl_run / "report.json").read_text())["backbone_sha256"] is None  # no --init-from
+    assert train(cfg(run, init_from=str(bb), steps=3, save_every=1, resume=True))["steps"] == 3
+    shutil.rmtree(bb)  # the backbone trained again at the same path, with another seed: other weights
+    train(cfg(bb, rules="full_finetune", steps=2, save_every=0, seed=1))
+    assert hashlib.sha256((bb / "model" / "pet.safetensors").read_bytes()).hexdigest() != digest
+    with pytest.raises(TrainError, match="not the one this run started from"):
+        train(cfg(run, init_from=str(bb), steps=4, save_every=1, resume=True))

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -108,7 +109,9 @@ def read_run_record(record: Path) -> dict:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
         raise TrainError(f"'{record}' is damaged ({reason}): delete it to --resume with the options you give, or "
                          "choose a new --out") from None
-    if not isinstance(doc, dict) or not set(doc) <= {*CONFIG_FIELDS, "resolved"}:
+    sha = doc.get("backbone_sha256") if isinstance(doc, dict) else None
+    if (not isinstance(doc, dict) or not set(doc) <= {*CONFIG_FIELDS, "resolved", "backbone_sha256"}
+            or not (sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)))):
         raise TrainError(f"'{record}' is damaged (not a mapping of training options): delete it to --resume with "
                          "the options you give, or choose a new --out")
     return doc
@@ -185,6 +188,12 @@ class Trainer:
                 if _comparable(k, old[k]) != _comparable(k, now[k]):
                     raise TrainError(f"--resume with a different configuration ('{k}' was {old[k]!r}, now "
                                      f"{now[k]!r}); use the original options or a new --out")
+            manifest = Path(cfg.init_from) / "model" / "vlpet.json" if cfg.init_from else None
+            if old.get("backbone_sha256") and manifest is not None and manifest.is_file():
+                if backbone_sha256(Path(cfg.init_from)) != old["backbone_sha256"]:
+                    raise TrainError(f"--resume: the --init-from backbone '{cfg.init_from}' is not the one this run "
+                                     "started from (its weights' sha256 differs: it was trained again); resume "
+                                     "with that backbone, or start a new --out")
         elif contents and not steps:
             raise TrainError(f"output directory '{run}' is not empty and holds no run to resume: choose a new --out")
         elif steps:
@@ -245,6 +254,7 @@ class Trainer:
             self.tok, self.tokenizer_kind = build_tokenizer(texts + builtin_vocabulary_texts()), "words"
             self.model = build_vl(cfg.text, cfg.size, visual=cfg.visual, visual_size=cfg.visual_size,
                                   vocab_size=len(self.tok), tokens_per_image=cfg.tokens_per_image, seed=cfg.seed)
+        self.backbone_sha256 = backbone_sha256(Path(cfg.init_from)) if cfg.init_from else None
         self.base_ref = {"kind": "vl", "spec": "vl", "text": cfg.text, "size": cfg.size, "visual": cfg.visual,
                          "visual_size": cfg.visual_size, "seed": cfg.seed, "tokenizer": self.tokenizer_kind,
                          "vocab_size": self.model.text.get_input_embeddings().num_embeddings,
@@ -376,8 +386,8 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         with writing(self.run / "run.json"):
-            write_atomic(self.run / "run.json", json.dumps({**self.cfg.to_dict(), "resolved": self.recipe.to_dict()},
-                                                           indent=1))
+            write_atomic(self.run / "run.json", json.dumps({**self.cfg.to_dict(), "resolved": self.recipe.to_dict(),
+                                                            "backbone_sha256": self.backbone_sha256}, indent=1))
         with writing(self.run / "tokenizer"):
             self.tok.save_pretrained(str(self.run / "tokenizer"))
 
@@ -592,6 +602,7 @@ class Trainer:
             "encoder_position_cos": None if math.isnan(position_cos) else round(position_cos, 4),
             "bad_rows": self.problems, "tokenizer": {"kind": self.tokenizer_kind,
                                                      "class": type(self.tok).__name__, "tokens": len(self.tok)},
+            "backbone_sha256": self.backbone_sha256,
         }
         report["average"] = (sum(report["main"].values()) / len(report["main"])) if report["main"] else None
         with writing(self.run / "predictions.jsonl"):
@@ -655,6 +666,15 @@ def load_backbone(run_dir: Path, texts: list[str], *, trust_code: bool = False):
         raise VlpetError(f"the backbone's tokenizer does not know '{unknown[0]}' ({len(unknown)} words): train the "
                          "backbone on data with the same vocabulary")
     return model, tok, kind
+
+
+def backbone_sha256(run_dir: Path) -> str:
+    """The identity of an ``--init-from`` backbone: the sha256 of its trained weights file, as its manifest records it
+    (``load`` has checked the file against it). A backbone trained again at the same path has another one, so a run's
+    report.json names the backbone it was adapted from by content, not by path."""
+    from ..export.patched_dir import validate_manifest
+
+    return validate_manifest(run_dir / "model").weights_sha256
 
 
 def train(cfg: TrainConfig, console=None, log_every: int = 10) -> dict:

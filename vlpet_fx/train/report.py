@@ -29,6 +29,8 @@ class RunReport(BaseModel):
     average: float | None = None
     # vlpet_fx.train.health.position_cosine on the validation examples (None: no example had two positions)
     encoder_position_cos: float | None = Field(default=None, ge=-1.0001, le=1.0001)
+    # the --init-from backbone by content: its weights file's sha256 (None: no --init-from, or written before this)
+    backbone_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("main", "scores", "average", "trainable_percent")
     @classmethod
